@@ -1,0 +1,148 @@
+"""Loading kvpatch's own reference model, offline, from files shipped inside the package.
+
+No model hub is reachable where kvpatch is developed and tested, so every fidelity number is
+measured on a small Llama that kvpatch trains itself (`tools/train_reference_lm.py`). Its files
+live in `kvpatch/models/<name>/`; loading never touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import KVPatchError
+
+MODELS_DIR = Path(__file__).resolve().parent
+DEFAULT_NAME = "kvpatch-ref"
+KNOWN_NAMES = (DEFAULT_NAME,)
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+HELDOUT_FILE = "heldout.txt"
+REPORT_FILE = "training_report.json"
+TRAIN_COMMAND = (
+    "python tools/train_reference_lm.py --out kvpatch/models/kvpatch-ref --device cuda "
+    "--include-site-packages --time-budget-s 400"
+)
+
+
+class ReferenceModelMissingError(KVPatchError, FileNotFoundError):
+    """The reference model's files are not where kvpatch looks for them."""
+
+
+def model_dir(name: str | os.PathLike[str] = DEFAULT_NAME) -> Path:
+    """Directory of a shipped model name, or `name` itself when it is an existing directory."""
+    path = Path(name)
+    if path.is_dir():
+        return path
+    if str(name) in KNOWN_NAMES or not any(sep in str(name) for sep in ("/", os.sep)):
+        return MODELS_DIR / str(name)
+    return path
+
+
+def _check_files(directory: Path, name: str | os.PathLike[str]) -> None:
+    missing = [f for f in REQUIRED_FILES if not (directory / f).is_file()]
+    if not missing:
+        return
+    raise ReferenceModelMissingError(
+        f"reference model '{name}' is not available: {directory} lacks {', '.join(missing)}. "
+        f"kvpatch ships models it trained itself; train one with `{TRAIN_COMMAND}` "
+        "(about 10 minutes on one GPU; `--tiny --device cpu` makes a toy one in seconds), "
+        "or pass the path of a trained model directory."
+    )
+
+
+def available() -> list[str]:
+    """Names of the shipped models whose files are present."""
+    names = (d.name for d in MODELS_DIR.iterdir() if d.is_dir())
+    return sorted(n for n in names if all((MODELS_DIR / n / f).is_file() for f in REQUIRED_FILES))
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    # float32 on CPU (bf16 matmuls there are slow and less exact); bf16 on accelerators.
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def load(
+    name: str | os.PathLike[str] = DEFAULT_NAME,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[Any, Any]:
+    """(model, tokenizer) of a shipped reference model (or a model directory), in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = model_dir(name)
+    _check_files(directory, name)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, local_files_only=True, dtype=dtype or _default_dtype(dev)
+    )
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return model.to(dev).eval(), tokenizer
+
+
+def heldout_text(name: str | os.PathLike[str] = DEFAULT_NAME) -> str:
+    """The held-out text shipped with a model, so perplexity is computed on the same bytes
+    everywhere (the corpus itself depends on the local Python version)."""
+    directory = model_dir(name)
+    path = directory / HELDOUT_FILE
+    if not path.is_file():
+        _check_files(directory, name)
+        raise ReferenceModelMissingError(f"{path} is missing; retrain or recopy the model files")
+    return path.read_text(encoding="utf-8")
+
+
+def training_report(name: str | os.PathLike[str] = DEFAULT_NAME) -> dict[str, Any]:
+    path = model_dir(name) / REPORT_FILE
+    if not path.is_file():
+        raise ReferenceModelMissingError(f"{path} is missing")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@torch.no_grad()
+def perplexity(
+    model: Any,
+    token_ids: list[int] | torch.Tensor,
+    seq_len: int = 1024,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+) -> float:
+    """Perplexity over non-overlapping `seq_len` windows of one token stream (tail dropped).
+
+    Each window is scored on its own with no carried context, so the number depends only on the
+    ids, the window length and the model: the protocol the training report and fidelity checks
+    share.
+    """
+    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n_windows = ids.numel() // seq_len
+    if n_windows == 0:
+        raise ValueError(f"{ids.numel()} tokens is less than one window of {seq_len}")
+    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
+    device = next(model.parameters()).device
+    total_nll, total_count = 0.0, 0
+    for start in range(0, n_windows, batch_size):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += nll.item()
+        total_count += batch[:, 1:].numel()
+    return math.exp(total_nll / total_count)
+
+
+def heldout_perplexity(
+    model: Any,
+    tokenizer: Any,
+    name: str | os.PathLike[str] = DEFAULT_NAME,
+    seq_len: int = 1024,
+    batch_size: int = 8,
+) -> float:
+    """Perplexity of `model` on the held-out text shipped with reference model `name`."""
+    ids = tokenizer.encode(heldout_text(name), add_special_tokens=False)
+    return perplexity(model, ids, seq_len=seq_len, batch_size=batch_size)

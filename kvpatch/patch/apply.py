@@ -1,0 +1,197 @@
+"""`apply` / `unpatch`: install kvpatch on a loaded model through transformers' extension points.
+
+What `apply` changes, all undone by `unpatch`:
+1. the model's attention implementation -> kvpatch's registered attention function;
+2. a forward pre-hook on the top-level model that hands a `KVPatchCache` to every forward that
+   would otherwise get a fresh `DynamicCache` (plain `model(...)` and `generate`);
+3. optionally, `torch.compile` of the decoder (`model.base_model`), outside the hook.
+It then runs a two-token probe forward and refuses the model if kvpatch's attention did not run
+in every layer: a family that ignores the attention interface is never left silently unpatched.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from ..config import ConfigSource, PipelineConfig, load_config
+from ..errors import PatchStateError, UnsupportedModelError
+from ..families import FamilySpec, family_spec
+from ..pipeline import Pipeline
+from .attention import ATTENTION_NAME, KERNEL_ATTR, probe_attention_calls, register_attention
+from .cache import KVPatchCache
+
+logger = logging.getLogger("kvpatch")
+
+HANDLE_ATTR = "_kvpatch_handle"
+
+
+class PatchHandle:
+    """What `apply` returns: the live pipeline of a patched model, its stats, and `remove()`."""
+
+    def __init__(self, model: torch.nn.Module, config: PipelineConfig, family: FamilySpec) -> None:
+        self.model = model
+        self.config = config
+        self.family = family
+        self.pipeline = Pipeline(config)
+        self._original_attention: str | None = model.config._attn_implementation
+        self._attention_modules: list[torch.nn.Module] = []
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._compiled = False
+        self._last_cache: KVPatchCache | None = None
+        self._cache_kwarg = _cache_kwarg_name(model)
+
+    # -- caches ---------------------------------------------------------------------------------
+    def new_cache(self) -> KVPatchCache:
+        """A fresh kvpatch cache for this model (pass it as `cache=` to reuse it across calls)."""
+        self._last_cache = None  # drop the previous request's K/V before allocating new ones
+        cache = self.pipeline.new_cache(self.model.config)
+        self._last_cache = cache
+        return cache
+
+    @property
+    def last_cache(self) -> KVPatchCache | None:
+        """The most recent cache kvpatch created or saw for this model.
+
+        The handle keeps it alive so that `stats()` can report it after `generate` returns; it is
+        dropped when the next request starts, or by `release_cache()`.
+        """
+        return self._last_cache
+
+    def release_cache(self) -> None:
+        """Free the most recent cache's K/V now instead of at the next request."""
+        self._last_cache = None
+
+    def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        cache = kwargs.get(self._cache_kwarg)
+        if isinstance(cache, KVPatchCache):
+            self._last_cache = cache
+            return None
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.model.config, "use_cache", True)
+        if cache is None and not use_cache:
+            return None
+        if cache is None or _is_fresh_default_cache(cache):
+            kwargs[self._cache_kwarg] = self.new_cache()
+            return args, kwargs
+        logger.warning(
+            "kvpatch: %s was given a %s it did not create; attention still runs through kvpatch, "
+            "but the pipeline's storage stages are bypassed for this call",
+            type(module).__name__,
+            type(cache).__name__,
+        )
+        return None
+
+    # -- reporting ------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Resident K/V bytes (per device and total), tokens held, and each stage's counters."""
+        cache = self.last_cache
+        kv_bytes = cache.kv_bytes() if cache is not None else {}
+        return {
+            "config": self.config.name,
+            "family": self.family.family,
+            "kv_bytes": kv_bytes,
+            "kv_bytes_total": sum(kv_bytes.values()),
+            "tokens": cache.get_seq_length() if cache is not None else 0,
+            "batch_size": cache.batch_size() if cache is not None else 0,
+            "layers": len(cache.layers) if cache is not None else 0,
+            "stages": self.pipeline.stats(),
+        }
+
+    def remove(self) -> None:
+        """Undo `apply` (same as `kvpatch.unpatch(model)`)."""
+        unpatch(self.model)
+
+    def __repr__(self) -> str:
+        return f"PatchHandle(config={self.config.name!r}, family={self.family.family!r})"
+
+
+def _cache_kwarg_name(model: torch.nn.Module) -> str:
+    """`cache` on transformers >= 5.2x, `past_key_values` before; read off the forward signature."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _is_fresh_default_cache(cache: Any) -> bool:
+    """An empty DynamicCache that `generate` made by default (not one a user passed in)."""
+    return (
+        type(cache) is DynamicCache
+        and cache.get_seq_length() == 0
+        and not getattr(cache, "_is_user_defined", False)
+    )
+
+
+def _probe(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Run two tokens through the model and return the modules that called kvpatch's attention."""
+    config = model.config.get_text_config(decoder=True)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([[0, min(1, config.vocab_size - 1)]], device=device)
+    with probe_attention_calls() as log, torch.no_grad():
+        model(input_ids=input_ids, use_cache=False)
+    expected = config.num_hidden_layers
+    unique = list({id(m): m for m in log.modules}.values())
+    if len(unique) != expected:
+        raise UnsupportedModelError(
+            f"the kvpatch patch did not take effect on {type(model).__name__} "
+            f"(model_type {model.config.model_type!r}): kvpatch's attention ran in {len(unique)} of "
+            f"{expected} layers during a probe forward; refusing to leave the model partly unpatched"
+        )
+    return unique
+
+
+def apply(model: torch.nn.Module, config: ConfigSource = "default") -> PatchHandle:
+    """Patch `model` in place with the pipeline described by `config`; returns its handle.
+
+    `config` is a YAML path, a bundled config name ("default"), a dict, or a PipelineConfig.
+    """
+    if getattr(model, HANDLE_ATTR, None) is not None:
+        raise PatchStateError("model is already patched by kvpatch; call kvpatch.unpatch(model) first")
+    pipeline_config = load_config(config)
+    model_type = getattr(model.config, "model_type", None)
+    family = family_spec(str(model_type))
+    handle = PatchHandle(model, pipeline_config, family)
+
+    register_attention()
+    try:
+        model.set_attn_implementation(ATTENTION_NAME)
+        handle._attention_modules = _probe(model)
+    except Exception:
+        model.set_attn_implementation(handle._original_attention)
+        raise
+    for module in handle._attention_modules:
+        setattr(module, KERNEL_ATTR, pipeline_config.kernels.attention)
+    handle._hook = model.register_forward_pre_hook(handle._pre_forward, with_kwargs=True)
+    if pipeline_config.compile.enabled:
+        options = pipeline_config.compile
+        model.base_model.compile(mode=options.mode, dynamic=options.dynamic, fullgraph=options.fullgraph)
+        handle._compiled = True
+    setattr(model, HANDLE_ATTR, handle)
+    if family.attention.softcap and pipeline_config.kernels.attention == "sdpa":
+        logger.info("kvpatch: %s soft-caps attention logits; those layers use the torch kernel", family.family)
+    return handle
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Restore a patched model exactly as it was before `apply`."""
+    handle: PatchHandle | None = getattr(model, HANDLE_ATTR, None)
+    if handle is None:
+        raise PatchStateError("model is not patched by kvpatch (nothing to unpatch)")
+    if handle._hook is not None:
+        handle._hook.remove()
+    if handle._compiled:
+        model.base_model._compiled_call_impl = None
+    for module in handle._attention_modules:
+        if hasattr(module, KERNEL_ATTR):
+            delattr(module, KERNEL_ATTR)
+    model.set_attn_implementation(handle._original_attention)
+    delattr(model, HANDLE_ATTR)
+
+
+def get_handle(model: torch.nn.Module) -> PatchHandle | None:
+    """The handle of a patched model, or None."""
+    return getattr(model, HANDLE_ATTR, None)

@@ -1,0 +1,87 @@
+"""kvpatch's attention function, registered with transformers' AttentionInterface.
+
+transformers calls it from every attention module of a supported family after the cache update,
+with query `[B, Hq, Tq, D]` and the cache's key/value `[B, Hkv, Tk, D]`; it must return
+`([B, Tq, Hq, D], weights-or-None)`. The same name is registered with the AttentionMaskInterface
+(sdpa-style boolean masks): without that, transformers hands us no mask at all and padding and
+sliding windows are silently lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import sdpa_mask
+
+from ..errors import UnsupportedModelError
+from ..kernels import math_attention, sdpa_attention
+
+ATTENTION_NAME = "kvpatch"
+#: Attribute set on each patched attention module: which kernel computes its attention.
+KERNEL_ATTR = "_kvpatch_kernel"
+#: Keywords that change attention math in ways kvpatch does not implement (e.g. gpt-oss sinks).
+_UNSUPPORTED_KWARGS = ("s_aux", "sinks")
+
+
+class _ProbeLog:
+    """Attention modules seen while probing a model, to prove the patch took effect."""
+
+    def __init__(self) -> None:
+        self.modules: list[torch.nn.Module] = []
+
+
+_active_probe: _ProbeLog | None = None
+
+
+@contextmanager
+def probe_attention_calls() -> Iterator[_ProbeLog]:
+    """Record every module that calls kvpatch's attention inside the block."""
+    global _active_probe
+    log = _active_probe = _ProbeLog()
+    try:
+        yield log
+    finally:
+        _active_probe = None
+
+
+def kvpatch_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention over the (kvpatch-managed) cache; see the module docstring for the contract."""
+    for name in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise UnsupportedModelError(
+                f"{type(module).__name__} passes `{name}` to attention, which kvpatch does not implement"
+            )
+    if _active_probe is not None:
+        _active_probe.modules.append(module)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if attention_mask is not None:
+        attention_mask = attention_mask[..., : key.shape[-2]]
+    dropout = dropout if module.training else 0.0
+    kernel = getattr(module, KERNEL_ATTR, "sdpa")
+    if kernel == "sdpa" and softcap is None:
+        out = sdpa_attention(query, key, value, attention_mask, scaling, dropout)
+        weights = None
+    else:
+        out, weights = math_attention(query, key, value, attention_mask, scaling, dropout, softcap)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def register_attention() -> None:
+    """Register the attention and mask functions under ATTENTION_NAME (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, kvpatch_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)

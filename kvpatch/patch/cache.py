@@ -1,0 +1,62 @@
+"""`KVPatchCache`: the transformers `Cache` that kvpatch installs, and the per-layer layout.
+
+The cache itself is thin: a list of layers built by the pipeline's storage stage. Storage
+strategies (dense, quantized, tiered) are layer classes, so the attention function and the
+generation loop never special-case them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..memory import storage_bytes_by_device
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """What one decoder layer's attention needs from its cache layer."""
+
+    layer_idx: int
+    sliding_window: int | None = None
+
+
+def layer_layouts(model_config: Any) -> list[LayerLayout]:
+    """Per-layer layout from a model config, mirroring how transformers' DynamicCache reads it."""
+    config = model_config.get_text_config(decoder=True)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        layer_types = ["sliding_attention" if window is not None else "full_attention"] * config.num_hidden_layers
+    return [
+        LayerLayout(layer_idx=i, sliding_window=window if kind == "sliding_attention" else None)
+        for i, kind in enumerate(layer_types)
+    ]
+
+
+def layer_kv_tensors(layer: CacheLayerMixin) -> list[torch.Tensor | None]:
+    """The tensors a layer holds for K/V (layers with extra buffers override `kv_tensors`)."""
+    custom = getattr(layer, "kv_tensors", None)
+    if callable(custom):
+        return list(custom())
+    return [layer.keys, layer.values]
+
+
+class KVPatchCache(Cache):
+    """A transformers Cache whose layers come from a kvpatch storage stage."""
+
+    def __init__(self, layers: list[CacheLayerMixin]) -> None:
+        super().__init__(layers=layers)
+
+    def kv_bytes(self) -> dict[str, int]:
+        """Resident K/V bytes per device, all layers (distinct storages counted once)."""
+        return storage_bytes_by_device(t for layer in self.layers for t in layer_kv_tensors(layer))
+
+    def batch_size(self) -> int:
+        for layer in self.layers:
+            if layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4:
+                return int(layer.keys.shape[0])
+        return 0

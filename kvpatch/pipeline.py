@@ -1,0 +1,36 @@
+"""`Pipeline`: the built stages of one config, and the only object that knows the stage list.
+
+The patch layer asks it for new caches and for stats; later stages (reuse, eviction, tiers) hook
+in here, never into each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from transformers.cache_utils import CacheLayerMixin
+
+from .config import PipelineConfig, StageConfig
+from .patch.cache import KVPatchCache, LayerLayout, layer_layouts
+from .registry import Stage
+
+
+class StorageStage(Protocol):
+    def make_layer(self, layout: LayerLayout) -> CacheLayerMixin: ...
+
+
+class Pipeline:
+    """Stages built from a validated config, in config order."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.stages: list[Stage] = [stage.build() for stage in config.stages]
+        storage = [s for s in self.stages if s.kind == "storage"]
+        self.storage: StorageStage = storage[0] if storage else StageConfig(kind="storage", impl="dense").build()
+
+    def new_cache(self, model_config: Any) -> KVPatchCache:
+        """A fresh, empty cache for a model with `model_config`."""
+        return KVPatchCache([self.storage.make_layer(layout) for layout in layer_layouts(model_config)])
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        return {f"{s.kind}/{s.name}": s.stats() for s in self.stages}

@@ -1,0 +1,126 @@
+"""Tiny random-initialised models of every supported family, built from configs (no hub access).
+
+Used by the exactness tests, the config matrix and CPU benchmarks. Random weights are right for
+exactness (patched vs unpatched must agree on any weights) and wrong for quality claims: those
+need the trained reference model (`kvpatch.models`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+VOCAB = 320  # >= 256 byte tokens + specials of `tiny_tokenizer`
+WINDOW = 8  # small enough that test prompts cross it
+PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
+
+
+def _common(**extra: Any) -> dict[str, Any]:
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        tie_word_embeddings=False,
+        **extra,
+    )
+
+
+def _config(model_type: str, **kwargs: Any) -> PretrainedConfig:
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
+    "llama": lambda: _config("llama", **_common()),
+    "mistral": lambda: _config("mistral", **_common(sliding_window=WINDOW)),
+    "qwen2": lambda: _config(
+        "qwen2",
+        **_common(
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+            max_window_layers=1,
+            layer_types=["full_attention", "sliding_attention"],
+        ),
+    ),
+    "qwen3": lambda: _config(
+        "qwen3",
+        **_common(
+            head_dim=16,
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+            max_window_layers=1,
+            layer_types=["full_attention", "sliding_attention"],
+        ),
+    ),
+    "gpt2": lambda: _config(
+        "gpt2",
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=512,
+        scale_attn_by_inverse_layer_idx=True,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    ),
+    "phi3": lambda: _config("phi3", **_common(sliding_window=WINDOW, partial_rotary_factor=0.5)),
+    "gemma2": lambda: _config(
+        "gemma2",
+        **_common(
+            head_dim=16,
+            sliding_window=WINDOW,
+            attn_logit_softcapping=20.0,
+            final_logit_softcapping=30.0,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),
+    "gemma3_text": lambda: _config(
+        "gemma3_text",
+        **_common(
+            head_dim=16,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),
+}
+
+
+def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A tiny random-init causal LM of `model_type` in eval mode (deterministic for `seed`)."""
+    if model_type not in TINY_CONFIGS:
+        raise KeyError(f"no tiny config for {model_type!r}; available: {', '.join(TINY_CONFIGS)}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[model_type](), dtype=dtype)
+    # Random init leaves logits nearly flat; scale them up so greedy decoding is not decided by ties.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model.eval()
+
+
+def tiny_tokenizer() -> "PreTrainedTokenizerFast":
+    """A byte-level tokenizer (one token per byte, ids 0..255) with <pad> <bos> <eos> at 256..258."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_vocab = {token: i for i, token in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    byte_vocab = {token: i for i, token in enumerate(sorted(byte_vocab, key=lambda t: ord(t)))}
+    specials = {"<pad>": PAD_ID, "<bos>": BOS_ID, "<eos>": EOS_ID}
+    backend = Tokenizer(models.BPE(vocab={**byte_vocab, **specials}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", padding_side="left"
+    )

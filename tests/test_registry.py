@@ -1,0 +1,59 @@
+"""The stage registry. Parametrised over every registered stage, so new stages are tested for free."""
+
+from __future__ import annotations
+
+import pytest
+
+import kvpatch
+from kvpatch.registry import STAGE_KINDS, Stage, StageParams, get_stage_class, register_stage
+
+REGISTERED = [(kind, name) for kind, names in kvpatch.available_stages().items() for name in names]
+
+
+def test_every_kind_is_listed() -> None:
+    assert set(kvpatch.available_stages()) == set(STAGE_KINDS)
+
+
+@pytest.mark.parametrize("kind, name", REGISTERED)
+def test_registered_stage_is_well_formed(kind: str, name: str) -> None:
+    cls = get_stage_class(kind, name)
+    assert issubclass(cls, Stage) and cls.kind == kind and cls.name == name
+    assert issubclass(cls.Params, StageParams)
+    assert cls.__doc__, f"{kind}/{name} needs a docstring saying what it is for"
+    stage = kvpatch.load_config({"name": "t", "fidelity": {"lossless": cls.lossless, "min_logit_cosine": 0.0},
+                                 "stages": [{"kind": kind, "impl": name}]}).stages[0].build()
+    assert isinstance(stage, cls) and isinstance(stage.stats(), dict)
+
+
+@pytest.mark.parametrize("kind, name", REGISTERED)
+def test_stage_params_reject_unknown_keys(kind: str, name: str) -> None:
+    with pytest.raises(kvpatch.ConfigError, match="unknown key"):
+        kvpatch.load_config({"name": "t", "stages": [{"kind": kind, "impl": name, "params": {"no_such_param": 1}}]})
+
+
+def test_register_rejects_unknown_kind_and_duplicates() -> None:
+    with pytest.raises(ValueError, match="unknown kind"):
+        register_stage("sorter", "x")
+
+    dense = get_stage_class("storage", "dense")
+    with pytest.raises(ValueError, match="registered twice"):
+
+        @register_stage("storage", "dense")
+        class Impostor(Stage):
+            """Not the real dense storage."""
+
+    assert get_stage_class("storage", "dense") is dense
+
+
+def test_lossless_config_refuses_lossy_stage() -> None:
+    @register_stage("quantizer", "_test_lossy")
+    class LossyForTest(Stage):
+        """A lossy stage that exists only in this test."""
+
+        lossless = False
+
+    with pytest.raises(kvpatch.ConfigError, match="lossy: quantizer/_test_lossy"):
+        kvpatch.load_config({"name": "t", "stages": [{"kind": "quantizer", "impl": "_test_lossy"}]})
+    ok = kvpatch.load_config({"name": "t", "fidelity": {"lossless": False, "min_logit_cosine": 0.9},
+                              "stages": [{"kind": "quantizer", "impl": "_test_lossy"}]})
+    assert ok.stages_of("quantizer")[0].impl == "_test_lossy"
