@@ -124,3 +124,9 @@ def tiny_tokenizer() -> "PreTrainedTokenizerFast":
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", padding_side="left"
     )
+
+
+def prompt_ids(batch: int = 2, length: int = 20, seed: int = 1) -> torch.Tensor:
+    """Random token ids for tiny models that avoid the special ids (256..258)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 250, (batch, length), generator=generator)

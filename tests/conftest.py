@@ -21,12 +21,6 @@ def model_type(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def prompt_ids(batch: int = 2, length: int = 20, seed: int = 1) -> torch.Tensor:
-    """Random token ids that avoid the special ids (pad/bos/eos live at 256..258)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 250, (batch, length), generator=generator)
-
-
 @pytest.fixture
 def tiny(model_type: str) -> torch.nn.Module:
     return tiny_model(model_type)
