@@ -130,3 +130,23 @@ def prompt_ids(batch: int = 2, length: int = 20, seed: int = 1) -> torch.Tensor:
     """Random token ids for tiny models that avoid the special ids (256..258)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, 250, (batch, length), generator=generator)
+
+
+#: Random-init Llama shapes for speed benchmarks (never for quality claims).
+BENCH_SHAPES: dict[str, dict[str, Any]] = {
+    "llama-tiny": _common(),
+    "llama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072),
+    "llama-8b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072),
+}
+
+
+def bench_model(shape: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    """A random-init Llama of a named benchmark shape, built directly on `device`."""
+    if shape not in BENCH_SHAPES:
+        raise KeyError(f"unknown benchmark shape {shape!r}; available: {', '.join(BENCH_SHAPES)}")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(_config("llama", **BENCH_SHAPES[shape]), dtype=dtype)
+    return model.eval()

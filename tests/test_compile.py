@@ -11,6 +11,7 @@ import torch
 import torch._dynamo
 
 import kvpatch
+from kvpatch.compat import cache_kwarg
 from kvpatch.testing import prompt_ids, tiny_model
 
 KVPATCH_DIR = str(Path(kvpatch.__file__).resolve().parent)
@@ -31,12 +32,14 @@ def _kvpatch_breaks(explanation: object) -> list[str]:
 def test_no_graph_breaks_in_kvpatch_code(model_type: str) -> None:
     model = tiny_model(model_type)
     handle = kvpatch.apply(model, "default")
-    decoder, cache = model.base_model, handle.new_cache()
+    decoder, name = model.base_model, cache_kwarg(model)
+    cache = handle.new_cache()
     ids = prompt_ids(batch=1, length=12)
     torch._dynamo.reset()
-    prefill = torch._dynamo.explain(decoder)(input_ids=ids, cache=cache, use_cache=True)
-    decoder(input_ids=ids, cache=cache, use_cache=True)  # eager, to have a filled cache
-    decode = torch._dynamo.explain(decoder)(input_ids=ids[:, :1], cache=cache, use_cache=True)
+    prefill = torch._dynamo.explain(decoder)(input_ids=ids, use_cache=True, **{name: cache})
+    decoder(input_ids=ids, use_cache=True, **{name: cache})  # eager; explain() above also ran once
+    assert cache.get_seq_length() == 2 * 12, "the decoder did not use the kvpatch cache"
+    decode = torch._dynamo.explain(decoder)(input_ids=ids[:, :1], use_cache=True, **{name: cache})
     assert _kvpatch_breaks(prefill) == [] and _kvpatch_breaks(decode) == []
     assert prefill.graph_count >= 1 and decode.graph_count >= 1
 
@@ -71,7 +74,7 @@ def test_compiled_prefill_and_decode_match_eager_without_recompiling() -> None:
             if step == 3:  # prefill + 2 growing decode steps may compile; after that, never again
                 guard = torch._dynamo.config.patch(error_on_recompile=True)
                 guard.__enter__()
-            out = model(input_ids=next_ids, cache=cache, use_cache=True)
+            out = model(input_ids=next_ids, use_cache=True, **{cache_kwarg(model): cache})
             logits.append(out.logits[:, -1])
             next_ids = out.logits[:, -1:].argmax(-1)
         guard.__exit__(None, None, None)

@@ -7,6 +7,7 @@ import torch
 from transformers import pipeline
 
 import kvpatch
+from kvpatch.compat import cache_kwarg, output_cache
 from kvpatch.patch.cache import KVPatchCache
 from kvpatch.testing import TINY_CONFIGS, prompt_ids, tiny_model, tiny_tokenizer
 
@@ -24,12 +25,11 @@ def _prefill_then_decode(model: torch.nn.Module, ids: torch.Tensor, steps: int) 
     """Logits of a prefill followed by `steps` one-token decode steps through the cache."""
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
-        logits, cache = [out.logits], out.cache
+        logits = [out.logits]
         for _ in range(steps):
             next_ids = logits[-1][:, -1:].argmax(-1)
-            out = model(input_ids=next_ids, cache=cache, use_cache=True)
+            out = model(input_ids=next_ids, use_cache=True, **{cache_kwarg(model): output_cache(out)})
             logits.append(out.logits)
-            cache = out.cache
     return logits
 
 
@@ -116,7 +116,7 @@ def test_unpatch_restores_exactly(tiny: torch.nn.Module) -> None:
     assert torch.equal(before, after)
     assert tiny.config._attn_implementation == original_attention
     assert not tiny._forward_pre_hooks and kvpatch.get_handle(tiny) is None
-    assert not isinstance(out.cache, KVPatchCache)
+    assert output_cache(out) is not None and not isinstance(output_cache(out), KVPatchCache)
     assert not any(hasattr(m, "_kvpatch_kernel") for m in tiny.modules())
 
 
@@ -146,8 +146,8 @@ def test_user_supplied_kvpatch_cache_is_used_and_reported(tiny: torch.nn.Module)
     cache = handle.new_cache()
     ids = prompt_ids(batch=1, length=9)
     with torch.no_grad():
-        out = tiny(input_ids=ids, cache=cache, use_cache=True)
-    assert out.cache is cache and cache.get_seq_length() == 9
+        out = tiny(input_ids=ids, use_cache=True, **{cache_kwarg(tiny): cache})
+    assert output_cache(out) is cache and cache.get_seq_length() == 9
     assert handle.stats()["tokens"] == 9
     handle.release_cache()
     assert handle.stats()["kv_bytes_total"] == 0

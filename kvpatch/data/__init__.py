@@ -9,6 +9,7 @@ from __future__ import annotations
 from .corpus import Corpus, SourceFile, build_corpus, heldout_text, list_sources, split_of
 from .needle import (
     NeedleExample,
+    TrainingRow,
     make_needle_batch,
     make_needle_example,
     make_training_row,
@@ -21,6 +22,7 @@ __all__ = [
     "Corpus",
     "NeedleExample",
     "SourceFile",
+    "TrainingRow",
     "build_corpus",
     "heldout_text",
     "list_sources",

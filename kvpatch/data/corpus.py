@@ -4,7 +4,8 @@ No dataset hub is reachable where kvpatch trains its reference model, so the cor
 `.py` files of the standard library (and, optionally, of site-packages). The rules are chosen so
 that the same Python installation always yields the same corpus, file for file and byte for byte:
 
-* files are listed by relative path (`stdlib/...`, then `site-packages/...`), sorted;
+* files are listed root by root (all of `stdlib/...`, then `site-packages/...`), each root
+  sorted by relative path;
 * directories named `test`, `tests`, `idle_test`, `__pycache__`, `site-packages` and
   `dist-packages` are skipped inside the stdlib walk (test suites hold large generated data and
   odd encodings; site-packages is its own, optional, source);
@@ -26,7 +27,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SKIP_DIRS = frozenset({"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages"})
+SKIP_DIRS = frozenset(
+    {"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages"}
+)
 DEFAULT_MAX_FILE_BYTES = 512 * 1024
 DEFAULT_VAL_FRACTION = 0.05
 HELDOUT_DEFAULT_BYTES = 160 * 1024
@@ -70,7 +73,7 @@ def split_of(relpath: str, val_fraction: float = DEFAULT_VAL_FRACTION) -> str:
 def fingerprint(files: Iterable[SourceFile]) -> str:
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{f.relpath}\0{f.size}\n".encode("utf-8"))
+        h.update(f"{f.relpath}\0{f.size}\n".encode())
     return h.hexdigest()
 
 
@@ -98,18 +101,20 @@ def list_sources(
     val_fraction: float = DEFAULT_VAL_FRACTION,
     roots: list[tuple[str, Path]] | None = None,
 ) -> list[SourceFile]:
-    """The corpus files in corpus order, capped at `max_bytes` of on-disk size (a prefix)."""
+    """The corpus files in corpus order, capped at `max_bytes` of on-disk size (a prefix, so the
+    stdlib, which every machine has, is always taken first)."""
     candidates: list[SourceFile] = []
     for label, root in roots if roots is not None else source_roots(include_site_packages):
         # Test suites are skipped everywhere; package dirs only inside the stdlib walk.
         skip = SKIP_DIRS if label == "stdlib" else frozenset({"test", "tests", "__pycache__"})
+        found = []
         for path in _walk_py(root, skip):
             size = path.stat().st_size
             if size == 0 or size > max_file_bytes:
                 continue
             rel = f"{label}/{path.relative_to(root).as_posix()}"
-            candidates.append(SourceFile(rel, path, size, split_of(rel, val_fraction)))
-    candidates.sort(key=lambda f: f.relpath)
+            found.append(SourceFile(rel, path, size, split_of(rel, val_fraction)))
+        candidates.extend(sorted(found, key=lambda f: f.relpath))  # roots keep their order
     if max_bytes is None:
         return candidates
     chosen, total = [], 0

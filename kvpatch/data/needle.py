@@ -3,7 +3,11 @@
 A definition line `amber_falcon = 48213` is planted at a chosen relative depth of filler text
 (real source code), and the row ends with a query that the model completes with the digits:
 
-    <bos> ...filler... \\n amber_falcon = 48213 \\n ...filler... \\n# what is amber_falcon?\\namber_falcon =
+    <bos>...filler...
+    amber_falcon = 48213
+    ...filler...
+    # what is amber_falcon?
+    amber_falcon =              <- ends with a space; the model continues with 48213
 
 Scoring greedy-decodes a few tokens and compares the leading digits with the answer, so it does
 not depend on how a tokenizer happens to split numbers. Compression methods (quantization,
@@ -17,6 +21,7 @@ padding. Everything is driven by a `random.Random`, so a seed fixes the examples
 
 from __future__ import annotations
 
+import math
 import random
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -25,20 +30,21 @@ from typing import Any
 
 import torch
 
-ADJECTIVES = (
-    "amber", "brisk", "cobalt", "dusty", "eager", "fuzzy", "gentle", "hollow",
-    "ivory", "jolly", "keen", "lunar", "mellow", "nimble", "olive", "plucky",
-    "quiet", "rustic", "silver", "tidy", "umber", "vivid", "woolly", "young",
-    "zesty", "bold", "calm", "crimson", "frosty", "golden", "misty", "sunny",
-)  # fmt: skip
-NOUNS = (
-    "falcon", "otter", "badger", "heron", "walrus", "lynx", "marmot", "gecko",
-    "beetle", "puffin", "bison", "ferret", "ibis", "jackal", "koala", "lemur",
-    "newt", "ocelot", "panda", "quail", "raven", "salmon", "tapir", "urchin",
-    "viper", "wombat", "yak", "zebra", "cobra", "dingo", "egret", "finch",
-)  # fmt: skip
+from ..compat import cache_kwarg, output_cache
+
+# Keys are adjective_noun pairs: 1024 of them, none an identifier real code is likely to hold.
+ADJECTIVES = tuple(
+    "amber brisk cobalt dusty eager fuzzy gentle hollow ivory jolly keen lunar mellow "
+    "nimble olive plucky quiet rustic silver tidy umber vivid woolly young zesty bold "
+    "calm crimson frosty golden misty sunny".split()
+)
+NOUNS = tuple(
+    "falcon otter badger heron walrus lynx marmot gecko beetle puffin bison ferret ibis "
+    "jackal koala lemur newt ocelot panda quail raven salmon tapir urchin viper wombat "
+    "yak zebra cobra dingo egret finch".split()
+)
 VALUE_DIGITS = 5
-NEWLINE_SNAP_TOKENS = 24  # how far the needle may move to start on a fresh line
+NEWLINE_SNAP_TOKENS = 24  # how far the needle may move to sit at a line end
 
 
 @dataclass(frozen=True)
@@ -64,8 +70,9 @@ class NeedleExample:
 
 
 def needle_strings(key: str, value: str) -> tuple[str, str]:
-    """The definition line and the query that asks for it (the one format, used everywhere)."""
-    return f"{key} = {value}\n", f"\n# what is {key}?\n{key} = "
+    """The definition line and the query that asks for it (the one format, used everywhere).
+    The definition opens its own line; the filler's next newline closes it."""
+    return f"\n{key} = {value}", f"\n# what is {key}?\n{key} = "
 
 
 def random_key_value(rng: random.Random) -> tuple[str, str]:
@@ -75,7 +82,11 @@ def random_key_value(rng: random.Random) -> tuple[str, str]:
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of `text` with no special tokens added."""
+    """Token ids of `text` with no special tokens added (straight through the Rust tokenizer
+    when there is one: faster, and no warning about texts longer than the model)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return list(backend.encode(text, add_special_tokens=False).ids)
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
@@ -84,30 +95,37 @@ def _bos(tokenizer: Any) -> list[int]:
     return [] if bos is None else [int(bos)]
 
 
-_NEWLINE_IDS: "weakref.WeakKeyDictionary[Any, frozenset[int]]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _cached(tokenizer: Any, name: str, compute: Callable[[Any], Any]) -> Any:
+    """Per-tokenizer memo of a derived table (recomputed if the tokenizer is not weak-keyable)."""
+    try:
+        table = _CACHE.setdefault(tokenizer, {})
+    except TypeError:
+        return compute(tokenizer)
+    if name not in table:
+        table[name] = compute(tokenizer)
+    return table[name]
 
 
 def _newline_ids(tokenizer: Any) -> frozenset[int]:
-    """Ids of the tokens that decode to text ending in a newline (computed once per tokenizer)."""
-    try:
-        return _NEWLINE_IDS[tokenizer]
-    except (KeyError, TypeError):
-        pass
-    n = len(tokenizer)
-    texts = tokenizer.batch_decode([[i] for i in range(n)])
-    ids = frozenset(i for i, t in enumerate(texts) if t.endswith("\n"))
-    try:
-        _NEWLINE_IDS[tokenizer] = ids
-    except TypeError:
-        pass
-    return ids
+    """Ids of the tokens whose text holds a newline. Byte-level BPE keeps whitespace runs apart
+    from code, so these are newline(+indentation) tokens."""
+
+    def compute(tok: Any) -> frozenset[int]:
+        texts = tok.batch_decode([[i] for i in range(len(tok))])
+        return frozenset(i for i, t in enumerate(texts) if "\n" in t)
+
+    return _cached(tokenizer, "newline_ids", compute)
 
 
-def _snap_to_line_start(filler: list[int], target: int, newline_ids: frozenset[int]) -> int | None:
-    """Index just after the newline token nearest to `target`, or None if none is close."""
+def _snap_to_line_end(filler: list[int], target: int, newline_ids: frozenset[int]) -> int | None:
+    """Index of the newline token nearest to `target` (the needle goes right before it, so it
+    becomes a line of its own), or None if none is close."""
     for delta in range(NEWLINE_SNAP_TOKENS + 1):
         for cand in (target - delta, target + delta):
-            if 1 <= cand <= len(filler) and filler[cand - 1] in newline_ids:
+            if 0 <= cand < len(filler) and filler[cand] in newline_ids:
                 return cand
     return None
 
@@ -135,7 +153,8 @@ def make_needle_example(
     """One needle row of exactly `context_tokens` ids with the definition at `depth` of the filler.
 
     `filler` is text or already-encoded ids (encode once when making many examples). The needle
-    is moved by up to a few tokens so that it starts on a fresh line, as a real definition would.
+    is moved by up to a few tokens to a line end of the filler, so that it is a line of its own,
+    as a real definition would be.
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
@@ -148,10 +167,10 @@ def make_needle_example(
     if n_filler < 4:
         raise ValueError(f"context_tokens={context_tokens} is too short for a needle row")
     window = _filler_window(filler_ids, n_filler, rng)
-    cut = _snap_to_line_start(window, round(depth * n_filler), _newline_ids(tokenizer))
-    if cut is None:  # no line end nearby: open a line for the definition at the exact depth
+    cut = _snap_to_line_end(window, round(depth * n_filler), _newline_ids(tokenizer))
+    if cut is None:  # no line end nearby: close the definition's line itself, at the exact depth
         cut = round(depth * n_filler)
-        line_ids = encode(tokenizer, "\n" + definition)
+        line_ids = encode(tokenizer, definition + "\n")
         extra = len(line_ids) - len(needle_ids)
         needle_ids, window = line_ids, window[: max(0, n_filler - extra)]
         cut = min(cut, len(window))
@@ -178,7 +197,34 @@ def make_needle_batch(
     """`n` examples of one (length, depth) cell; the same seed gives the same examples."""
     filler_ids = encode(tokenizer, filler) if isinstance(filler, str) else filler
     rng = random.Random(f"needle:{seed}:{context_tokens}:{depth!r}")
-    return [make_needle_example(tokenizer, filler_ids, context_tokens, depth, rng) for _ in range(n)]
+    return [
+        make_needle_example(tokenizer, filler_ids, context_tokens, depth, rng) for _ in range(n)
+    ]
+
+
+def _row_overhead(tokenizer: Any) -> int:
+    """Most tokens a needle row spends besides filler, over all keys (so a context length of
+    this plus a few tokens always leaves room for filler)."""
+
+    def compute(tok: Any) -> int:
+        value = "9" * VALUE_DIGITS
+        sizes = (
+            len(encode(tok, definition + "\n")) + len(encode(tok, query))
+            for a in ADJECTIVES
+            for n in NOUNS
+            for definition, query in [needle_strings(f"{a}_{n}", value)]
+        )
+        return len(_bos(tok)) + max(sizes)
+
+    return _cached(tokenizer, "row_overhead", compute)
+
+
+@dataclass(frozen=True)
+class TrainingRow:
+    """A packed training row and which of its ids are answer digits (for an extra loss term)."""
+
+    input_ids: list[int]
+    answer_mask: list[bool]
 
 
 def make_training_row(
@@ -186,24 +232,31 @@ def make_training_row(
     filler_ids: Sequence[int],
     length: int,
     rng: random.Random,
-    min_context: int = 64,
-) -> list[int]:
+    min_context: int | None = None,
+) -> TrainingRow:
     """A packed training row of exactly `length` ids: needle examples, each followed by its
-    answer and <eos>, with random context lengths and depths; leftover room is plain filler."""
+    answer and <eos>, with random depths and log-uniform context lengths (short rows teach the
+    task fast, long ones make it hold at length); leftover room is plain filler."""
     eos = getattr(tokenizer, "eos_token_id", None)
     tail = [] if eos is None else [int(eos)]
-    row: list[int] = []
+    # Short contexts are where retrieval is learned first (measured: a small model learns it in
+    # a few hundred steps at 10-20 filler tokens, not at all in 1500 steps at 10-60).
+    min_context = max(min_context or 0, _row_overhead(tokenizer) + 8)
+    ids: list[int] = []
+    mask: list[bool] = []
     while True:
-        room = length - len(row)
+        room = length - len(ids)
         if room < min_context + VALUE_DIGITS + 8:
             break
-        ctx = rng.randint(min_context, room - (VALUE_DIGITS + 8))
+        top = room - (VALUE_DIGITS + 8)
+        ctx = min(top, round(math.exp(rng.uniform(math.log(min_context), math.log(top)))))
         ex = make_needle_example(tokenizer, filler_ids, ctx, rng.random(), rng)
-        piece = ex.input_ids + ex.answer_ids + tail
-        row.extend(piece[:room])
-    if len(row) < length:
-        row.extend(_filler_window(filler_ids, length - len(row), rng))
-    return row
+        ids.extend(ex.input_ids + ex.answer_ids + tail)
+        mask.extend([False] * len(ex.input_ids) + [True] * len(ex.answer_ids) + [False] * len(tail))
+    if len(ids) < length:
+        ids.extend(_filler_window(filler_ids, length - len(ids), rng))
+        mask.extend([False] * (length - len(mask)))
+    return TrainingRow(ids[:length], mask[:length])
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -217,13 +270,13 @@ def greedy_continue(model: Any, input_ids: torch.Tensor, max_new_tokens: int) ->
     Written as a plain forward loop (not `generate`) so that it behaves the same across
     transformers versions and under kvpatch's cache patches.
     """
+    kwarg = cache_kwarg(model)
     out = model(input_ids=input_ids, use_cache=True)
     next_ids = out.logits[:, -1].argmax(dim=-1)
     produced = [next_ids]
-    past = out.past_key_values
     for _ in range(max_new_tokens - 1):
-        out = model(input_ids=next_ids[:, None], past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        past = output_cache(out)
+        out = model(input_ids=next_ids[:, None], use_cache=True, **{kwarg: past})
         next_ids = out.logits[:, -1].argmax(dim=-1)
         produced.append(next_ids)
     return torch.stack(produced, dim=1)
@@ -261,7 +314,7 @@ def needle_predictions(
             ids = torch.tensor([examples[i].input_ids for i in chunk], device=device)
             max_new = max(len(examples[i].answer_ids) for i in chunk) + 2
             new = generate(model, ids, max_new).tolist()
-            for i, row in zip(chunk, new):
+            for i, row in zip(chunk, new, strict=True):
                 preds[i] = tokenizer.decode(row, skip_special_tokens=True)
     return [p or "" for p in preds]
 
@@ -277,7 +330,7 @@ def needle_accuracy(
     if not examples:
         raise ValueError("no needle examples to score")
     preds = needle_predictions(model, tokenizer, examples, batch_size, generate)
-    return sum(is_correct(p, ex) for p, ex in zip(preds, examples)) / len(examples)
+    return sum(is_correct(p, ex) for p, ex in zip(preds, examples, strict=True)) / len(examples)
 
 
 def needle_grid(

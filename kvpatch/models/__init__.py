@@ -1,7 +1,7 @@
 """Reference models that kvpatch trains and ships itself (no model hub needed).
 
-    model, tokenizer = kvpatch.models.load()          # the shipped "kvpatch-ref"
-    model, tokenizer = kvpatch.models.load("/path/to/trained/dir")
+model, tokenizer = kvpatch.models.load()          # the shipped "kvpatch-ref"
+model, tokenizer = kvpatch.models.load("/path/to/trained/dir")
 """
 
 from __future__ import annotations

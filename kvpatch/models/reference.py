@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..data.needle import encode
 from ..errors import KVPatchError
 
 MODELS_DIR = Path(__file__).resolve().parent
@@ -25,7 +26,7 @@ HELDOUT_FILE = "heldout.txt"
 REPORT_FILE = "training_report.json"
 TRAIN_COMMAND = (
     "python tools/train_reference_lm.py --out kvpatch/models/kvpatch-ref --device cuda "
-    "--include-site-packages --time-budget-s 400"
+    "--include-site-packages --time-budget-s 420"
 )
 
 
@@ -144,5 +145,5 @@ def heldout_perplexity(
     batch_size: int = 8,
 ) -> float:
     """Perplexity of `model` on the held-out text shipped with reference model `name`."""
-    ids = tokenizer.encode(heldout_text(name), add_special_tokens=False)
+    ids = encode(tokenizer, heldout_text(name))
     return perplexity(model, ids, seq_len=seq_len, batch_size=batch_size)

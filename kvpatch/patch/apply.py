@@ -11,13 +11,13 @@ in every layer: a family that ignores the attention interface is never left sile
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
+from ..compat import cache_kwarg
 from ..config import ConfigSource, PipelineConfig, load_config
 from ..errors import PatchStateError, UnsupportedModelError
 from ..families import FamilySpec, family_spec
@@ -43,7 +43,7 @@ class PatchHandle:
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         self._compiled = False
         self._last_cache: KVPatchCache | None = None
-        self._cache_kwarg = _cache_kwarg_name(model)
+        self._cache_kwarg = cache_kwarg(model)
 
     # -- caches ---------------------------------------------------------------------------------
     def new_cache(self) -> KVPatchCache:
@@ -109,12 +109,6 @@ class PatchHandle:
 
     def __repr__(self) -> str:
         return f"PatchHandle(config={self.config.name!r}, family={self.family.family!r})"
-
-
-def _cache_kwarg_name(model: torch.nn.Module) -> str:
-    """`cache` on transformers >= 5.2x, `past_key_values` before; read off the forward signature."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _is_fresh_default_cache(cache: Any) -> bool:

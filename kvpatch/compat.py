@@ -1,0 +1,24 @@
+"""The few places where supported transformers versions differ (5.17 on the GPU image, 5.2x here).
+
+transformers renamed the cache argument and output field from `past_key_values` to `cache`
+(5.2x keeps the old name as a deprecated alias until 5.40). Everything in kvpatch that passes or
+reads a cache goes through these two helpers.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name `model.forward` takes the cache by: `cache` (5.2x) or `past_key_values` (older)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a model forward returned, under either field name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)

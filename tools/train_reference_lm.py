@@ -1,0 +1,693 @@
+#!/usr/bin/env python
+"""Train kvpatch's reference model: a small Llama (GQA, RoPE) and its byte-level BPE tokenizer.
+
+No model hub is reachable where kvpatch runs, so every fidelity claim (quantization, eviction,
+reuse) is measured on this model. It learns from the Python sources installed on the machine
+(see kvpatch/data/corpus.py) plus a share of synthetic key-value retrieval rows
+(kvpatch/data/needle.py), so that "does compression break retrieval?" has a clear baseline.
+
+The whole run (corpus, tokenizer, training, evaluation, saving) fits one 10-minute GPU command:
+training stops at --time-budget-s. The output directory is a regular transformers model
+directory plus `training_report.json` and `heldout.txt` (the text perplexity is measured on).
+
+    python tools/train_reference_lm.py --out kvpatch/models/kvpatch-ref --device cuda \\
+        --include-site-packages --time-budget-s 420
+    python tools/train_reference_lm.py --tiny --out /tmp/ref_tiny --device cpu   # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTED = time.perf_counter()  # the wall-clock budget counts from here (after torch's import)
+
+
+if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .` (the GPU machine)
+    sys.path.insert(0, str(ROOT))
+
+from kvpatch.data import corpus as corpus_lib  # noqa: E402
+from kvpatch.data import needle  # noqa: E402
+from kvpatch.models import reference  # noqa: E402
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+NEEDLE_DEPTHS = (0.05, 0.25, 0.5, 0.75, 0.95)
+NEEDLE_LENGTHS = (256, 512, 1024, 2048)
+HELDOUT_PPL_SEQ_LEN = 1024
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+
+FULL_SHAPE = ModelShape(384, 6, 6, 2, 64, 1024, 4096)
+TINY_SHAPE = ModelShape(64, 2, 4, 2, 16, 128, 512)
+
+# Settings --tiny fills in when the flag is not given: seconds on a CPU, for tests.
+TINY_DEFAULTS: dict[str, Any] = dict(
+    steps=12,
+    seq_len=128,
+    batch_size=8,
+    corpus_max_bytes=1_200_000,
+    tokenizer_max_bytes=600_000,
+    needle_lengths=[64, 128],
+    needle_per_cell=2,
+    eval_tokens=8192,
+    warmup_steps=2,
+    log_every=4,
+)
+FULL_DEFAULTS: dict[str, Any] = dict(
+    steps=None,
+    seq_len=2048,
+    batch_size=32,
+    corpus_max_bytes=200_000_000,
+    tokenizer_max_bytes=40_000_000,
+    needle_lengths=None,
+    needle_per_cell=20,
+    eval_tokens=1_048_576,
+    warmup_steps=200,
+    log_every=50,
+)
+DEFAULT_TIME_BUDGET_S = 420.0
+EVAL_RESERVE_S = 60.0  # saving + evaluation after training, with room to spare (~15 s on a GPU)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, type=Path, help="output model directory")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=None,
+        help=f"stop training after this many seconds (default {DEFAULT_TIME_BUDGET_S:g} "
+        "unless --steps or --tiny is given)",
+    )
+    p.add_argument("--steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument(
+        "--wall-budget-s",
+        type=float,
+        default=None,
+        help="cut training short so that the whole run ends within this many seconds "
+        f"(default 540 without --tiny: a 10-minute command; 0 disables); {EVAL_RESERVE_S:g} s "
+        "are kept for saving and evaluation",
+    )
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument(
+        "--needle-share",
+        type=float,
+        default=0.2,
+        help="fraction of each batch made of packed needle rows",
+    )
+    p.add_argument(
+        "--needle-boost-share",
+        type=float,
+        default=0.75,
+        help="needle share during the first --needle-boost-frac of training",
+    )
+    p.add_argument(
+        "--needle-boost-frac",
+        type=float,
+        default=0.2,
+        help="fraction of training (of steps or of the time budget) with the boosted share",
+    )
+    p.add_argument(
+        "--answer-loss-weight",
+        type=float,
+        default=1.0,
+        help="weight of the extra loss on needle answer digits",
+    )
+    p.add_argument("--corpus-max-bytes", type=int, default=None)
+    p.add_argument(
+        "--tokenizer-max-bytes",
+        type=int,
+        default=None,
+        help="train the tokenizer on at most this much text (files spread evenly)",
+    )
+    p.add_argument(
+        "--include-site-packages",
+        action="store_true",
+        help="add site-packages sources to the stdlib (more, but machine-specific, text)",
+    )
+    p.add_argument("--needle-lengths", type=int, nargs="+", default=None)
+    p.add_argument("--needle-depths", type=float, nargs="+", default=list(NEEDLE_DEPTHS))
+    p.add_argument("--needle-per-cell", type=int, default=None)
+    p.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=None,
+        help="validation tokens used for the validation perplexity",
+    )
+    p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
+    p.add_argument("--tiny", action="store_true", help="toy model and settings (CPU tests)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for key, value in (TINY_DEFAULTS if args.tiny else FULL_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.time_budget_s is None and args.steps is None:
+        args.time_budget_s = DEFAULT_TIME_BUDGET_S
+    if args.wall_budget_s is None and not args.tiny:
+        args.wall_budget_s = 540.0
+    if args.needle_lengths is None:
+        args.needle_lengths = [n for n in NEEDLE_LENGTHS if n <= args.seq_len] or [args.seq_len]
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def log(msg: str) -> None:
+    print(f"[train_reference_lm] {msg}", flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def spread_sample(texts: list[str], max_bytes: int) -> list[str]:
+    """Every k-th text so that about `max_bytes` are taken from across the whole corpus
+    (a prefix would over-represent the alphabetically first packages)."""
+    total = sum(len(t) for t in texts)
+    if total <= max_bytes:
+        return texts
+    stride = math.ceil(total / max_bytes)
+    return texts[::stride]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, model_max_length: int) -> Any:
+    """Byte-level BPE (digits split one by one, so numbers copy digit by digit), wrapped as a
+    transformers fast tokenizer that adds <bos> in front of every encoded text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    bos_id = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        model_max_length=model_max_length,
+    )
+
+
+def encode_stream(tokenizer: Any, texts: list[str], chunk: int = 256) -> np.ndarray:
+    """One int32 token stream: <bos> file <eos> <bos> file <eos> ... (batched in Rust)."""
+    backend = tokenizer.backend_tokenizer
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    parts: list[np.ndarray] = []
+    for start in range(0, len(texts), chunk):
+        encodings = backend.encode_batch(texts[start : start + chunk], add_special_tokens=False)
+        for enc in encodings:
+            parts.append(np.asarray([bos, *enc.ids, eos], dtype=np.int32))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_model(shape: ModelShape, tokenizer: Any, seq_len: int) -> Any:
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        max_position_embeddings=seq_len,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model
+
+
+def n_params(model: torch.nn.Module) -> int:
+    """Parameter count with tied weights counted once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def needle_rows(batch_size: int, share: float) -> int:
+    """Needle rows in a batch: the share rounded, at least one when the share is positive."""
+    if share <= 0:
+        return 0
+    return min(max(round(batch_size * share), 1), batch_size)
+
+
+class BatchMaker:
+    """Training batches: random windows of the corpus stream plus packed needle rows.
+
+    For the first `needle_boost_frac` of training a larger share of rows are needle rows:
+    retrieval is learned in an abrupt transition that needs many examples, and after it a
+    smaller share keeps it (CPU trials: at a 20 % share alone a small model had not started
+    to retrieve after 1500 steps; with every row a needle row it did within 800).
+    """
+
+    def __init__(
+        self, stream: np.ndarray, tokenizer: Any, args: argparse.Namespace, device: torch.device
+    ) -> None:
+        self.stream_cpu = stream
+        self.stream = torch.from_numpy(stream).to(device)
+        self.tokenizer = tokenizer
+        self.row_len = args.seq_len + 1
+        self.batch_size = args.batch_size
+        self.n_needle = needle_rows(args.batch_size, args.needle_share)
+        self.n_needle_boost = needle_rows(args.batch_size, args.needle_boost_share)
+        self.boost_until = args.needle_boost_frac
+        self.device = device
+        self.gen = torch.Generator().manual_seed(args.seed)
+        self.rng = random.Random(f"train-needles:{args.seed}")
+        self.offsets = torch.arange(self.row_len, device=device)
+        if len(stream) <= self.row_len:
+            raise ValueError(f"corpus has {len(stream)} tokens, fewer than one row")
+
+    def __call__(self, progress: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs, targets, answer_mask) at `progress` (0..1) of training; the mask marks
+        targets that are needle answers."""
+        n_needle = self.n_needle_boost if progress < self.boost_until else self.n_needle
+        n_corpus = self.batch_size - n_needle
+        rows, masks = [], []
+        if n_corpus:
+            starts = torch.randint(
+                0, len(self.stream_cpu) - self.row_len, (n_corpus,), generator=self.gen
+            ).to(self.device)
+            rows.append(self.stream[starts[:, None] + self.offsets])
+            masks.append(torch.zeros(n_corpus, self.row_len, dtype=torch.bool, device=self.device))
+        if n_needle:
+            made = [
+                needle.make_training_row(self.tokenizer, self.stream_cpu, self.row_len, self.rng)
+                for _ in range(n_needle)
+            ]
+            rows.append(
+                self._to_device(torch.tensor([r.input_ids for r in made], dtype=torch.int32))
+            )
+            masks.append(self._to_device(torch.tensor([r.answer_mask for r in made])))
+        batch, mask = torch.cat(rows).long(), torch.cat(masks)
+        return batch[:, :-1], batch[:, 1:], mask[:, 1:]
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
+
+def lr_at(step: int, progress: float, peak: float, warmup: int, floor: float = 0.1) -> float:
+    """Linear warmup, then cosine to `floor * peak` over `progress` (0..1 of steps or time)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def make_loss_fn(
+    model: Any, device: torch.device, compile_model: bool, answer_weight: float
+) -> Any:
+    """(objective, lm_loss): next-token cross-entropy, plus `answer_weight` times the mean
+    cross-entropy of the needle answer digits (a few dozen of the step's tokens, which would
+    otherwise teach retrieval too slowly)."""
+    vocab = model.config.vocab_size
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor, answer_mask: torch.Tensor):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=x).logits
+        ce = F.cross_entropy(logits.float().view(-1, vocab), y.reshape(-1), reduction="none")
+        lm_loss = ce.mean()
+        weights = answer_mask.reshape(-1).to(ce.dtype)
+        answer_loss = (ce * weights).sum() / weights.sum().clamp(min=1.0)
+        return lm_loss + answer_weight * answer_loss, lm_loss
+
+    return torch.compile(loss_fn) if compile_model else loss_fn
+
+
+def make_optimizer(
+    model: torch.nn.Module, lr: float, device: torch.device
+) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms (1-d parameters)."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, **extra)
+
+
+def train(
+    model: Any, batches: BatchMaker, args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
+    """The training loop; returns its statistics for the report."""
+    from tqdm import tqdm
+
+    compile_model = device.type == "cuda" and not args.no_compile
+    loss_fn = make_loss_fn(model, device, compile_model, args.answer_loss_weight)
+    opt = make_optimizer(model, args.lr, device)
+    tokens_per_step = args.batch_size * args.seq_len
+    budget, max_steps = args.time_budget_s, args.steps
+    model.train()
+    step, running, n_running = 0, torch.zeros(2, device=device), 0
+    last_loss, last_answer = float("nan"), float("nan")
+    first_step_s = 0.0
+    t0 = time.perf_counter()
+    bar = tqdm(total=max_steps, unit="step", mininterval=10.0, file=sys.stdout, disable=None)
+    while True:
+        elapsed = time.perf_counter() - t0
+        if (max_steps is not None and step >= max_steps) or (budget and elapsed >= budget):
+            break
+        progress = training_progress(step, elapsed, first_step_s, max_steps, budget)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, progress, args.lr, args.warmup_steps)
+        x, y, answer_mask = batches(progress)
+        try:
+            objective, loss = forward_backward(loss_fn, x, y, answer_mask)
+        except Exception as exc:  # a compile failure must not cost the GPU run
+            if step or not compile_model:
+                raise
+            log(f"torch.compile failed ({type(exc).__name__}: {exc}); continuing in eager mode")
+            compile_model = False
+            opt.zero_grad(set_to_none=True)
+            loss_fn = make_loss_fn(model, device, False, args.answer_loss_weight)
+            objective, loss = forward_backward(loss_fn, x, y, answer_mask)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        running += torch.stack([loss, objective - loss])
+        n_running += 1
+        step += 1
+        bar.update(1)
+        if step == 1:
+            first_step_s = _sync_time(device) - t0
+            t_steady = time.perf_counter()
+        if step % args.log_every == 0:
+            last_loss, last_answer = (running / n_running).tolist()
+            running.zero_()
+            n_running = 0
+            done = time.perf_counter() - t0
+            rate = (step - 1) * tokens_per_step / max(time.perf_counter() - t_steady, 1e-9)
+            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+            log(
+                f"step {step} loss {last_loss:.4f} answer {last_answer:.3f} "
+                f"lr {opt.param_groups[0]['lr']:.2e} {rate:,.0f} tok/s {done:.0f}s"
+            )
+    if n_running:
+        last_loss, last_answer = (running / n_running).tolist()
+    wall = _sync_time(device) - t0
+    bar.close()
+    steady_s = wall - first_step_s
+    return {
+        "steps": step,
+        "tokens_seen": step * tokens_per_step,
+        "tokens_per_step": tokens_per_step,
+        "train_wall_s": round(wall, 2),
+        "first_step_s": round(first_step_s, 2),
+        "tokens_per_s": round((step - 1) * tokens_per_step / steady_s, 1) if step > 1 else None,
+        "tokens_per_s_overall": round(step * tokens_per_step / wall, 1) if wall > 0 else None,
+        "final_train_loss": _rounded(last_loss),
+        "final_answer_loss_weighted": _rounded(last_answer),
+        "compiled": compile_model,
+    }
+
+
+def forward_backward(
+    loss_fn: Any, x: torch.Tensor, y: torch.Tensor, answer_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of one batch; returns (objective, language-modelling loss). Forward and
+    backward go together because compilation may fail in either."""
+    objective, lm_loss = loss_fn(x, y, answer_mask)
+    objective.backward()
+    return objective.detach(), lm_loss.detach()
+
+
+def training_progress(
+    step: int, elapsed: float, first_step_s: float, max_steps: int | None, budget: float | None
+) -> float:
+    """How far training is (0..1), by steps or by time, whichever is further. Time does not
+    count the first step: on CUDA it compiles the model, and the schedules (learning rate,
+    needle boost) should follow the steps actually trained."""
+    by_steps = step / max_steps if max_steps else 0.0
+    by_time = (
+        (elapsed - first_step_s) / max(budget - first_step_s, 1e-9) if budget and step else 0.0
+    )
+    return max(by_steps, by_time)
+
+
+def _rounded(value: float, digits: int = 4) -> float | None:
+    return round(value, digits) if math.isfinite(value) else None
+
+
+def _sync_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+# ----------------------------------------------------------------------------- eval & save
+
+
+def evaluate(
+    out: Path, val_stream: np.ndarray, args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
+    """Metrics of the model *as saved* (bf16 weights), computed in float32 so that a CPU
+    reproduces them."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model, tokenizer = reference.load(out, device=device, dtype=torch.float32)
+    heldout = reference.heldout_text(out)
+    heldout_ids = needle.encode(tokenizer, heldout)
+    ppl_len = min(HELDOUT_PPL_SEQ_LEN, args.seq_len)
+    results: dict[str, Any] = {
+        "eval_dtype": "float32",
+        "val_perplexity": round(
+            reference.perplexity(
+                model, val_stream, seq_len=args.seq_len, max_tokens=args.eval_tokens
+            ),
+            3,
+        ),
+        "val_perplexity_tokens": int(min(len(val_stream), args.eval_tokens))
+        // args.seq_len
+        * args.seq_len,
+        "val_perplexity_seq_len": args.seq_len,
+        "heldout_perplexity": round(reference.perplexity(model, heldout_ids, seq_len=ppl_len), 3),
+        "heldout_perplexity_seq_len": ppl_len,
+        "heldout_tokens": len(heldout_ids),
+    }
+    grid = needle.needle_grid(
+        model,
+        tokenizer,
+        heldout_ids,
+        args.needle_lengths,
+        args.needle_depths,
+        args.needle_per_cell,
+        seed=args.seed,
+        batch_size=max(1, min(args.needle_per_cell, 32)),
+    )
+    cells = [acc for row in grid.values() for acc in row.values()]
+    results["needle_accuracy"] = grid
+    results["needle_accuracy_mean"] = round(sum(cells) / len(cells), 4)
+    results["needle_protocol"] = {
+        "filler": "heldout.txt",
+        "seed": args.seed,
+        "per_cell": args.needle_per_cell,
+        "lengths": list(args.needle_lengths),
+        "depths": list(args.needle_depths),
+        "api": "kvpatch.data.needle.needle_grid",
+    }
+    return results
+
+
+def save(model: Any, tokenizer: Any, out: Path, heldout: str) -> int:
+    """Write the model in bf16 (the ship size limit) and return the weights file size."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / reference.HELDOUT_FILE).write_text(heldout, encoding="utf-8")
+    return (out / "model.safetensors").stat().st_size
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import tokenizers
+    import transformers
+
+    hw: dict[str, Any] = {
+        "device": str(device),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        hw["gpu"] = torch.cuda.get_device_name(device)
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
+    return {"hardware": hw, "versions": versions}
+
+
+def training_budget(args: argparse.Namespace, started: float) -> float | None:
+    """The training time budget, shortened if setup was slow enough to endanger the wall budget
+    (a GPU command that runs past its limit loses everything)."""
+    if not args.wall_budget_s:
+        return args.time_budget_s
+    left = args.wall_budget_s - (time.perf_counter() - started) - EVAL_RESERVE_S
+    if args.time_budget_s is not None and args.time_budget_s <= left:
+        return args.time_budget_s
+    left = round(max(left, 1.0), 1)
+    log(f"training capped at {left:.0f}s to end within --wall-budget-s {args.wall_budget_s:g}")
+    return left
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    t_start = STARTED if argv is None else time.perf_counter()
+    device = torch.device(args.device)
+    seed_everything(args.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    phases: dict[str, float] = {}
+
+    t = time.perf_counter()
+    corpus = corpus_lib.build_corpus(args.include_site_packages, max_bytes=args.corpus_max_bytes)
+    heldout = corpus_lib.heldout_text(corpus.validation)
+    phases["corpus_s"] = time.perf_counter() - t
+    log(
+        f"corpus: {len(corpus.files)} files, {len(corpus.train)} train / "
+        f"{len(corpus.validation)} validation, {corpus.n_bytes / 1e6:.1f} MB"
+    )
+
+    t = time.perf_counter()
+    shape = TINY_SHAPE if args.tiny else FULL_SHAPE
+    tok_texts = spread_sample(corpus.train, args.tokenizer_max_bytes)
+    tokenizer = train_tokenizer(tok_texts, shape.vocab, args.seq_len)
+    phases["tokenizer_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    train_stream = encode_stream(tokenizer, corpus.train)
+    val_stream = encode_stream(tokenizer, corpus.validation)
+    phases["encode_s"] = time.perf_counter() - t
+    log(
+        f"tokens: {len(train_stream):,} train, {len(val_stream):,} validation "
+        f"({phases['tokenizer_s']:.1f}s tokenizer, {phases['encode_s']:.1f}s encode)"
+    )
+
+    model = build_model(shape, tokenizer, args.seq_len).to(device)
+    params = n_params(model)
+    log(f"model: {params:,} parameters on {device}")
+    batches = BatchMaker(train_stream, tokenizer, args, device)
+    args.time_budget_s = training_budget(args, t_start)
+    stats = train(model, batches, args, device)
+    phases["train_s"] = stats["train_wall_s"]
+
+    t = time.perf_counter()
+    model_bytes = save(model.cpu(), tokenizer, args.out, heldout)
+    del model, batches
+    metrics = evaluate(args.out, val_stream, args, device)
+    phases["eval_and_save_s"] = time.perf_counter() - t
+
+    report = {
+        **stats,
+        **metrics,
+        "parameters": params,
+        "model_file_bytes": model_bytes,
+        "model_file_mb": round(model_bytes / 2**20, 2),
+        "model_shape": asdict(shape),
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "needle_share": args.needle_share,
+        "needle_boost_share": args.needle_boost_share,
+        "needle_boost_frac": args.needle_boost_frac,
+        "answer_loss_weight": args.answer_loss_weight,
+        "peak_lr": args.lr,
+        "time_budget_s": args.time_budget_s,
+        "wall_budget_s": args.wall_budget_s,
+        "max_steps": args.steps,
+        "seed": args.seed,
+        "tiny": args.tiny,
+        "corpus": {
+            "include_site_packages": args.include_site_packages,
+            "max_bytes": args.corpus_max_bytes,
+            "files": len(corpus.files),
+            "bytes": corpus.n_bytes,
+            "train_tokens": int(len(train_stream)),
+            "validation_tokens": int(len(val_stream)),
+            "fingerprint": corpus.fingerprint(),
+            "epochs_seen": round(stats["tokens_seen"] / max(len(train_stream), 1), 3),
+        },
+        "phases_s": {k: round(v, 2) for k, v in phases.items()},
+        "wall_time_s": round(time.perf_counter() - t_start, 2),
+        **environment(device),
+        "command_line": shlex.join(
+            [sys.executable, *(sys.argv if argv is None else [sys.argv[0], *argv])]
+        ),
+    }
+    (args.out / reference.REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", "utf-8")
+    log(
+        f"wrote {args.out} ({report['model_file_mb']} MB weights) in {report['wall_time_s']}s: "
+        f"val ppl {metrics['val_perplexity']}, needle mean {metrics['needle_accuracy_mean']}"
+    )
+    return report
+
+
+if __name__ == "__main__":
+    main()
