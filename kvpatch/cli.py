@@ -1,0 +1,126 @@
+"""The `kvpatch` command line. Exit codes: 0 ok, 1 a check failed, 2 bad input (config, model)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .config import bundled_configs, load_config
+from .errors import KVPatchError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _cmd_configs(args: argparse.Namespace) -> int:
+    for name, path in bundled_configs().items():
+        print(f"{name:<16} {load_config(path).description}")
+    return EXIT_OK
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    status = EXIT_OK
+    for source in args.configs:
+        try:
+            config = load_config(source)
+            print(f"ok      {source}: {config.name} ({len(config.stages)} stages, lossless={config.fidelity.lossless})")
+        except KVPatchError as err:
+            print(f"INVALID {err}", file=sys.stderr)
+            status = EXIT_BAD_INPUT
+    return status
+
+
+def load_model(name: str, device: str | None = None):  # noqa: ANN201 - (model, tokenizer)
+    """`kvpatch-ref` (shipped), `tiny-llama` (random, for smoke tests) or a local HF model dir."""
+    if name == "tiny-llama":
+        from .testing import tiny_model, tiny_tokenizer
+
+        return tiny_model("llama"), tiny_tokenizer()
+    from . import models
+
+    if name in models.available():
+        return models.load(name, device=device)
+    if Path(name).is_dir():
+        return models.load(name, device=device)
+    raise KVPatchError(f"unknown model {name!r}: expected one of {models.available() + ['tiny-llama']} or a local model directory")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .runner import compare_configs, format_table
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(args.model, args.device)
+    device = next(model.parameters()).device
+    input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
+    configs = args.config or ["default", "compiled"]
+    for source in configs:
+        load_config(source)  # fail fast on a bad config, before any timing
+    print(f"model {args.model} on {device}, prompt {input_ids.shape[1]} tokens, {args.max_new_tokens} new tokens")
+    rows = compare_configs(model, input_ids, configs, args.max_new_tokens)
+    print(format_table(rows))
+    print(f"\ncontinuation (default): {tokenizer.decode(rows[1].tokens if len(rows) > 1 else rows[0].tokens)!r}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=2))
+    lossless_mismatch = [r.config for r, c in zip(rows[1:], configs) if load_config(c).fidelity.lossless and r.token_agreement < 1.0]
+    if lossless_mismatch:
+        print(f"lossless configs that changed the output: {', '.join(lossless_mismatch)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+DEFAULT_PROMPT = (
+    "import os\nimport sys\n\n\ndef read_config(path):\n    \"\"\"Read a configuration file and return a dict.\"\"\"\n"
+    "    result = {}\n    with open(path) as f:\n        for line in f:\n"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvpatch", description="KV-cache pipelines for HuggingFace causal LMs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("configs", help="list bundled configs with their descriptions").set_defaults(func=_cmd_configs)
+
+    validate = commands.add_parser("validate", help="validate config files or bundled names")
+    validate.add_argument("configs", nargs="+", metavar="CONFIG")
+    validate.set_defaults(func=_cmd_validate)
+
+    run = commands.add_parser("run", help="generate with the unpatched model and each config; print a comparison table")
+    run.add_argument("--model", default="kvpatch-ref", help="kvpatch-ref (default, shipped), tiny-llama, or a model dir")
+    run.add_argument("--config", action="append", help="config path or bundled name (repeatable; default: default, compiled)")
+    run.add_argument("--prompt", default=DEFAULT_PROMPT)
+    run.add_argument("--max-new-tokens", type=int, default=48)
+    run.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    run.add_argument("--json", help="also write the rows as JSON here")
+    run.set_defaults(func=_cmd_run)
+
+    _add_eval(commands)
+    return parser
+
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    """`kvpatch eval`: the fidelity harness (kvpatch.eval)."""
+    try:
+        from .eval.harness import add_eval_arguments, run_eval_cli
+    except ImportError:
+        return
+    evaluate = commands.add_parser("eval", help="fidelity harness: a config vs the unpatched model")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=run_eval_cli)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KVPatchError as err:
+        print(f"kvpatch: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
