@@ -11,6 +11,8 @@ from .families import supported_families
 from .patch import KVPatchCache, PatchHandle, apply, get_handle, unpatch
 from .registry import Stage, StageParams, available_stages, register_stage
 
+from . import models  # noqa: E402  (kvpatch.models.load("kvpatch-ref") after a plain `import kvpatch`)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "bundled_configs",
     "get_handle",
     "load_config",
+    "models",
     "register_stage",
     "supported_families",
     "unpatch",
