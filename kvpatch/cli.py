@@ -32,28 +32,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return status
 
 
-def load_model(name: str, device: str | None = None):  # noqa: ANN201 - (model, tokenizer)
-    """`kvpatch-ref` (shipped), `tiny-llama` (random, for smoke tests) or a local HF model dir."""
-    if name == "tiny-llama":
-        from .testing import tiny_model, tiny_tokenizer
-
-        return tiny_model("llama"), tiny_tokenizer()
-    from . import models
-
-    if name in models.available():
-        return models.load(name, device=device)
-    if Path(name).is_dir():
-        return models.load(name, device=device)
-    raise KVPatchError(f"unknown model {name!r}: expected one of {models.available() + ['tiny-llama']} or a local model directory")
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     from .runner import compare_configs, format_table
 
     torch.manual_seed(0)
-    model, tokenizer = load_model(args.model, args.device)
+    from .models import load_named
+
+    model, tokenizer = load_named(args.model, args.device)
     device = next(model.parameters()).device
     input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
     configs = args.config or ["default", "compiled"]

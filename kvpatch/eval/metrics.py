@@ -1,0 +1,99 @@
+"""Numeric building blocks of the fidelity harness, each usable on its own.
+
+Kept free of any patching logic: every function takes tensors or a model and returns numbers,
+so the harness can run the same code on the unpatched and the patched model and compare.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from ..memory import storage_bytes_by_device
+
+
+def window_spans(n_tokens: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """(begin, end, n_scored) of each sliding window over `n_tokens` ids.
+
+    Windows advance by `stride`; only the last `n_scored` targets of a window are scored, so
+    with `stride < window` every token after the first is predicted exactly once and (after the
+    first window) with at least `window - stride` tokens of context. `stride == window` is the
+    non-overlapping protocol of `kvpatch.models.perplexity`: each window's first token has no
+    context and goes unscored.
+    """
+    if window < 2 or not 0 < stride <= window:
+        raise ValueError(f"need window >= 2 and 0 < stride <= window, got window={window}, stride={stride}")
+    scored_until = 0
+    for begin in range(0, max(n_tokens - 1, 1), stride):
+        end = min(begin + window, n_tokens)
+        n_scored = end - max(scored_until, begin + 1)
+        if n_scored > 0:
+            yield begin, end, n_scored
+            scored_until = end
+        if end == n_tokens:
+            return
+
+
+@torch.no_grad()
+def sliding_window_nll(
+    model: Any,
+    ids: torch.Tensor,
+    window: int,
+    stride: int,
+    on_window: Callable[[], None] | None = None,
+) -> tuple[float, int]:
+    """Summed next-token NLL and number of scored tokens over sliding windows of a 1-D id stream.
+
+    `use_cache=True` makes a patched model write and read its cache during each prefill, so a
+    storage stage that corrupts K/V shows up here too.
+    """
+    device = next(model.parameters()).device
+    ids = ids.flatten().to(device)
+    total_nll, total_count = 0.0, 0
+    for begin, end, n_scored in window_spans(ids.numel(), window, stride):
+        chunk = ids[begin:end][None]
+        logits = model(input_ids=chunk, use_cache=True).logits[0, -n_scored - 1 : -1].float()
+        targets = chunk[0, -n_scored:]
+        total_nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        total_count += n_scored
+        if on_window is not None:
+            on_window()
+    return total_nll, total_count
+
+
+def perplexity_from_nll(total_nll: float, count: int) -> float:
+    if count == 0:
+        raise ValueError("no tokens were scored")
+    return math.exp(total_nll / count)
+
+
+def row_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity per leading row, in float64 so near-1 values are not rounding noise.
+
+    Two all-zero rows count as identical (1.0) rather than NaN.
+    """
+    a64 = a.reshape(a.shape[0], -1).double()
+    b64 = b.reshape(b.shape[0], -1).double()
+    cos = torch.nn.functional.cosine_similarity(a64, b64, dim=-1, eps=1e-300)
+    both_zero = (a64.abs().amax(dim=-1) == 0) & (b64.abs().amax(dim=-1) == 0)
+    return torch.where(both_zero, torch.ones_like(cos), cos)
+
+
+def logit_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-step logit cosine and top-1 match of two [steps, vocab] logit tensors."""
+    if reference.shape != candidate.shape:
+        raise ValueError(f"logit shapes differ: {tuple(reference.shape)} vs {tuple(candidate.shape)}")
+    cosine = row_cosine(reference, candidate)
+    top1 = reference.argmax(dim=-1) == candidate.argmax(dim=-1)
+    return cosine, top1
+
+
+def dynamic_cache_bytes(cache: Any) -> int:
+    """Resident K/V bytes of a transformers cache (each distinct storage once), e.g. the
+    DynamicCache an unpatched model returns: the baseline kvpatch's own count is compared with."""
+    layers = getattr(cache, "layers", None) or []
+    tensors = (t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None)))
+    return sum(storage_bytes_by_device(t for t in tensors if isinstance(t, torch.Tensor)).values())

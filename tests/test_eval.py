@@ -1,0 +1,162 @@
+"""The fidelity harness: its numbers match independent computations, a lossless config scores as
+lossless, and a deliberately broken cache is caught."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicLayer
+
+import kvpatch
+from kvpatch.eval import EvalResult, EvalSettings, evaluate, plot_fidelity_vs_memory
+from kvpatch.eval.harness import add_eval_arguments, attention_modules, run_eval_cli
+from kvpatch.eval.metrics import window_spans
+from kvpatch.testing import tiny_model, tiny_tokenizer
+
+QUICK = EvalSettings.quick()
+
+
+class _ZeroValueLayer(DynamicLayer):
+    """Stores zeros instead of the values: attention over the cache returns garbage."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return super().update(key_states, torch.zeros_like(value_states), *args, **kwargs)
+
+
+@kvpatch.register_stage("storage", "_test_broken")
+class _BrokenStorage(kvpatch.Stage):
+    """Test-only lossy storage that the harness must flag."""
+
+    lossless = False
+
+    def make_layer(self, layout) -> DynamicLayer:
+        return _ZeroValueLayer()
+
+
+BROKEN = {
+    "name": "broken",
+    "fidelity": {"lossless": False, "min_logit_cosine": 0.99},
+    "stages": [{"kind": "storage", "impl": "_test_broken"}],
+}
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[torch.nn.Module, object]:
+    return kvpatch.models.load("kvpatch-ref")
+
+
+@pytest.fixture(scope="module")
+def default_result(reference) -> EvalResult:
+    model, tokenizer = reference
+    return evaluate(model, tokenizer, "default", settings=QUICK)
+
+
+@pytest.fixture(scope="module")
+def broken_result(reference) -> EvalResult:
+    model, tokenizer = reference
+    return evaluate(model, tokenizer, BROKEN, settings=QUICK)
+
+
+def _plain_perplexity(model: torch.nn.Module, ids: list[int], window: int, stride: int) -> float:
+    """Sliding-window perplexity written out longhand: every token after the first is predicted
+    once, from the window that first reaches it, with log-softmax + gather and no cache."""
+    nll, count, done = 0.0, 0, 1  # ids[0] has no prediction
+    start = 0
+    while done < len(ids):
+        chunk = ids[start : start + window]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([chunk]), use_cache=False).logits[0].double(), -1)
+        for pos in range(max(done, start + 1), start + len(chunk)):
+            nll -= logp[pos - start - 1, ids[pos]].item()
+            count += 1
+        done = start + len(chunk)
+        start += stride
+    return math.exp(nll / count)
+
+
+def test_unpatched_perplexity_matches_plain_loop(reference, default_result: EvalResult) -> None:
+    model, tokenizer = reference
+    ids = kvpatch.data.needle.encode(tokenizer, kvpatch.models.reference.heldout_text())[: QUICK.ppl_max_tokens]
+    expected = _plain_perplexity(model, ids, QUICK.ppl_window, QUICK.ppl_stride)
+    assert default_result.ppl_unpatched == pytest.approx(expected, rel=1e-4)
+    assert 1.0 < expected < 50.0  # the trained model, not a random one
+
+
+def _targets(n: int, window: int, stride: int) -> list[int]:
+    return [t for begin, end, k in window_spans(n, window, stride) for t in range(end - k, end)]
+
+
+def test_window_spans_score_every_token_once() -> None:
+    for n, window, stride in [(10, 4, 2), (10, 4, 3), (1000, 256, 128), (5, 8, 3)]:
+        assert _targets(n, window, stride) == list(range(1, n))
+    # stride == window: non-overlapping windows, each window's first token unscored
+    assert _targets(11, 4, 4) == [1, 2, 3, 5, 6, 7, 9, 10]
+
+
+def test_default_config_is_lossless(default_result: EvalResult) -> None:
+    r = default_result
+    assert r.top1_agreement == 1.0
+    assert r.logit_cosine_min >= 0.99999
+    assert len(r.logit_cosine_per_step) == QUICK.decode_steps
+    assert r.attn_cosine_per_layer is not None and len(r.attn_cosine_per_layer) == 6
+    assert min(r.attn_cosine_per_layer) >= 0.99999
+    assert abs(r.ppl_ratio - 1.0) <= 1e-4
+    assert r.needle_patched == r.needle_unpatched and set(r.needle_patched) == {"256"}
+    assert r.kv_bytes_unpatched > 0 and r.kv_fraction == 1.0
+    assert r.check_bounds(kvpatch.load_config("default").fidelity) == []
+    assert json.loads(r.to_json())["config"] == "default"
+
+
+def test_broken_cache_is_detected(broken_result: EvalResult, default_result: EvalResult) -> None:
+    r = broken_result
+    assert r.logit_cosine_min < 0.99
+    assert r.top1_agreement < 0.9
+    assert r.attn_cosine_min is not None and r.attn_cosine_min < 0.9
+    assert r.ppl_ratio > 1.5
+    assert r.ppl_unpatched == pytest.approx(default_result.ppl_unpatched, rel=1e-6)  # model restored
+    violations = r.check_bounds(kvpatch.load_config(BROKEN).fidelity)
+    assert len(violations) == 1 and "min_logit_cosine" in violations[0]
+    strict = r.check_bounds(kvpatch.load_config("default").fidelity)
+    assert any("top1" in v for v in strict) and any("ppl ratio" in v for v in strict)
+
+
+def test_evaluate_restores_and_requires_unpatched_model(reference) -> None:
+    model, tokenizer = reference
+    assert kvpatch.get_handle(model) is None
+    kvpatch.apply(model, "default")
+    try:
+        with pytest.raises(kvpatch.PatchStateError):
+            evaluate(model, tokenizer, "default", settings=QUICK)
+    finally:
+        kvpatch.unpatch(model)
+
+
+def test_attention_capture_skipped_with_reason_for_other_layouts() -> None:
+    model = tiny_model("gpt2")
+    modules, reason = attention_modules(model)
+    assert modules is None and reason
+    text = kvpatch.models.reference.heldout_text()[:4000]
+    result = evaluate(model, tiny_tokenizer(), "default", settings=QUICK, text=text)
+    assert result.attn_cosine_per_layer is None and result.attn_skipped_reason == reason
+    assert result.violations() == []
+
+
+def test_cli_writes_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    args = parser.parse_args(["--model", "tiny-llama", "--config", "default", "--out", str(tmp_path)])
+    assert run_eval_cli(args) == 0
+    assert json.loads((tmp_path / "eval-default.json").read_text())["top1_agreement"] == 1.0
+    assert (tmp_path / "fidelity.png").read_bytes()[:4] == b"\x89PNG"
+    assert "default" in capsys.readouterr().out
+
+
+def test_plot_has_one_point_per_config(tmp_path: Path, default_result, broken_result) -> None:
+    path = tmp_path / "f.png"
+    plot_fidelity_vs_memory([default_result.to_dict(), broken_result.to_dict()], path)
+    assert path.stat().st_size > 1000
