@@ -145,7 +145,6 @@ def test_available_lists_only_complete_models():
         assert (models.model_dir(name) / "model.safetensors").is_file()
 
 
-@pytest.mark.skipif("kvpatch-ref" not in models.available(), reason="shipped model not trained yet")
 def test_shipped_reference_model_loads_and_has_report():
     model, tokenizer = models.load()
     assert model.config.model_type == "llama"
