@@ -14,8 +14,8 @@ import torch
 
 from .compat import cache_kwarg, output_cache
 from .config import ConfigSource, load_config
-from .memory import storage_bytes_by_device
 from .patch import apply, unpatch
+from .patch.cache import cache_kv_bytes
 
 
 @dataclass
@@ -60,11 +60,6 @@ def greedy_run(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: 
     return tokens, first_logits, prefill_s, time.perf_counter() - start, output_cache(out)
 
 
-def _cache_bytes(cache: Any) -> int:
-    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-    return sum(storage_bytes_by_device(tensors).values())
-
-
 def compare_configs(
     model: torch.nn.Module, input_ids: torch.Tensor, configs: list[ConfigSource], max_new_tokens: int, warmup: bool = True
 ) -> list[RunResult]:
@@ -72,7 +67,7 @@ def compare_configs(
     if warmup:
         greedy_run(model, input_ids[:, :8], 2)
     tokens, logits, prefill_s, decode_s, cache = greedy_run(model, input_ids, max_new_tokens)
-    baseline = RunResult("unpatched", prefill_s * 1e3, (max_new_tokens - 1) / decode_s, _cache_bytes(cache), tokens)
+    baseline = RunResult("unpatched", prefill_s * 1e3, (max_new_tokens - 1) / decode_s, sum(cache_kv_bytes(cache).values()), tokens)
     rows = [baseline]
     for source in configs:
         config = load_config(source)

@@ -40,28 +40,19 @@ def _config(model_type: str, **kwargs: Any) -> PretrainedConfig:
     return AutoConfig.for_model(model_type, **kwargs)
 
 
+#: Qwen's opt-in sliding window on the second of two layers (a full and a windowed layer).
+_QWEN_HYBRID_WINDOW: dict[str, Any] = dict(
+    use_sliding_window=True,
+    sliding_window=WINDOW,
+    max_window_layers=1,
+    layer_types=["full_attention", "sliding_attention"],
+)
+
 TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "llama": lambda: _config("llama", **_common()),
     "mistral": lambda: _config("mistral", **_common(sliding_window=WINDOW)),
-    "qwen2": lambda: _config(
-        "qwen2",
-        **_common(
-            use_sliding_window=True,
-            sliding_window=WINDOW,
-            max_window_layers=1,
-            layer_types=["full_attention", "sliding_attention"],
-        ),
-    ),
-    "qwen3": lambda: _config(
-        "qwen3",
-        **_common(
-            head_dim=16,
-            use_sliding_window=True,
-            sliding_window=WINDOW,
-            max_window_layers=1,
-            layer_types=["full_attention", "sliding_attention"],
-        ),
-    ),
+    "qwen2": lambda: _config("qwen2", **_common(**_QWEN_HYBRID_WINDOW)),
+    "qwen3": lambda: _config("qwen3", **_common(head_dim=16, **_QWEN_HYBRID_WINDOW)),
     "gpt2": lambda: _config(
         "gpt2",
         vocab_size=VOCAB,

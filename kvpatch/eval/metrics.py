@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..memory import storage_bytes_by_device
+from ..patch.cache import cache_kv_bytes
 
 
 def window_spans(n_tokens: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
@@ -94,6 +94,4 @@ def logit_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> tuple[t
 def dynamic_cache_bytes(cache: Any) -> int:
     """Resident K/V bytes of a transformers cache (each distinct storage once), e.g. the
     DynamicCache an unpatched model returns: the baseline kvpatch's own count is compared with."""
-    layers = getattr(cache, "layers", None) or []
-    tensors = (t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None)))
-    return sum(storage_bytes_by_device(t for t in tensors if isinstance(t, torch.Tensor)).values())
+    return sum(cache_kv_bytes(cache).values())

@@ -45,6 +45,12 @@ def layer_kv_tensors(layer: CacheLayerMixin) -> list[torch.Tensor | None]:
     return [layer.keys, layer.values]
 
 
+def cache_kv_bytes(cache: Cache) -> dict[str, int]:
+    """Resident K/V bytes per device of any transformers cache (kvpatch's or an unpatched
+    model's DynamicCache), each distinct storage counted once."""
+    return storage_bytes_by_device(t for layer in cache.layers for t in layer_kv_tensors(layer))
+
+
 class KVPatchCache(Cache):
     """A transformers Cache whose layers come from a kvpatch storage stage."""
 
@@ -53,7 +59,7 @@ class KVPatchCache(Cache):
 
     def kv_bytes(self) -> dict[str, int]:
         """Resident K/V bytes per device, all layers (distinct storages counted once)."""
-        return storage_bytes_by_device(t for layer in self.layers for t in layer_kv_tensors(layer))
+        return cache_kv_bytes(self)
 
     def batch_size(self) -> int:
         for layer in self.layers:
