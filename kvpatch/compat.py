@@ -22,3 +22,9 @@ def output_cache(output: Any) -> Any:
     """The cache a model forward returned, under either field name."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def query_length(arg: Any) -> int:
+    """The query length from a cache layer's `get_mask_sizes` argument: an int on transformers
+    5.2x, the `cache_position` tensor on earlier 5.x."""
+    return int(arg.shape[0]) if isinstance(arg, torch.Tensor) else int(arg)

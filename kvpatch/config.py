@@ -96,6 +96,11 @@ class PipelineConfig(_Strict):
         storage = [s for s in self.stages if s.kind == "storage"]
         if len(storage) > 1:
             raise ValueError(f"at most one storage stage is allowed, found {len(storage)}")
+        kinds = {s.kind for s in self.stages}
+        for s in self.stages:
+            missing = [kind for kind in s.stage_class().requires if kind not in kinds]
+            if missing:
+                raise ValueError(f"stage {s.kind}/{s.impl} needs a {' and a '.join(missing)} stage in the same config")
         lossy = [f"{s.kind}/{s.impl}" for s in self.stages if not s.stage_class().lossless]
         if self.fidelity.lossless and lossy:
             raise ValueError(

@@ -27,6 +27,8 @@ class Pipeline:
         self.stages: list[Stage] = [stage.build() for stage in config.stages]
         storage = [s for s in self.stages if s.kind == "storage"]
         self.storage: StorageStage = storage[0] if storage else StageConfig(kind="storage", impl="dense").build()
+        for stage in self.stages:
+            stage.connect(self.stages)
 
     def new_cache(self, model_config: Any) -> KVPatchCache:
         """A fresh, empty cache for a model with `model_config`."""

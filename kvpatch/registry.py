@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Sequence
 from typing import Any, Callable, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict
@@ -46,10 +47,15 @@ class Stage:
     kind: ClassVar[str]
     name: ClassVar[str]
     lossless: ClassVar[bool] = True
+    #: Stage kinds this stage works with; a config that uses it without them is rejected.
+    requires: ClassVar[tuple[str, ...]] = ()
     Params: ClassVar[type[StageParams]] = StageParams
 
     def __init__(self, params: StageParams) -> None:
         self.params = params
+
+    def connect(self, stages: "Sequence[Stage]") -> None:
+        """Called once all of a pipeline's stages are built: find the ones named in `requires`."""
 
     def stats(self) -> dict[str, Any]:
         """Counters a user may want from `handle.stats()` (empty by default)."""

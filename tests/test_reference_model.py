@@ -225,7 +225,9 @@ class _Oracle(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, input_ids, use_cache=True, past_key_values=None):
-        step = 0 if past_key_values is None else past_key_values + 1
+        # The "cache" counts single-token calls: multi-token calls (context, then question) give
+        # the first answer token, each decode step the next.
+        step = 0 if past_key_values is None or input_ids.shape[1] > 1 else past_key_values + 1
         logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
         for row, ans in enumerate(self.answers):
             logits[row, -1, ans[step] if step < len(ans) else 0] = 1.0

@@ -20,8 +20,12 @@ def test_registered_stage_is_well_formed(kind: str, name: str) -> None:
     assert issubclass(cls, Stage) and cls.kind == kind and cls.name == name
     assert issubclass(cls.Params, StageParams)
     assert cls.__doc__, f"{kind}/{name} needs a docstring saying what it is for"
-    stage = kvpatch.load_config({"name": "t", "fidelity": {"lossless": cls.lossless, "min_logit_cosine": 0.0},
-                                 "stages": [{"kind": kind, "impl": name}]}).stages[0].build()
+    # Stages that work with others (storage/quantized needs a quantizer) get the first registered one.
+    helpers = [{"kind": k, "impl": kvpatch.available_stages()[k][0]} for k in cls.requires]
+    lossless = cls.lossless and all(get_stage_class(h["kind"], h["impl"]).lossless for h in helpers)
+    config = kvpatch.load_config({"name": "t", "fidelity": {"lossless": lossless, "min_logit_cosine": 0.0},
+                                  "stages": [*helpers, {"kind": kind, "impl": name}]})
+    stage = config.stages[-1].build()
     assert isinstance(stage, cls) and isinstance(stage.stats(), dict)
 
 
@@ -29,6 +33,12 @@ def test_registered_stage_is_well_formed(kind: str, name: str) -> None:
 def test_stage_params_reject_unknown_keys(kind: str, name: str) -> None:
     with pytest.raises(kvpatch.ConfigError, match="unknown key"):
         kvpatch.load_config({"name": "t", "stages": [{"kind": kind, "impl": name, "params": {"no_such_param": 1}}]})
+
+
+def test_missing_required_stage_is_named() -> None:
+    with pytest.raises(kvpatch.ConfigError, match="storage/quantized needs a quantizer stage"):
+        kvpatch.load_config({"name": "t", "fidelity": {"lossless": False},
+                             "stages": [{"kind": "storage", "impl": "quantized"}]})
 
 
 def test_register_rejects_unknown_kind_and_duplicates() -> None:

@@ -58,6 +58,7 @@ class NeedleExample:
     depth: float  # requested depth: fraction of the filler placed before the needle
     needle_index: int  # position in input_ids of the needle's first token
     needle_length: int
+    query_length: int  # the row's last `query_length` ids are the question
 
     @property
     def context_tokens(self) -> int:
@@ -183,6 +184,7 @@ def make_needle_example(
         depth=depth,
         needle_index=len(bos) + cut,
         needle_length=len(needle_ids),
+        query_length=len(query_ids),
     )
 
 
@@ -264,14 +266,22 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def greedy_continue(model: Any, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+def greedy_continue(model: Any, input_ids: torch.Tensor, max_new_tokens: int, query_tokens: int = 0) -> torch.Tensor:
     """Greedy continuation of equal-length rows with the model's KV cache; returns new ids.
 
+    With `query_tokens`, the context is prefilled first and the last `query_tokens` ids (the
+    question) go through the cache in a second forward, as a served request would: a cache
+    stage that compresses or evicts after prefill then answers from what it kept, rather
+    than from a prefill that still saw everything in full precision.
     Written as a plain forward loop (not `generate`) so that it behaves the same across
     transformers versions and under kvpatch's cache patches.
     """
     kwarg = cache_kwarg(model)
-    out = model(input_ids=input_ids, use_cache=True)
+    if 0 < query_tokens < input_ids.shape[1]:
+        context = model(input_ids=input_ids[:, :-query_tokens], use_cache=True)
+        out = model(input_ids=input_ids[:, -query_tokens:], use_cache=True, **{kwarg: output_cache(context)})
+    else:
+        out = model(input_ids=input_ids, use_cache=True)
     next_ids = out.logits[:, -1].argmax(dim=-1)
     produced = [next_ids]
     for _ in range(max_new_tokens - 1):
@@ -300,7 +310,7 @@ def needle_predictions(
     tokenizer: Any,
     examples: Sequence[NeedleExample],
     batch_size: int = 8,
-    generate: Callable[[Any, torch.Tensor, int], torch.Tensor] = greedy_continue,
+    generate: Callable[[Any, torch.Tensor, int, int], torch.Tensor] = greedy_continue,
 ) -> list[str]:
     """Decoded greedy continuations, one per example (examples of one length batch together)."""
     device = _model_device(model)
@@ -313,7 +323,8 @@ def needle_predictions(
             chunk = idxs[start : start + batch_size]
             ids = torch.tensor([examples[i].input_ids for i in chunk], device=device)
             max_new = max(len(examples[i].answer_ids) for i in chunk) + 2
-            new = generate(model, ids, max_new).tolist()
+            query = min(examples[i].query_length for i in chunk)
+            new = generate(model, ids, max_new, query).tolist()
             for i, row in zip(chunk, new, strict=True):
                 preds[i] = tokenizer.decode(row, skip_special_tokens=True)
     return [p or "" for p in preds]
@@ -324,7 +335,7 @@ def needle_accuracy(
     tokenizer: Any,
     examples: Sequence[NeedleExample],
     batch_size: int = 8,
-    generate: Callable[[Any, torch.Tensor, int], torch.Tensor] = greedy_continue,
+    generate: Callable[[Any, torch.Tensor, int, int], torch.Tensor] = greedy_continue,
 ) -> float:
     """Fraction of examples whose greedy answer digits are exactly right."""
     if not examples:

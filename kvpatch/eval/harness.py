@@ -49,6 +49,9 @@ class EvalSettings:
     ppl_window: int = 1024
     ppl_stride: int = 512
     ppl_max_tokens: int | None = None  # None: the whole held-out text
+    #: Scored tokens go through the cache this many at a time (see `sliding_window_nll`);
+    #: None scores each window with one forward.
+    ppl_chunk: int | None = 64
     needle_lengths: tuple[int, ...] = (256, 512, 1024, 2048)
     needle_depths: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
     needle_per_cell: int = 20
@@ -62,13 +65,14 @@ class EvalSettings:
     def quick(cls) -> "EvalSettings":
         """Seconds on a small CPU with the reference model: enough to catch a broken cache."""
         return cls(
-            ppl_window=256,
-            ppl_stride=128,
-            ppl_max_tokens=1024,
-            needle_lengths=(256,),
+            ppl_window=512,
+            ppl_stride=256,
+            ppl_max_tokens=1536,
+            ppl_chunk=32,
+            needle_lengths=(512,),
             needle_depths=(0.25, 0.75),
             needle_per_cell=4,
-            decode_prompt_tokens=128,
+            decode_prompt_tokens=384,
             decode_steps=16,
         )
 
@@ -248,7 +252,8 @@ def _measure_side(
     prompt, continuation = (t.to(device) for t in _decode_ids(ids, settings))
     total = n_windows + 1 + settings.decode_steps - 1
     with tqdm(total=total, desc=desc, disable=not settings.progress, leave=False) as bar:
-        nll, count = sliding_window_nll(model, ppl_ids, settings.ppl_window, settings.ppl_stride, lambda: bar.update(1))
+        nll, count = sliding_window_nll(model, ppl_ids, settings.ppl_window, settings.ppl_stride, lambda: bar.update(1),
+                                        chunk=settings.ppl_chunk)
         bar.set_postfix_str("needle")
         needle = needle_grid(model, tokenizer, ids.tolist(), settings.needle_lengths, settings.needle_depths,
                              settings.needle_per_cell, seed=settings.seed, batch_size=settings.needle_batch_size)

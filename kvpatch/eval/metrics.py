@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..compat import cache_kwarg, output_cache
 from ..patch.cache import cache_kv_bytes
 
 
@@ -44,24 +45,44 @@ def sliding_window_nll(
     window: int,
     stride: int,
     on_window: Callable[[], None] | None = None,
+    chunk: int | None = None,
 ) -> tuple[float, int]:
     """Summed next-token NLL and number of scored tokens over sliding windows of a 1-D id stream.
 
-    `use_cache=True` makes a patched model write and read its cache during each prefill, so a
-    storage stage that corrupts K/V shows up here too.
+    With `chunk=None` each window is one forward. With `chunk=C`, each window's unscored context
+    is prefilled and its scored tokens are fed through the cache C at a time (chunked prefill):
+    then every scored token is predicted from the cache as the storage stage keeps it
+    (quantized, evicted), which a single forward would hide, since a prefill attends to its own
+    tokens in full precision.
     """
     device = next(model.parameters()).device
     ids = ids.flatten().to(device)
     total_nll, total_count = 0.0, 0
     for begin, end, n_scored in window_spans(ids.numel(), window, stride):
-        chunk = ids[begin:end][None]
-        logits = model(input_ids=chunk, use_cache=True).logits[0, -n_scored - 1 : -1].float()
-        targets = chunk[0, -n_scored:]
+        window_ids = ids[begin:end][None]
+        if chunk is None:
+            logits = model(input_ids=window_ids, use_cache=True).logits[0, -n_scored - 1 : -1].float()
+        else:
+            logits = _chunked_logits(model, window_ids, window_ids.shape[1] - n_scored, chunk)
+        targets = window_ids[0, -n_scored:]
         total_nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         total_count += n_scored
         if on_window is not None:
             on_window()
     return total_nll, total_count
+
+
+def _chunked_logits(model: Any, window_ids: torch.Tensor, context: int, chunk: int) -> torch.Tensor:
+    """Logits predicting `window_ids[0, context:]`: prefill `[:context]`, then feed the rest
+    (all but the last id) through the cache `chunk` ids at a time."""
+    kwarg = cache_kwarg(model)
+    out = model(input_ids=window_ids[:, :context], use_cache=True)
+    logits = [out.logits[0, -1:].float()]
+    for start in range(context, window_ids.shape[1] - 1, chunk):
+        stop = min(start + chunk, window_ids.shape[1] - 1)
+        out = model(input_ids=window_ids[:, start:stop], use_cache=True, **{kwarg: output_cache(out)})
+        logits.append(out.logits[0].float())
+    return torch.cat(logits)
 
 
 def perplexity_from_nll(total_nll: float, count: int) -> float:

@@ -1,0 +1,48 @@
+"""`QuantizerStage`: what every quantizer stage implements, and what it gets for free.
+
+A quantizer turns K or V `[batch, heads, tokens, head_dim]` into `Codes` and back. Keys and values
+may be encoded differently (KIVI quantizes keys per channel and values per token), so every call
+names its `role`. Random access (`decode_tokens`) is generic: decode the blocks that hold the
+requested tokens and pick them out, so a quantizer only writes `encode` and `decode`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+
+from ..registry import Stage
+from .codes import Codes
+
+Role = Literal["key", "value"]
+
+
+class QuantizerStage(Stage):
+    lossless: ClassVar[bool] = False
+
+    def block_tokens(self, role: Role) -> int:
+        """Tokens that must be encoded together (encode lengths are multiples of it)."""
+        return 1
+
+    def encode(self, x: torch.Tensor, role: Role) -> Codes:
+        raise NotImplementedError
+
+    def decode(self, codes: Codes, role: Role, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode_tokens(self, codes: Codes, role: Role, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Decode only the tokens at positions `tokens` (1-D), `[batch, heads, len(tokens), dim]`."""
+        block = codes.block_tokens
+        tokens = tokens.to(torch.long)
+        decoded = self.decode(codes.select_blocks(tokens // block), role, dtype)
+        within = torch.arange(tokens.numel(), device=decoded.device) * block + (tokens.to(decoded.device) % block)
+        return decoded.index_select(2, within)
+
+    def _check_input(self, x: torch.Tensor, role: Role) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"{self.name}: expected K/V of shape [batch, heads, tokens, head_dim], got {tuple(x.shape)}")
+        if x.shape[2] % self.block_tokens(role):
+            raise ValueError(
+                f"{self.name}: {role} tokens ({x.shape[2]}) must be a multiple of {self.block_tokens(role)}"
+            )
