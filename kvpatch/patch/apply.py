@@ -128,7 +128,7 @@ def _probe(model: torch.nn.Module) -> list[torch.nn.Module]:
     with probe_attention_calls() as log, torch.no_grad():
         model(input_ids=input_ids, use_cache=False)
     expected = config.num_hidden_layers
-    unique = list({id(m): m for m in log.modules}.values())
+    unique = list({id(m): m for m in log}.values())
     if len(unique) != expected:
         raise UnsupportedModelError(
             f"the kvpatch patch did not take effect on {type(model).__name__} "

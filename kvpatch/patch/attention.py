@@ -9,7 +9,7 @@ sliding windows are silently lost.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,25 +27,28 @@ KERNEL_ATTR = "_kvpatch_kernel"
 _UNSUPPORTED_KWARGS = ("s_aux", "sinks")
 
 
-class _ProbeLog:
-    """Attention modules seen while probing a model, to prove the patch took effect."""
-
-    def __init__(self) -> None:
-        self.modules: list[torch.nn.Module] = []
-
-
-_active_probe: _ProbeLog | None = None
+#: Called as fn(module, query, key, value, scaling) on every kvpatch attention call while
+#: registered (probes, K/V capture for benchmarks, attention scorers).
+AttentionObserver = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
+_observers: list[AttentionObserver] = []
 
 
 @contextmanager
-def probe_attention_calls() -> Iterator[_ProbeLog]:
-    """Record every module that calls kvpatch's attention inside the block."""
-    global _active_probe
-    log = _active_probe = _ProbeLog()
+def observe_attention(observer: AttentionObserver) -> Iterator[None]:
+    """Call `observer` on every kvpatch attention call inside the block."""
+    _observers.append(observer)
     try:
-        yield log
+        yield
     finally:
-        _active_probe = None
+        _observers.remove(observer)
+
+
+@contextmanager
+def probe_attention_calls() -> Iterator[list[torch.nn.Module]]:
+    """Record every module that calls kvpatch's attention inside the block."""
+    modules: list[torch.nn.Module] = []
+    with observe_attention(lambda module, *_: modules.append(module)):
+        yield modules
 
 
 def kvpatch_attention(
@@ -65,10 +68,10 @@ def kvpatch_attention(
             raise UnsupportedModelError(
                 f"{type(module).__name__} passes `{name}` to attention, which kvpatch does not implement"
             )
-    if _active_probe is not None:
-        _active_probe.modules.append(module)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    for observer in _observers:
+        observer(module, query, key, value, scaling)
     if attention_mask is not None:
         attention_mask = attention_mask[..., : key.shape[-2]]
     dropout = dropout if module.training else 0.0
