@@ -1,0 +1,86 @@
+"""Index stages: map chunk keys to store slots. `index/fibonacci` is the open-addressing
+`HashIndex`; `index/dict` is a plain Python dict, the baseline it is measured against. Both
+implement `ChunkIndex`, so the chunk store takes whichever a config names."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Protocol, Union
+
+from pydantic import Field
+
+from ..hashing.index import HashIndex, IndexConfig, PowerOfTwo
+from ..registry import Stage, StageParams, register_stage
+
+ChunkKey = Union[int, bytes]
+
+
+class ChunkIndex(Protocol):
+    """What the chunk store needs from an index stage."""
+
+    def put(self, key: ChunkKey, slot: int) -> None: ...
+    def get(self, key: ChunkKey) -> Optional[int]: ...
+    def delete(self, key: ChunkKey) -> bool: ...
+    def __len__(self) -> int: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
+@register_stage("index", "fibonacci")
+class FibonacciIndex(Stage):
+    """Fibonacci-hashed open-addressing index with probe and hit-rate statistics."""
+
+    class Params(StageParams):
+        initial_capacity: PowerOfTwo = 1024
+        max_load_factor: float = Field(default=0.75, gt=0.0, lt=1.0)
+
+    params: Params
+
+    def __init__(self, params: Params) -> None:
+        super().__init__(params)
+        self.index = HashIndex(IndexConfig(initial_capacity=params.initial_capacity,
+                                           max_load_factor=params.max_load_factor, hash="fibonacci"))
+
+    def put(self, key: ChunkKey, slot: int) -> None:
+        self.index.put(key, slot)
+
+    def get(self, key: ChunkKey) -> Optional[int]:
+        return self.index.get(key)
+
+    def delete(self, key: ChunkKey) -> bool:
+        return self.index.delete(key)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def stats(self) -> dict[str, Any]:
+        return self.index.stats()
+
+
+@register_stage("index", "dict")
+class DictIndex(Stage):
+    """A Python dict: the baseline (CPython's dict is fast for scalar lookups)."""
+
+    params: StageParams
+
+    def __init__(self, params: StageParams) -> None:
+        super().__init__(params)
+        self._slots: dict[ChunkKey, int] = {}
+        self.lookups = self.hits = 0
+
+    def put(self, key: ChunkKey, slot: int) -> None:
+        self._slots[key] = slot
+
+    def get(self, key: ChunkKey) -> Optional[int]:
+        self.lookups += 1
+        slot = self._slots.get(key)
+        self.hits += slot is not None
+        return slot
+
+    def delete(self, key: ChunkKey) -> bool:
+        return self._slots.pop(key, None) is not None
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def stats(self) -> dict[str, Any]:
+        return {"size": len(self._slots), "lookups": self.lookups, "hits": self.hits,
+                "hit_rate": self.hits / self.lookups if self.lookups else None}
