@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     _add_eval(commands)
+    _add_snapshot(commands)
     return parser
 
 
@@ -97,6 +98,16 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("eval", help="fidelity harness: a config vs the unpatched model")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=run_eval_cli)
+
+
+def _add_snapshot(commands: argparse._SubParsersAction) -> None:
+    """`kvpatch snapshot inspect|verify|gc|export` (kvpatch.snapshot)."""
+    from .snapshot.cli import add_snapshot_commands
+
+    add_snapshot_commands(commands.add_parser(
+        "snapshot", help="inspect, verify, garbage-collect or export cache snapshots",
+        description="Cache snapshot files (docs/snapshot-format.md). Exit codes: 0 ok, 1 verification "
+                    "failed or refused, 2 usage error."))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,3 +22,23 @@ class UnsupportedModelError(KVPatchError, TypeError):
 
 class PatchStateError(KVPatchError, RuntimeError):
     """apply/unpatch called in the wrong state (already patched, not patched)."""
+
+
+class SnapshotError(KVPatchError):
+    """A cache snapshot cannot be written, read or used; the message names the path and field."""
+
+
+class SnapshotCorruptError(SnapshotError):
+    """The snapshot file is damaged: truncated, not safetensors, or a checksum or schema fails."""
+
+
+class SnapshotMismatchError(SnapshotError):
+    """An intact snapshot that does not fit: another format version, model, config or shape.
+
+    `field` is the metadata field that differs; `expected` is what this process needs, `found`
+    what the snapshot holds."""
+
+    def __init__(self, path: object, field: str, expected: object, found: object, hint: str = "") -> None:
+        self.field, self.expected, self.found = field, expected, found
+        detail = f"; {hint}" if hint else ""
+        super().__init__(f"snapshot {path}: {field} mismatch: expected {expected!r}, found {found!r}{detail}")

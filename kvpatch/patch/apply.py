@@ -110,6 +110,26 @@ class PatchHandle:
     def __repr__(self) -> str:
         return f"PatchHandle(config={self.config.name!r}, family={self.family.family!r})"
 
+    def export_snapshot(self, path: Any, cache: KVPatchCache | None = None, *, token_ids: Any = None,
+                        tokenizer: Any = None) -> Any:
+        """Write `cache` (default: the last cache) to a snapshot file, atomically; returns its path.
+        Pass the cached `token_ids` to continue with `generate` after import (kvpatch.snapshot)."""
+        from ..snapshot import export_snapshot
+
+        cache = cache if cache is not None else self._last_cache
+        if cache is None:
+            raise PatchStateError("no cache to export: run the model first or pass cache=")
+        return export_snapshot(path, cache, self.model, self.pipeline, token_ids=token_ids, tokenizer=tokenizer)
+
+    def import_snapshot(self, path: Any, *, tokenizer: Any = None) -> KVPatchCache:
+        """A new cache holding a snapshot's K/V, after checking it fits this model and config
+        (SnapshotError otherwise); pass it as the cache argument to continue generation."""
+        from ..snapshot import load_snapshot
+
+        self._last_cache = None  # drop the previous request's K/V before loading new ones
+        self._last_cache = load_snapshot(path, self.model, self.pipeline, tokenizer=tokenizer)
+        return self._last_cache
+
 
 def _is_fresh_default_cache(cache: Any) -> bool:
     """An empty DynamicCache that `generate` made by default (not one a user passed in)."""

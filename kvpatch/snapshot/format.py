@@ -1,0 +1,149 @@
+"""The snapshot metadata schema (format_version 1) and its encoding in the safetensors header.
+
+The metadata is one canonical JSON document stored under `METADATA_KEY` in the safetensors
+`__metadata__`, next to its SHA-256 under `METADATA_SHA_KEY`: the tensors are covered by
+`content_sha256`, the JSON by its own hash, so no byte of a snapshot can change unnoticed.
+`LayerRecord` describes one cache layer on its own, so that chunk records can reuse it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError
+
+from ..errors import SnapshotCorruptError, SnapshotMismatchError
+
+FORMAT_VERSION = 1
+METADATA_KEY = "kvpatch.snapshot"
+METADATA_SHA_KEY = "kvpatch.snapshot.sha256"
+
+LayerKind = Literal["dense", "sliding", "quantized"]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorRecord(_Record):
+    dtype: str
+    shape: list[NonNegativeInt]
+
+
+class CodesRecord(_Record):
+    """How to rebuild a `kvpatch.quant.Codes` from its tensors."""
+
+    block_tokens: int = Field(ge=1)
+    dim: int = Field(ge=1)
+    names: list[str]
+
+
+class LayerRecord(_Record):
+    """One cache layer: its kind, token counts, and its tensors (stored as `layers.{i}.{name}`).
+
+    Dense and sliding layers hold `keys`/`values`; quantized layers hold the full-precision
+    residual in `keys`/`values`, attention sinks in `sink.keys`/`sink.values` and codes in
+    `codes.key.{name}`/`codes.value.{name}`. A layer that never saw a token has no tensors."""
+
+    kind: LayerKind
+    sliding_window: int | None = None
+    #: Tokens the layer has seen (`get_seq_length()`): for sliding layers more than it holds.
+    seq_length: int = Field(ge=0)
+    sink_tokens: int = Field(default=0, ge=0)
+    quantized_tokens: int = Field(default=0, ge=0)
+    residual_tokens: int = Field(ge=0)
+    key_codes: CodesRecord | None = None
+    value_codes: CodesRecord | None = None
+    tensors: dict[str, TensorRecord]
+
+
+class ModelFingerprint(_Record):
+    model_type: str
+    dtype: str
+    #: SHA-256 of the text config without volatile keys (see `fingerprint.architecture_digest`).
+    architecture: str
+    #: SHA-256 of every parameter's name, shape, dtype and bytes.
+    weights: str
+
+
+class PipelineFingerprint(_Record):
+    name: str
+    digest: str
+
+
+class SnapshotMetadata(_Record):
+    format_version: Literal[1]
+    #: What the file holds: the cache of one request. Chunk records will add their own kind.
+    kind: Literal["request"] = "request"
+    kvpatch_version: str
+    created: str
+    model: ModelFingerprint
+    pipeline: PipelineFingerprint
+    tokenizer: str | None = None
+    batch_size: int = Field(ge=0)
+    token_count: int = Field(ge=0)
+    #: The cached sequence's token ids `[batch][token]`, when the exporter knew them.
+    token_ids: list[list[int]] | None = None
+    layers: list[LayerRecord]
+    #: Stage state (e.g. calibrated codebooks) by "kind/impl", stored as `{kind}.{name}`.
+    stage_state: dict[str, dict[str, TensorRecord]] = Field(default_factory=dict)
+    content_sha256: str
+
+    def tensor_records(self) -> dict[str, TensorRecord]:
+        """Every tensor the file must hold, by its name in the file."""
+        records = {
+            layer_tensor_name(i, name): record
+            for i, layer in enumerate(self.layers)
+            for name, record in layer.tensors.items()
+        }
+        for stage, tensors in self.stage_state.items():
+            records.update({state_tensor_name(stage, name): record for name, record in tensors.items()})
+        return records
+
+
+def layer_tensor_name(index: int, name: str) -> str:
+    return f"layers.{index}.{name}"
+
+
+def state_tensor_name(stage: str, name: str) -> str:
+    """`quantizer.codebook.key.64` for state `codebook.key.64` of stage `quantizer/fibquant`."""
+    return f"{stage.split('/')[0]}.{name}"
+
+
+def encode_metadata(metadata: SnapshotMetadata) -> dict[str, str]:
+    """The safetensors `__metadata__` for `metadata`: canonical JSON plus its SHA-256."""
+    text = json.dumps(metadata.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return {METADATA_KEY: text, METADATA_SHA_KEY: _sha256(text)}
+
+
+def decode_metadata(path: Path, header: dict[str, str]) -> SnapshotMetadata:
+    """Check the metadata hash, then the format version, then the schema."""
+    text = header.get(METADATA_KEY)
+    if text is None:
+        raise SnapshotCorruptError(f"{path} is not a kvpatch snapshot: no {METADATA_KEY!r} in the safetensors metadata")
+    if header.get(METADATA_SHA_KEY) != _sha256(text):
+        raise SnapshotCorruptError(f"snapshot {path}: metadata checksum mismatch (the header was modified or damaged)")
+    try:
+        data: Any = json.loads(text)
+    except ValueError as err:
+        raise SnapshotCorruptError(f"snapshot {path}: metadata is not valid JSON ({err})") from None
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version != FORMAT_VERSION:
+        raise SnapshotMismatchError(path, "format_version", FORMAT_VERSION, version,
+                                    "this kvpatch reads format version 1 only")
+    try:
+        return SnapshotMetadata.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<top level>'}: "
+            f"{'required field is missing' if e['type'] == 'missing' else e['msg']}"
+            for e in err.errors()
+        )
+        raise SnapshotCorruptError(f"snapshot {path}: invalid metadata: {problems}") from None
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

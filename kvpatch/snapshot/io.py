@@ -1,0 +1,223 @@
+"""Snapshot files on disk: atomic writes, structurally verified reads, the content checksum.
+
+A snapshot is one safetensors file (streamed out here, read with `safe_open`), so the whole
+thing is replaced with a single `os.replace`: a reader (or a process killed mid-write) sees the
+old file or the new one, never a mix. The reader parses and bounds-checks the safetensors header itself before handing the file to
+`safe_open`, so damaged files fail here with a SnapshotCorruptError that says what is wrong,
+not deep inside a parser. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import struct
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from safetensors import safe_open
+
+from ..errors import SnapshotCorruptError, SnapshotError
+
+SUFFIX = ".safetensors"
+TEMP_SUFFIX = ".tmp"
+#: Largest header we accept (safetensors itself caps it at 100 MB).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+#: safetensors dtype codes kvpatch snapshots may hold, with torch's dtype.
+DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name the metadata uses for a dtype ("float32", "bfloat16", "uint8", ...)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor (any dtype, bfloat16 included), copied to the CPU if needed."""
+    return memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def update_digest(digest: "hashlib._Hash", name: str, t: torch.Tensor) -> None:
+    """Feed one named tensor to a hash: name, dtype, shape, then its bytes. Covering names, dtypes
+    and shapes means an edit that reinterprets intact bytes changes the hash too."""
+    digest.update(f"{name}\0{dtype_name(t.dtype)}\0{json.dumps(list(t.shape))}\0".encode())
+    digest.update(tensor_bytes(t))
+
+
+def content_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor in name order (see `update_digest`)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        update_digest(digest, name, tensors[name])
+    return digest.hexdigest()
+
+
+def temp_path(path: Path) -> Path:
+    """A unique hidden temp file next to `path` that names its writer (host and pid), so
+    concurrent writers never collide and `gc` can tell an abandoned temp from a live one."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+
+
+def temp_writer(path: Path) -> tuple[str, int] | None:
+    """(host, pid) of the writer named in a `temp_path` file name; None for any other file."""
+    name = path.name
+    if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
+        return None
+    _, marker, writer = name[1 : -len(TEMP_SUFFIX)].rpartition(SUFFIX + ".")
+    parts = writer.rsplit("-", 2)
+    if not marker or len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
+
+
+def write_atomic(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], header: dict[str, str]) -> Path:
+    """Write a safetensors file so that `path` holds either its old content or all of the new.
+
+    Temp file in the same directory, fsync, `os.replace`, fsync of the directory (so the rename
+    itself survives a power cut)."""
+    final = Path(path)
+    if final.suffix != SUFFIX:
+        raise SnapshotError(f"snapshot path {final} must end in {SUFFIX}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temp = temp_path(final)
+    try:
+        with open(temp, "xb") as handle:
+            _serialize(handle, tensors, header)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, final)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    directory = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return final
+
+
+def _serialize(handle: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Stream the safetensors layout (8-byte header length, JSON header padded to 8 bytes, data)
+    tensor by tensor. Not `safetensors.save_file`: it writes its own `.tmpXXXX` file, which a
+    killed writer would leak under a name `gc` cannot attribute; `save` would hold a second copy
+    of the whole cache in memory. Larger items first keeps every tensor aligned, as safetensors does."""
+    codes = {dtype: code for code, dtype in DTYPES.items()}
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    entries: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in codes:
+            raise SnapshotError(f"cannot store tensor {name} of dtype {t.dtype} in a snapshot")
+        size = t.numel() * t.element_size()
+        entries[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    handle.write(struct.pack("<Q", len(text)))
+    handle.write(text)
+    for name in order:
+        handle.write(tensor_bytes(tensors[name]))
+
+
+def read_header(path: Path) -> tuple[dict[str, str], dict[str, dict]]:
+    """The `__metadata__` strings and the tensor entries of a safetensors file, after checking
+    that the header is well-formed JSON and that the tensors tile the data section exactly."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise SnapshotCorruptError(f"snapshot {path}: file is {size} bytes, too short to be safetensors (truncated?)")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > min(MAX_HEADER_BYTES, size - 8):
+                raise SnapshotCorruptError(
+                    f"snapshot {path}: header length {length} does not fit a {size}-byte file (truncated or damaged)"
+                )
+            raw = handle.read(length)
+    except FileNotFoundError:
+        raise SnapshotError(f"no snapshot at {path}") from None
+    except OSError as err:
+        raise SnapshotError(f"cannot read snapshot {path}: {err.strerror}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise SnapshotCorruptError(f"snapshot {path}: safetensors header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise SnapshotCorruptError(f"snapshot {path}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SnapshotCorruptError(f"snapshot {path}: safetensors __metadata__ is not a map of strings")
+    _check_layout(path, header, size - 8 - length)
+    return metadata, header
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate keys")
+    return result
+
+
+def _check_layout(path: Path, entries: dict[str, object], data_bytes: int) -> None:
+    """Each entry has a known dtype, a shape and offsets sized for it; together they cover the
+    data section end to end without gaps or overlaps (what safetensors writes)."""
+    spans = []
+    for name, entry in entries.items():
+        ok = (
+            isinstance(entry, dict)
+            and entry.keys() == {"dtype", "shape", "data_offsets"}
+            and entry["dtype"] in DTYPES
+            and _int_list(entry["shape"])
+            and _int_list(entry["data_offsets"])
+            and len(entry["data_offsets"]) == 2
+        )
+        if not ok:
+            raise SnapshotCorruptError(f"snapshot {path}: malformed safetensors entry for tensor {name!r}")
+        begin, end = entry["data_offsets"]
+        count = 1
+        for dim in entry["shape"]:
+            count *= dim
+        if end - begin != count * DTYPES[entry["dtype"]].itemsize:
+            raise SnapshotCorruptError(f"snapshot {path}: tensor {name!r} offsets do not match its dtype and shape")
+        spans.append((begin, end))
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise SnapshotCorruptError(f"snapshot {path}: tensor data has a gap or overlap at byte {position}")
+        position = end
+    if position != data_bytes:
+        raise SnapshotCorruptError(
+            f"snapshot {path}: tensor data is {data_bytes} bytes but the header describes {position} (truncated or damaged)"
+        )
+
+
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a file whose header `read_header` accepted, read with `safe_open`."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as err:  # the header was validated; anything left is a damaged or vanished file
+        raise SnapshotCorruptError(f"snapshot {path}: safetensors could not read the tensors ({err})") from None
