@@ -96,6 +96,10 @@ class PipelineConfig(_Strict):
         storage = [s for s in self.stages if s.kind == "storage"]
         if len(storage) > 1:
             raise ValueError(f"at most one storage stage is allowed, found {len(storage)}")
+        builders = [f"{s.kind}/{s.impl}" for s in self.stages
+                    if s.stage_class().builds_layers and (s.kind, s.impl) != ("storage", "dense")]
+        if len(builders) > 1:
+            raise ValueError(f"these stages each build the cache layers and cannot be combined: {', '.join(builders)}")
         kinds = {s.kind for s in self.stages}
         for s in self.stages:
             missing = [kind for kind in s.stage_class().requires if kind not in kinds]

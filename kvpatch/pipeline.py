@@ -29,10 +29,13 @@ class Pipeline:
         self.storage: StorageStage = storage[0] if storage else StageConfig(kind="storage", impl="dense").build()
         for stage in self.stages:
             stage.connect(self.stages)
+        builders = [s for s in self.stages if s.builds_layers and s is not self.storage]
+        #: The stage whose `make_layer` builds the cache (an evictor, or else the storage stage).
+        self.layer_builder: StorageStage = builders[0] if builders else self.storage
 
     def new_cache(self, model_config: Any) -> KVPatchCache:
         """A fresh, empty cache for a model with `model_config`."""
-        return KVPatchCache([self.storage.make_layer(layout) for layout in layer_layouts(model_config)])
+        return KVPatchCache([self.layer_builder.make_layer(layout) for layout in layer_layouts(model_config)])
 
     def stats(self) -> dict[str, dict[str, Any]]:
         return {f"{s.kind}/{s.name}": s.stats() for s in self.stages}

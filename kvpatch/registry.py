@@ -49,6 +49,9 @@ class Stage:
     lossless: ClassVar[bool] = True
     #: Stage kinds this stage works with; a config that uses it without them is rejected.
     requires: ClassVar[tuple[str, ...]] = ()
+    #: Whether the stage builds the cache layers (`make_layer`). A config has at most one such
+    #: stage besides the default `storage/dense`.
+    builds_layers: ClassVar[bool] = False
     Params: ClassVar[type[StageParams]] = StageParams
 
     def __init__(self, params: StageParams) -> None:

@@ -24,6 +24,7 @@ from ..families import FamilySpec, family_spec
 from ..pipeline import Pipeline
 from .attention import ATTENTION_NAME, KERNEL_ATTR, probe_attention_calls, register_attention
 from .cache import KVPatchCache
+from .cache_events import CacheEvents
 
 logger = logging.getLogger("kvpatch")
 
@@ -44,6 +45,7 @@ class PatchHandle:
         self._compiled = False
         self._last_cache: KVPatchCache | None = None
         self._cache_kwarg = cache_kwarg(model)
+        self._events: CacheEvents | None = None
 
     # -- caches ---------------------------------------------------------------------------------
     def new_cache(self) -> KVPatchCache:
@@ -180,6 +182,8 @@ def apply(model: torch.nn.Module, config: ConfigSource = "default") -> PatchHand
     for module in handle._attention_modules:
         setattr(module, KERNEL_ATTR, pipeline_config.kernels.attention)
     handle._hook = model.register_forward_pre_hook(handle._pre_forward, with_kwargs=True)
+    if getattr(handle.pipeline.layer_builder, "needs_cache_events", False):
+        handle._events = CacheEvents(model, handle._attention_modules, handle._cache_kwarg, lambda: handle.last_cache)
     if pipeline_config.compile.enabled:
         options = pipeline_config.compile
         model.base_model.compile(mode=options.mode, dynamic=options.dynamic, fullgraph=options.fullgraph)
@@ -197,6 +201,8 @@ def unpatch(model: torch.nn.Module) -> None:
         raise PatchStateError("model is not patched by kvpatch (nothing to unpatch)")
     if handle._hook is not None:
         handle._hook.remove()
+    if handle._events is not None:
+        handle._events.remove()
     if handle._compiled:
         model.base_model._compiled_call_impl = None
     for module in handle._attention_modules:

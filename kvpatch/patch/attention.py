@@ -33,14 +33,22 @@ AttentionObserver = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch
 _observers: list[AttentionObserver] = []
 
 
+def add_observer(observer: AttentionObserver) -> None:
+    _observers.append(observer)
+
+
+def remove_observer(observer: AttentionObserver) -> None:
+    _observers.remove(observer)
+
+
 @contextmanager
 def observe_attention(observer: AttentionObserver) -> Iterator[None]:
     """Call `observer` on every kvpatch attention call inside the block."""
-    _observers.append(observer)
+    add_observer(observer)
     try:
         yield
     finally:
-        _observers.remove(observer)
+        remove_observer(observer)
 
 
 @contextmanager

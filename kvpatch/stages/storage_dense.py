@@ -12,6 +12,8 @@ from ..registry import Stage, StageParams, register_stage
 class DenseStorage(Stage):
     """Lossless storage; the default when a config names no storage stage."""
 
+    builds_layers = True
+
     class Params(StageParams):
         #: Keep only the last `sliding_window` tokens on sliding-window layers (exact: the mask
         #: hides older tokens anyway). False keeps every token on every layer.

@@ -165,6 +165,7 @@ class QuantizedStorage(Stage):
 
     lossless: ClassVar[bool] = False
     requires: ClassVar[tuple[str, ...]] = ("quantizer",)
+    builds_layers: ClassVar[bool] = True
 
     class Params(StageParams):
         #: Most recent tokens kept in full precision (KIVI uses 32-128). Tokens beyond it are

@@ -1,0 +1,218 @@
+"""`evictor/budget`: keep a fixed token budget per layer, dropping the lowest-scored tokens.
+
+The layer follows transformers' eviction contract (see shared notes): `get_seq_length()` reports
+every token seen (RoPE positions stay right), `get_mask_sizes(q)` returns `(kept + q, seen - kept)`,
+and `update` returns the full pre-eviction K/V; eviction happens after the forward, once the
+scorer has seen this forward's attention (`after_forward`, called by the patch layer).
+
+Selection is per KV head (`granularity: head`: every head keeps its own tokens, same count) or
+shared by the heads of a layer (`layer`). Sink tokens and a recent window are always kept.
+Sliding-window layers are left as they are (bounded already). Padded batches are refused by the
+patch layer: a 2-D padding mask is indexed by positions that eviction has removed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, model_validator
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+
+from ..compat import query_length
+from ..patch.cache import LayerLayout
+from ..registry import Stage, StageParams, register_stage
+from .scorers import ScoreContext, ScorerStage
+
+
+DEFAULT_RATIO = 0.25
+
+
+class EvictingLayer(DynamicLayer):
+    """Dense K/V of the kept tokens, their positions and scores."""
+
+    def __init__(self, evictor: "BudgetEvictor", scorer: ScorerStage) -> None:
+        super().__init__()
+        self.evictor, self.scorer = evictor, scorer
+        self.seen = 0
+        self.positions: torch.Tensor | None = None  # [B, Hkv, kept] long
+        self.scores: torch.Tensor | None = None  # [B, Hkv, kept] float32, aligned with keys
+        self.forwards_since_eviction = 0
+        self.last_forward_tokens = 0
+        self.evicted = 0
+
+    @property
+    def kept(self) -> int:
+        return self.keys.shape[-2] if self.is_initialized else 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            batch, heads = key_states.shape[:2]
+            self.positions = torch.empty(batch, heads, 0, dtype=torch.long, device=key_states.device)
+        new = key_states.shape[-2]
+        batch, heads = key_states.shape[:2]
+        new_positions = torch.arange(self.seen, self.seen + new, device=key_states.device).expand(batch, heads, new)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.positions = torch.cat([self.positions, new_positions], dim=-1)
+        self.seen += new
+        self.forwards_since_eviction += 1
+        self.last_forward_tokens = new
+        return self.keys, self.values
+
+    def _context(self, query: torch.Tensor | None = None, scaling: float = 1.0) -> ScoreContext:
+        return ScoreContext(key=self.keys, positions=self.positions, seen=self.seen, query=query, scaling=scaling)
+
+    def observe_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        """Fold this forward's attention into the scores (called from the attention function)."""
+        if not self.scorer.needs_attention or key.shape[-2] != self.kept:
+            return
+        ctx = self._context(query, scaling)
+        current = self.scorer.score(ctx)
+        previous = None
+        if self.scores is not None:
+            previous = torch.nn.functional.pad(self.scores, (0, current.shape[-1] - self.scores.shape[-1]))
+        self.scores = self.scorer.combine(previous, current, ctx)
+
+    def after_forward(self) -> None:
+        """Evict down to the budget when due (after a prefill, and every `every` forwards)."""
+        if not self.is_initialized:
+            return
+        budget = self.evictor.budget(self.seen)
+        if self.kept <= budget:
+            return
+        prefill = self.last_forward_tokens > 1
+        if not prefill and self.forwards_since_eviction < self.evictor.params.every:
+            return
+        self._evict(budget)
+        self.forwards_since_eviction = 0
+
+    def _evict(self, budget: int) -> None:
+        if self.scorer.needs_attention:
+            if self.scores is None or self.scores.shape[-1] != self.kept:
+                raise RuntimeError("kvpatch eviction: attention scores are missing; was the attention observer installed?")
+            scores = self.scores
+        else:
+            scores = self.scorer.score(self._context())
+        if self.evictor.params.granularity == "layer":
+            scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
+        protected = self.evictor.protected(self.positions, self.seen, budget)
+        ranked = scores.float().masked_fill(protected, float("inf"))
+        keep = ranked.topk(budget, dim=-1).indices.sort(dim=-1).values  # keep sequence order
+        gather = keep.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
+        self.keys = self.keys.gather(2, gather)
+        self.values = self.values.gather(2, gather)
+        self.positions = self.positions.gather(2, keep)
+        if self.scores is not None:
+            self.scores = self.scores.gather(2, keep) if self.scorer.needs_attention else None
+        self.evicted += 1
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query: Any) -> tuple[int, int]:
+        return self.kept + query_length(query), self.seen - self.kept
+
+    def _index_batch(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        for name in ("keys", "values", "positions", "scores"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._index_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        index = torch.as_tensor(indices)
+        self._index_batch(index.nonzero().flatten() if index.dtype == torch.bool else index)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            for name in ("keys", "values", "positions", "scores"):
+                tensor = getattr(self, name)
+                if tensor is not None:
+                    setattr(self, name, tensor.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("kvpatch: an evicting cache cannot be cropped (assisted decoding is not supported with eviction)")
+
+    def reset(self) -> None:
+        self.positions = self.scores = None
+        self.seen = self.forwards_since_eviction = self.evicted = 0
+        super().reset()
+
+
+@register_stage("evictor", "budget")
+class BudgetEvictor(Stage):
+    """Keeps at most a token budget per layer (fixed, or a fraction of the sequence so far)."""
+
+    lossless: ClassVar[bool] = False
+    requires: ClassVar[tuple[str, ...]] = ("scorer",)
+    builds_layers: ClassVar[bool] = True
+    #: Its layers need `observe_attention` / `after_forward` calls (kvpatch.patch.cache_events).
+    needs_cache_events: ClassVar[bool] = True
+
+    class Params(StageParams):
+        #: Fixed budget in tokens per layer (and head) ...
+        max_tokens: int | None = Field(default=None, ge=1)
+        #: ... or a fraction of the tokens seen so far (0.25 = a 4x smaller cache; the default
+        #: when neither is set).
+        ratio: float | None = Field(default=None, gt=0.0, le=1.0)
+        #: First tokens always kept (attention sinks).
+        sink_tokens: int = Field(default=4, ge=0)
+        #: Most recent tokens always kept; `recent_fraction` reserves a share of the budget
+        #: for recency instead (the larger of the two applies): the "split ratio" of hybrid
+        #: truncation.
+        recent_tokens: int = Field(default=16, ge=0)
+        recent_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+        granularity: Literal["head", "layer"] = "head"
+        #: During decode, evict every `every` forwards (the cache grows by up to every-1 tokens
+        #: past the budget in between); prefills always evict.
+        every: int = Field(default=1, ge=1)
+
+        @model_validator(mode="before")
+        @classmethod
+        def _one_budget(cls, data: Any) -> Any:
+            if isinstance(data, dict):
+                if data.get("max_tokens") is not None and data.get("ratio") is not None:
+                    raise ValueError("set exactly one of max_tokens or ratio")
+                if data.get("max_tokens") is None and data.get("ratio") is None:
+                    data = {**data, "ratio": DEFAULT_RATIO}
+            return data
+
+    params: Params
+
+    def __init__(self, params: Params) -> None:
+        super().__init__(params)
+        self.scorer: ScorerStage | None = None
+
+    def connect(self, stages: Sequence[Stage]) -> None:
+        scorers = [s for s in stages if isinstance(s, ScorerStage)]
+        if not scorers:
+            raise ValueError("evictor/budget needs a scorer stage")
+        self.scorer = scorers[0]
+
+    def budget(self, seen: int) -> int:
+        if self.params.max_tokens is not None:
+            return self.params.max_tokens
+        return max(1, math.ceil(self.params.ratio * seen))
+
+    def protected(self, positions: torch.Tensor, seen: int, budget: int) -> torch.Tensor:
+        """Tokens that are never evicted: the sinks and the recent window."""
+        recent = max(self.params.recent_tokens, int(self.params.recent_fraction * budget))
+        return (positions < self.params.sink_tokens) | (positions >= seen - recent)
+
+    def make_layer(self, layout: LayerLayout) -> CacheLayerMixin:
+        if layout.sliding_window is not None:
+            return DynamicSlidingWindowLayer(sliding_window=layout.sliding_window)
+        if self.scorer is None:
+            raise RuntimeError("evictor/budget was not connected to its pipeline's scorer")
+        return EvictingLayer(self, self.scorer)
+
+    def stats(self) -> dict[str, Any]:
+        return {"budget": self.params.max_tokens if self.params.max_tokens is not None else f"{self.params.ratio:g} x seen"}

@@ -1,0 +1,171 @@
+"""Token-importance scorers: which cached tokens matter, from kvpatch's own attention call.
+
+A scorer turns what one forward's attention saw into a score per cached token and per KV head
+(`[batch, kv_heads, tokens]`, higher = keep), and says how that evidence combines with the
+scores it had before. The evictor (`evictor/budget`) keeps the best-scored tokens. Scores are
+computed from queries and keys in chunks of queries, so the full attention matrix of a long
+prefill is never materialised (SnapKV, TOVA and hybrid only ever look at a window of queries).
+
+Scorers see raw `q·k` logits: Gemma-2 style soft-capping is not applied to scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from ..registry import Stage, StageParams, register_stage
+
+#: Queries scored at once, at most; fewer when keys are many, so that the transient
+#: `[B, Hq, chunk, Tk]` float32 probability block stays under PROBS_BUDGET elements.
+QUERY_CHUNK = 256
+PROBS_BUDGET = 1 << 26
+
+
+@dataclass
+class ScoreContext:
+    """What a scorer may look at for one layer after one forward."""
+
+    key: torch.Tensor  # [B, Hkv, Tk, D]: every token the layer holds, this forward's included
+    positions: torch.Tensor  # [B, Hkv, Tk]: each token's position in the sequence
+    seen: int  # tokens of the sequence so far (the last position + 1)
+    query: torch.Tensor | None = None  # [B, Hq, Tq, D]: this forward's queries (attention scorers)
+    scaling: float = 1.0
+
+
+def attention_mass(query: torch.Tensor, key: torch.Tensor, scaling: float, last_queries: int | None = None) -> torch.Tensor:
+    """Softmax attention of (the last `last_queries` of) the queries, summed over those queries
+    and over the query heads sharing each KV head: `[B, Hkv, Tk]`, causal bottom-right aligned.
+    """
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    if last_queries is not None:
+        query = query[:, :, -last_queries:]
+    first = q_len - query.shape[2]  # index (within this forward) of the first scored query
+    grouped = query.reshape(batch, kv_heads, q_heads // kv_heads, query.shape[2], dim).float()
+    keys_t = key.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, D, Tk]
+    mass = torch.zeros(batch, kv_heads, k_len, device=key.device, dtype=torch.float32)
+    key_index = torch.arange(k_len, device=key.device)
+    rows = max(1, min(QUERY_CHUNK, PROBS_BUDGET // (batch * q_heads * k_len)))
+    for start in range(0, grouped.shape[3], rows):
+        block = grouped[:, :, :, start : start + rows]
+        logits = (block @ keys_t) * scaling  # [B, Hkv, G, c, Tk]
+        # query i (of q_len) sees keys up to k_len - q_len + i
+        last_visible = k_len - q_len + first + start + torch.arange(block.shape[3], device=key.device)
+        hidden = key_index[None, :] > last_visible[:, None]
+        logits = logits.masked_fill(hidden, float("-inf"))
+        mass += logits.softmax(-1).sum(dim=(2, 3))
+    return mass
+
+
+class ScorerStage(Stage):
+    """Base of scorers: `score` gives this forward's evidence, `combine` merges it with history."""
+
+    #: Whether `score` needs this forward's queries (attention-based) or only keys/positions.
+    needs_attention: ClassVar[bool] = True
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def combine(self, previous: torch.Tensor | None, current: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+        """`previous` is aligned to `current` (zeros for tokens it never scored). Default: the
+        newest evidence replaces the old."""
+        return current
+
+
+@register_stage("scorer", "h2o")
+class H2OScorer(ScorerStage):
+    """Heavy hitters (H2O): attention each token has received, accumulated over every query."""
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        return attention_mass(ctx.query, ctx.key, ctx.scaling)
+
+    def combine(self, previous: torch.Tensor | None, current: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+        return current if previous is None else previous + current
+
+
+@register_stage("scorer", "snapkv")
+class SnapKVScorer(ScorerStage):
+    """SnapKV: attention from an observation window of the last queries, pooled over
+    neighbouring tokens so that a kept token keeps its context."""
+
+    class Params(StageParams):
+        window: int = Field(default=32, ge=1)
+        kernel: int = Field(default=7, ge=1)
+        pooling: Literal["avg", "max"] = "avg"
+
+    params: Params
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        mass = attention_mass(ctx.query, ctx.key, ctx.scaling, last_queries=self.params.window)
+        k = self.params.kernel
+        if k == 1:
+            return mass
+        flat = mass.flatten(0, 1).unsqueeze(1)
+        pool = torch.nn.functional.avg_pool1d if self.params.pooling == "avg" else torch.nn.functional.max_pool1d
+        return pool(flat, kernel_size=k, stride=1, padding=k // 2)[..., : mass.shape[-1]].reshape(mass.shape)
+
+    def combine(self, previous: torch.Tensor | None, current: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+        # A prefill (at least a full window of queries) re-scores everything; decode steps add
+        # their single-query evidence, as SnapKV itself compresses only once after the prompt.
+        if previous is None or ctx.query.shape[2] >= self.params.window:
+            return current
+        return previous + current
+
+
+@register_stage("scorer", "tova")
+class TOVAScorer(ScorerStage):
+    """TOVA: the current (last) query's attention, averaged over heads; no history."""
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        return attention_mass(ctx.query, ctx.key, ctx.scaling, last_queries=1)
+
+
+@register_stage("scorer", "streaming")
+class StreamingScorer(ScorerStage):
+    """StreamingLLM: recency only. With the evictor's sink tokens this keeps the sinks plus the
+    most recent window."""
+
+    needs_attention = False
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        return ctx.positions.float()
+
+
+@register_stage("scorer", "key_norm")
+class KeyNormScorer(ScorerStage):
+    """Key-norm heuristic (Devoto et al. 2024): tokens with a small key L2 norm tend to draw
+    attention, so a low norm scores high. Needs no attention at all."""
+
+    needs_attention = False
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        return -ctx.key.float().norm(dim=-1)
+
+
+@register_stage("scorer", "hybrid")
+class HybridScorer(ScorerStage):
+    """`decay * old + w_attn * attention + w_recency * recency`: attention of the last `window`
+    queries (mean per query), recency as position / sequence length. Sinks are protected by the
+    evictor's `sink_tokens`."""
+
+    class Params(StageParams):
+        decay: float = Field(default=0.9, ge=0.0, le=1.0)
+        w_attn: float = Field(default=1.0, ge=0.0)
+        w_recency: float = Field(default=0.1, ge=0.0)
+        window: int = Field(default=32, ge=1)
+
+    params: Params
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        n_queries = min(self.params.window, ctx.query.shape[2])
+        groups = ctx.query.shape[1] // ctx.key.shape[1]
+        attention = attention_mass(ctx.query, ctx.key, ctx.scaling, last_queries=n_queries) / (n_queries * groups)
+        recency = (ctx.positions.float() + 1) / ctx.seen
+        return self.params.w_attn * attention + self.params.w_recency * recency
+
+    def combine(self, previous: torch.Tensor | None, current: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
+        return current if previous is None else self.params.decay * previous + current
