@@ -28,3 +28,13 @@ def query_length(arg: Any) -> int:
     """The query length from a cache layer's `get_mask_sizes` argument: an int on transformers
     5.2x, the `cache_position` tensor on earlier 5.x."""
     return int(arg.shape[0]) if isinstance(arg, torch.Tensor) else int(arg)
+
+
+def init_empty_layer(layer: Any, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    """What `DynamicLayer.lazy_initialization` does, for kvpatch's own layers: its signature
+    differs across transformers 5.x (one argument on 5.17, two on 5.24)."""
+    layer.device = key_states.device
+    layer.dtype = key_states.dtype
+    layer.keys = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))
+    layer.values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]))
+    layer.is_initialized = True

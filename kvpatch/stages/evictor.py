@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, model_validator
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
-from ..compat import query_length
+from ..compat import init_empty_layer, query_length
 from ..patch.cache import LayerLayout
 from ..registry import Stage, StageParams, register_stage
 from .scorers import ScoreContext, ScorerStage
@@ -43,6 +43,10 @@ class EvictingLayer(DynamicLayer):
         self.last_forward_tokens = 0
         self.evicted = 0
 
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        init_empty_layer(self, key_states, key_states if value_states is None else value_states)
+        self.positions = torch.empty(*key_states.shape[:2], 0, dtype=torch.long, device=key_states.device)
+
     @property
     def kept(self) -> int:
         return self.keys.shape[-2] if self.is_initialized else 0
@@ -50,8 +54,6 @@ class EvictingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-            batch, heads = key_states.shape[:2]
-            self.positions = torch.empty(batch, heads, 0, dtype=torch.long, device=key_states.device)
         new = key_states.shape[-2]
         batch, heads = key_states.shape[:2]
         new_positions = torch.arange(self.seen, self.seen + new, device=key_states.device).expand(batch, heads, new)

@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
-from ..compat import query_length
+from ..compat import init_empty_layer, query_length
 from ..patch.cache import LayerLayout
 from ..quant.base import QuantizerStage
 from ..quant.codes import Codes
@@ -52,8 +52,7 @@ class QuantizedLayer(DynamicLayer):
         return self.sink_keys.shape[-2] if self.sink_keys is not None else 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
-        super().lazy_initialization(key_states, key_states if value_states is None else value_states)
-        self.dtype = key_states.dtype
+        init_empty_layer(self, key_states, key_states if value_states is None else value_states)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
