@@ -272,6 +272,9 @@ def _compiled_decode(quantizer: QuantizerStage, role: str, block: int, dim: int,
     def decode(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return quantizer.decode(Codes(tensors, block, dim), role, dtype)
 
+    # Every setting compiles the same code objects: without a reset, dynamo's recompile limit
+    # is reached after a few settings and the rest silently run eager.
+    torch._dynamo.reset()
     return torch.compile(decode, dynamic=False)
 
 
@@ -306,7 +309,7 @@ def run_overhead(args: argparse.Namespace) -> dict[str, Any]:
     from kvpatch.testing import bench_model
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    model = bench_model("llama-1b" if args.device == "cuda" else "llama-tiny", dtype=dtype, device=args.device)
+    model = bench_model("llama-1b", dtype=dtype, device=args.device)
     text = model.config.get_text_config(decoder=True)
     layers, kv_heads = text.num_hidden_layers, text.num_key_value_heads
     dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -321,15 +324,23 @@ def run_overhead(args: argparse.Namespace) -> dict[str, Any]:
         block = max(quantizer.block_tokens("key"), quantizer.block_tokens("value"))
         new = torch.randn(1, kv_heads, block, dim, device=args.device, dtype=dtype)
 
-        def encode_step() -> None:
-            for _ in range(layers):
-                quantizer.encode(new, "key")
-                quantizer.encode(new, "value")
+        def encode_step(encode: Callable[[torch.Tensor, str], Any]) -> Callable[[], None]:
+            def run() -> None:
+                for _ in range(layers):
+                    encode(new, "key")
+                    encode(new, "value")
+            return run
 
-        per_step = _timed(encode_step, args.device, args.repeats) / block
+        torch._dynamo.reset()
+        compiled = {role: torch.compile(lambda x, role=role: quantizer.encode(x, role).tensors, dynamic=False)
+                    for role in ("key", "value")}
+        per_step = _timed(encode_step(quantizer.encode), args.device, args.repeats) / block
+        per_step_compiled = _timed(encode_step(lambda x, role: compiled[role](x)), args.device, args.repeats) / block
         rows.append({"method": f"{label} " + " ".join(f"{k}={v}" for k, v in params.items()),
-                     "encode_ms_per_step": per_step * 1e3, "fraction_of_decode_step": per_step / step})
-    return {"model": "llama-1b" if args.device == "cuda" else "llama-tiny", "context": args.overhead_context,
+                     "encode_ms_per_step": per_step * 1e3, "fraction_of_decode_step": per_step / step,
+                     "compiled_encode_ms_per_step": per_step_compiled * 1e3,
+                     "compiled_fraction_of_decode_step": per_step_compiled / step})
+    return {"model": "llama-1b", "context": args.overhead_context,
             "decode_step_ms": step * 1e3, "rows": rows}
 
 
