@@ -348,7 +348,6 @@ def test_quantizer_state_is_saved_and_restored(tmp_path: Path) -> None:
     assert torch.equal(received["codebook.key.16"], book)
 
 
-@pytest.mark.skipif("fibquant" not in kvpatch.available_stages()["quantizer"], reason="quantizer/fibquant not present")
 def test_calibrated_fibquant_codebooks_travel_with_the_snapshot(tmp_path: Path) -> None:
     config = {"name": "fib", "fidelity": {"lossless": False}, "stages": [
         {"kind": "quantizer", "impl": "fibquant",
