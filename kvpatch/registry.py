@@ -69,6 +69,15 @@ class Stage:
 
 
 S = TypeVar("S", bound=type[Stage])
+T = TypeVar("T", bound=Stage)
+
+
+def first_stage_of(stages: Sequence[Stage], cls: type[T], needed_by: str) -> T:
+    """The first of a pipeline's stages that is a `cls` (for `Stage.connect`)."""
+    for stage in stages:
+        if isinstance(stage, cls):
+            return stage
+    raise ValueError(f"{needed_by} needs a {cls.__name__} in the same config")
 
 _REGISTRY: dict[str, dict[str, type[Stage]]] = {kind: {} for kind in STAGE_KINDS}
 _builtins_loaded = False

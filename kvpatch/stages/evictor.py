@@ -23,7 +23,7 @@ from transformers.cache_utils import CacheLayerMixin, DynamicLayer, DynamicSlidi
 
 from ..compat import init_empty_layer, query_length
 from ..patch.cache import LayerLayout
-from ..registry import Stage, StageParams, register_stage
+from ..registry import Stage, StageParams, first_stage_of, register_stage
 from .scorers import ScoreContext, ScorerStage
 
 
@@ -194,10 +194,7 @@ class BudgetEvictor(Stage):
         self.scorer: ScorerStage | None = None
 
     def connect(self, stages: Sequence[Stage]) -> None:
-        scorers = [s for s in stages if isinstance(s, ScorerStage)]
-        if not scorers:
-            raise ValueError("evictor/budget needs a scorer stage")
-        self.scorer = scorers[0]
+        self.scorer = first_stage_of(stages, ScorerStage, "evictor/budget")
 
     def budget(self, seen: int) -> int:
         if self.params.max_tokens is not None:

@@ -23,7 +23,7 @@ from ..compat import init_empty_layer, query_length
 from ..patch.cache import LayerLayout
 from ..quant.base import QuantizerStage
 from ..quant.codes import Codes
-from ..registry import Stage, StageParams, register_stage
+from ..registry import Stage, StageParams, first_stage_of, register_stage
 
 
 class QuantizedLayer(DynamicLayer):
@@ -180,10 +180,7 @@ class QuantizedStorage(Stage):
         self.quantizer: QuantizerStage | None = None
 
     def connect(self, stages: Sequence[Stage]) -> None:
-        quantizers = [s for s in stages if isinstance(s, QuantizerStage)]
-        if not quantizers:
-            raise ValueError("storage/quantized needs a quantizer stage (e.g. quantizer/kivi) in the same config")
-        self.quantizer = quantizers[0]
+        self.quantizer = first_stage_of(stages, QuantizerStage, "storage/quantized")
 
     def make_layer(self, layout: LayerLayout) -> CacheLayerMixin:
         if layout.sliding_window is not None:
