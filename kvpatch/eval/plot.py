@@ -33,11 +33,14 @@ def plot_fidelity_vs_memory(results: Sequence[dict[str, Any]], path: str | os.Pa
     )
     fig, axes = plt.subplots(1, len(panels), figsize=(10, 4), constrained_layout=True)
     for ax, (key, label) in zip(axes, panels, strict=True):
-        for i, result in enumerate(results):
+        placed: list[tuple[float, float]] = []
+        for result in results:
             x, y = _fraction(result), result[key]
             ax.scatter([x], [y])
-            # Staggered labels: lossless configs all sit at (1.0, 1.0) and would overprint.
-            ax.annotate(result["config"], (x, y), textcoords="offset points", xytext=(5, 4 + 11 * i), fontsize=8)
+            # Labels of nearby points are stacked instead of overprinting each other.
+            stacked = sum(1 for px, py in placed if abs(px - x) < 0.1 and abs(py - y) < 0.02)
+            placed.append((x, y))
+            ax.annotate(result["config"], (x, y), textcoords="offset points", xytext=(5, -3 + 10 * stacked), fontsize=8)
         if key == "needle_acc_patched" and results:
             base = results[0]["needle_acc_unpatched"]
             ax.axhline(base, linestyle="--", linewidth=0.8, color="gray", label="unpatched")
