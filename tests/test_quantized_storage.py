@@ -188,3 +188,22 @@ def test_sink_tokens_stay_full_precision_and_own_their_storage() -> None:
     assert layer.sink_keys.untyped_storage().nbytes() == layer.sink_keys.numel() * 4
     layer.reorder_cache(torch.tensor([1, 0]))
     assert torch.equal(layer.decoded()[0][0, :, :3], k[1, :, :3])
+
+
+def test_compiled_decode_matches_eager_decode() -> None:
+    ids = prompt_ids(batch=1, length=40)
+    logits = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = tiny_model("llama")
+        config = quantized_config(bits=4, group_size=8, residual=4).model_dump()
+        config["stages"][1]["params"]["compile_decode"] = compiled
+        handle = kvpatch.apply(model, config)
+        with torch.no_grad():
+            out = model(ids[:, :30], use_cache=True)
+            for i in range(30, 40):
+                out = model(ids[:, i : i + 1], use_cache=True, **{cache_kwarg(model): output_cache(out)})
+        logits.append(out.logits)
+        compiled_fns = handle.pipeline.storage.quantizer.__dict__.get("_compiled_decoders", {})
+        assert len(compiled_fns) == (2 if compiled else 0)  # one per role
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)

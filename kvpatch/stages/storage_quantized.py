@@ -29,9 +29,11 @@ from ..registry import Stage, StageParams, first_stage_of, register_stage
 class QuantizedLayer(DynamicLayer):
     """A cache layer of (codes, residual): `keys`/`values` hold only the residual window."""
 
-    def __init__(self, quantizer: QuantizerStage, residual_length: int, sink_tokens: int = 0) -> None:
+    def __init__(self, quantizer: QuantizerStage, residual_length: int, sink_tokens: int = 0,
+                 compile_decode: bool = False) -> None:
         super().__init__()
         self.quantizer = quantizer
+        self._decode = quantizer.compiled_decode if compile_decode else quantizer.decode
         self.residual_length = residual_length
         self.sink_tokens = sink_tokens
         #: The first `sink_tokens` tokens, never quantized: attention sinks have outlier keys that
@@ -100,8 +102,8 @@ class QuantizedLayer(DynamicLayer):
         attention reads on the torch path; also used by crop, inspection and snapshots."""
         keys, values = [self.keys], [self.values]
         if self.key_codes is not None:
-            keys.insert(0, self.quantizer.decode(self.key_codes, "key", self.dtype))
-            values.insert(0, self.quantizer.decode(self.value_codes, "value", self.dtype))
+            keys.insert(0, self._decode(self.key_codes, "key", self.dtype))
+            values.insert(0, self._decode(self.value_codes, "value", self.dtype))
         if self.sink_keys is not None:
             keys.insert(0, self.sink_keys)
             values.insert(0, self.sink_values)
@@ -172,6 +174,9 @@ class QuantizedStorage(Stage):
         residual_length: int = Field(default=128, ge=0)
         #: First tokens of the sequence kept in full precision (attention sinks).
         sink_tokens: int = Field(default=0, ge=0)
+        #: Decode the codes through torch.compile (6-10x faster decode on a GPU; the first calls
+        #: pay for compiling).
+        compile_decode: bool = False
 
     params: Params
 
@@ -187,4 +192,5 @@ class QuantizedStorage(Stage):
             return DynamicSlidingWindowLayer(sliding_window=layout.sliding_window)
         if self.quantizer is None:
             raise RuntimeError("storage/quantized was not connected to its pipeline's quantizer")
-        return QuantizedLayer(self.quantizer, self.params.residual_length, self.params.sink_tokens)
+        return QuantizedLayer(self.quantizer, self.params.residual_length, self.params.sink_tokens,
+                              self.params.compile_decode)
