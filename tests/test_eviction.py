@@ -139,3 +139,46 @@ def test_invalid_evictor_configs_are_named() -> None:
         kvpatch.load_config({"name": "t", "fidelity": {"lossless": False}, "stages": [
             {"kind": "scorer", "impl": "h2o"}, {"kind": "evictor", "impl": "budget", "params": {"ratio": 0.5}},
             {"kind": "quantizer", "impl": "kivi"}, {"kind": "storage", "impl": "quantized"}]})
+
+
+def offload_config(scorer: str = "h2o", **evictor: object) -> kvpatch.PipelineConfig:
+    return kvpatch.load_config({
+        "name": "test-offload",
+        "fidelity": {"lossless": False},
+        "stages": [{"kind": "scorer", "impl": scorer}, {"kind": "evictor", "impl": "budget", "params": evictor},
+                   {"kind": "offloader", "impl": "cpu", "params": {"pin_memory": False}}],
+    })
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_offloaded_tokens_restore_exactly(family: str) -> None:
+    """With an offloader nothing is lost: the prompt's evicted K/V sit in host memory, and after
+    `restore()` the cache is the full cache again, so the next forward equals the unpatched
+    model's. (Tokens processed while the cache was evicted keep what they saw then.)"""
+    model = tiny_model(family)
+    ids = prompt_ids(batch=2, length=41)
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits[:, -1]
+        handle = kvpatch.apply(model, offload_config(ratio=0.25, sink_tokens=2, recent_tokens=4))
+        out = model(input_ids=ids[:, :40], use_cache=True)
+        cache = output_cache(out)
+        evicting = [layer for layer in cache.layers if isinstance(layer, EvictingLayer)]
+        assert evicting and all(layer.kept == 10 and layer.offloaded for layer in evicting)
+        assert handle.stats()["kv_bytes"].get("cpu", 0) > 0 and handle.stats()["stages"]["offloader/cpu"]["bytes_offloaded"] > 0
+        cache.restore()
+        assert all(layer.kept == 40 and not layer.offloaded for layer in evicting)
+        assert all(torch.equal(layer.positions[0, 0], torch.arange(40)) for layer in evicting)
+        out = model(input_ids=ids[:, 40:41], use_cache=True, **{cache_kwarg(model): cache})
+    torch.testing.assert_close(out.logits[:, -1], reference, atol=1e-5, rtol=0)
+    assert all(layer.kept == 11 for layer in evicting), "the budget applies again after the forward"
+
+
+def test_offloader_keeps_beams_consistent() -> None:
+    model = tiny_model("llama")
+    handle = kvpatch.apply(model, offload_config(ratio=0.5, sink_tokens=2, recent_tokens=4))
+    ids = prompt_ids(batch=1, length=30)
+    with torch.no_grad():
+        beams = model.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False)
+    assert beams.shape == (1, 35)
+    layer = handle.last_cache.layers[0]
+    assert all(chunk[0].shape[0] == layer.keys.shape[0] for chunk in layer.offloaded)

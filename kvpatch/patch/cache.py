@@ -61,6 +61,14 @@ class KVPatchCache(Cache):
         """Resident K/V bytes per device, all layers (distinct storages counted once)."""
         return cache_kv_bytes(self)
 
+    def restore(self) -> None:
+        """Bring offloaded K/V back into every layer that keeps some (`evictor/budget` with an
+        offloader); a no-op for layers that do not."""
+        for layer in self.layers:
+            restore = getattr(layer, "restore", None)
+            if restore is not None:
+                restore()
+
     def batch_size(self) -> int:
         for layer in self.layers:
             if layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4:

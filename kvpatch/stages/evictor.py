@@ -24,6 +24,7 @@ from transformers.cache_utils import CacheLayerMixin, DynamicLayer, DynamicSlidi
 from ..compat import init_empty_layer, query_length
 from ..patch.cache import LayerLayout
 from ..registry import Stage, StageParams, first_stage_of, register_stage
+from .offloader import CpuOffloader
 from .scorers import ScoreContext, ScorerStage
 
 
@@ -33,9 +34,12 @@ DEFAULT_RATIO = 0.25
 class EvictingLayer(DynamicLayer):
     """Dense K/V of the kept tokens, their positions and scores."""
 
-    def __init__(self, evictor: "BudgetEvictor", scorer: ScorerStage) -> None:
+    def __init__(self, evictor: "BudgetEvictor", scorer: ScorerStage, offloader: CpuOffloader | None = None) -> None:
         super().__init__()
-        self.evictor, self.scorer = evictor, scorer
+        self.evictor, self.scorer, self.offloader = evictor, scorer, offloader
+        #: Evicted tokens kept in host memory when the config has an offloader: chunks of
+        #: (keys, values, positions), each [B, Hkv, n, ...]; `restore()` brings them back.
+        self.offloaded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.seen = 0
         self.positions: torch.Tensor | None = None  # [B, Hkv, kept] long
         self.scores: torch.Tensor | None = None  # [B, Hkv, kept] float32, aligned with keys
@@ -103,14 +107,38 @@ class EvictingLayer(DynamicLayer):
             scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
         protected = self.evictor.protected(self.positions, self.seen, budget)
         ranked = scores.float().masked_fill(protected, float("inf"))
-        keep = ranked.topk(budget, dim=-1).indices.sort(dim=-1).values  # keep sequence order
-        gather = keep.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
-        self.keys = self.keys.gather(2, gather)
-        self.values = self.values.gather(2, gather)
-        self.positions = self.positions.gather(2, keep)
+        order = ranked.argsort(dim=-1, descending=True, stable=True)
+        keep = order[..., :budget].sort(dim=-1).values  # keep sequence order
+        if self.offloader is not None:
+            dropped = order[..., budget:].sort(dim=-1).values
+            self.offloaded.append(tuple(self.offloader.to_host(t) for t in self._take(dropped)))
+        self.keys, self.values, self.positions = self._take(keep)
         if self.scores is not None:
             self.scores = self.scores.gather(2, keep) if self.scorer.needs_attention else None
         self.evicted += 1
+
+    def _take(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values and positions of the tokens at `index` ([B, Hkv, n]) of each head."""
+        gather = index.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
+        return self.keys.gather(2, gather), self.values.gather(2, gather), self.positions.gather(2, index)
+
+    def restore(self) -> None:
+        """Bring every offloaded token back, in sequence order. The budget applies again after
+        the next forward (use that forward to read the whole context)."""
+        if not self.offloaded:
+            return
+        device = self.keys.device
+        chunks = [tuple(self.offloader.to_device(t, device) for t in chunk) for chunk in self.offloaded]
+        self.offloaded = []
+        keys = torch.cat([self.keys, *(c[0] for c in chunks)], dim=2)
+        values = torch.cat([self.values, *(c[1] for c in chunks)], dim=2)
+        positions = torch.cat([self.positions, *(c[2] for c in chunks)], dim=2)
+        self.keys, self.values, self.positions = keys, values, positions
+        self.keys, self.values, self.positions = self._take(positions.argsort(dim=-1))
+        self.scores = None  # re-scored by the next forward
+
+    def kv_tensors(self) -> list[torch.Tensor | None]:
+        return [self.keys, self.values, *(t for chunk in self.offloaded for t in chunk[:2])]
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -125,6 +153,7 @@ class EvictingLayer(DynamicLayer):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
+        self.offloaded = [tuple(t.index_select(0, index.to(t.device)) for t in chunk) for chunk in self.offloaded]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._index_batch(beam_idx)
@@ -139,12 +168,14 @@ class EvictingLayer(DynamicLayer):
                 tensor = getattr(self, name)
                 if tensor is not None:
                     setattr(self, name, tensor.repeat_interleave(repeats, dim=0))
+            self.offloaded = [tuple(t.repeat_interleave(repeats, dim=0) for t in chunk) for chunk in self.offloaded]
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("kvpatch: an evicting cache cannot be cropped (assisted decoding is not supported with eviction)")
 
     def reset(self) -> None:
         self.positions = self.scores = None
+        self.offloaded = []
         self.seen = self.forwards_since_eviction = self.evicted = 0
         super().reset()
 
@@ -192,9 +223,12 @@ class BudgetEvictor(Stage):
     def __init__(self, params: Params) -> None:
         super().__init__(params)
         self.scorer: ScorerStage | None = None
+        self.offloader: CpuOffloader | None = None
 
     def connect(self, stages: Sequence[Stage]) -> None:
         self.scorer = first_stage_of(stages, ScorerStage, "evictor/budget")
+        # Optional: with an offloader, evicted tokens go to host memory instead of away.
+        self.offloader = next((s for s in stages if isinstance(s, CpuOffloader)), None)
 
     def budget(self, seen: int) -> int:
         if self.params.max_tokens is not None:
@@ -211,7 +245,7 @@ class BudgetEvictor(Stage):
             return DynamicSlidingWindowLayer(sliding_window=layout.sliding_window)
         if self.scorer is None:
             raise RuntimeError("evictor/budget was not connected to its pipeline's scorer")
-        return EvictingLayer(self, self.scorer)
+        return EvictingLayer(self, self.scorer, self.offloader)
 
     def stats(self) -> dict[str, Any]:
         return {"budget": self.params.max_tokens if self.params.max_tokens is not None else f"{self.params.ratio:g} x seen"}
