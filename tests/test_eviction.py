@@ -182,3 +182,26 @@ def test_offloader_keeps_beams_consistent() -> None:
     assert beams.shape == (1, 35)
     layer = handle.last_cache.layers[0]
     assert all(chunk[0].shape[0] == layer.keys.shape[0] for chunk in layer.offloaded)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: pinned buffers and the side stream")
+def test_offload_and_restore_on_cuda() -> None:
+    model = tiny_model("llama").cuda()
+    ids = prompt_ids(batch=2, length=41).cuda()
+    config = kvpatch.load_config({
+        "name": "cuda-offload", "fidelity": {"lossless": False},
+        "stages": [{"kind": "scorer", "impl": "h2o"},
+                   {"kind": "evictor", "impl": "budget", "params": {"ratio": 0.25, "sink_tokens": 2, "recent_tokens": 4}},
+                   {"kind": "offloader", "impl": "cpu"}],
+    })
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits[:, -1]
+        handle = kvpatch.apply(model, config)
+        cache = output_cache(model(input_ids=ids[:, :40], use_cache=True))
+        layer = cache.layers[0]
+        assert layer.offloaded[0][0].device.type == "cpu" and layer.offloaded[0][0].is_pinned()
+        assert handle.stats()["kv_bytes"]["cpu"] > 0
+        cache.restore()
+        out = model(input_ids=ids[:, 40:41], use_cache=True, **{cache_kwarg(model): cache})
+    torch.testing.assert_close(out.logits[:, -1], reference, atol=1e-4, rtol=0)
+    handle.pipeline.stages[-1].cleanup()
