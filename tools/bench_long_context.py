@@ -61,6 +61,7 @@ def run_one(model: torch.nn.Module, handle: kvpatch.PatchHandle, context: int, c
     row = {
         "context": context,
         "kv_bytes": stats["kv_bytes_total"],
+        "kv_bytes_by_device": stats["kv_bytes"],
         "tokens_seen": stats["tokens"],
         "prefill_s": prefill_s,
         "decode_ms": decode_s * 1e3,
