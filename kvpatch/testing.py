@@ -7,10 +7,13 @@ need the trained reference model (`kvpatch.models`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 VOCAB = 320  # >= 256 byte tokens + specials of `tiny_tokenizer`
 WINDOW = 8  # small enough that test prompts cross it
@@ -101,7 +104,7 @@ def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
     return model.eval()
 
 
-def tiny_tokenizer() -> "PreTrainedTokenizerFast":
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (one token per byte, ids 0..255) with <pad> <bos> <eos> at 256..258."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
