@@ -39,6 +39,7 @@ from tqdm import tqdm
 import kvpatch
 from kvpatch.compat import cache_kwarg, output_cache
 from kvpatch.data import needle
+from bench_eviction import eviction_config  # tools/ is on sys.path when run as a script
 
 DEPTHS = [0.05, 0.25, 0.5, 0.75, 0.95]
 BUDGETS = [0.5, 0.25, 0.125]  # fraction KEPT
@@ -46,17 +47,6 @@ KVPATCH_SCORERS = ["streaming", "snapkv", "tova", "key_norm", "h2o", "hybrid"]
 PRESSES = ["StreamingLLMPress", "SnapKVPress", "TOVAPress", "KnormPress", "ObservedAttentionPress",
            "ExpectedAttentionPress"]
 EAGER_PRESSES = {"ObservedAttentionPress"}
-
-
-def eviction_config(scorer: str, ratio: float) -> dict[str, Any]:
-    return {
-        "name": f"{scorer}@{ratio:g}",
-        "fidelity": {"lossless": False},
-        "stages": [
-            {"kind": "scorer", "impl": scorer},
-            {"kind": "evictor", "impl": "budget", "params": {"ratio": ratio, "sink_tokens": 4, "recent_tokens": 16}},
-        ],
-    }
 
 
 # ---------------------------------------------------------------- the two ways to run a request
