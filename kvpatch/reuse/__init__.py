@@ -1,0 +1,1 @@
+"""Chunk-level K/V reuse across requests: chunking, hashing, matching, seam repair, chunk stores."""
