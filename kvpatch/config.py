@@ -105,7 +105,8 @@ class PipelineConfig(_Strict):
             missing = [kind for kind in s.stage_class().requires if kind not in kinds]
             if missing:
                 raise ValueError(f"stage {s.kind}/{s.impl} needs a {' and a '.join(missing)} stage in the same config")
-        lossy = [f"{s.kind}/{s.impl}" for s in self.stages if not s.stage_class().lossless]
+        lossy = [f"{s.kind}/{s.impl}" for s in self.stages
+                 if not s.stage_class().is_lossless(s.stage_class().Params.model_validate(s.params))]
         if self.fidelity.lossless and lossy:
             raise ValueError(
                 f"fidelity.lossless is true but these stages are lossy: {', '.join(lossy)}; "

@@ -57,6 +57,12 @@ class Stage:
     def __init__(self, params: StageParams) -> None:
         self.params = params
 
+    @classmethod
+    def is_lossless(cls, params: StageParams) -> bool:
+        """Whether the stage, configured with `params`, leaves outputs unchanged. Defaults to the
+        class's `lossless`; stages whose params decide it (a store's codec) override this."""
+        return cls.lossless
+
     def connect(self, stages: "Sequence[Stage]") -> None:
         """Called once all of a pipeline's stages are built: find the ones named in `requires`."""
 

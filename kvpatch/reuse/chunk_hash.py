@@ -1,0 +1,66 @@
+"""Chunk keys: a prefix-chained hash (exact reuse) and a content-only hash (approximate reuse).
+
+Keys must agree across processes and machines (a disk tier or Redis outlives the process), so
+they hash explicit little-endian int64 token bytes with a named algorithm: never Python's
+`hash()`, never a per-process salt. Every key starts from a namespace (the model fingerprint and
+the chunk codec), so two models, or two dtypes of one model, never share an entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Callable, Literal
+
+import torch
+
+from ..errors import ConfigError
+from .chunker import Span
+
+HashAlgorithm = Literal["sha256", "blake2b", "xxhash"]
+
+
+def _hasher_factory(algorithm: HashAlgorithm) -> Callable[[bytes], str]:
+    if algorithm == "sha256":
+        return lambda data: hashlib.sha256(data).hexdigest()
+    if algorithm == "blake2b":
+        return lambda data: hashlib.blake2b(data, digest_size=32).hexdigest()
+    if algorithm == "xxhash":
+        try:
+            import xxhash
+        except ImportError:
+            raise ConfigError("hasher algorithm 'xxhash' needs the xxhash package (pip install xxhash)") from None
+        return lambda data: xxhash.xxh3_128_hexdigest(data)
+    raise ConfigError(f"hasher algorithm: expected sha256, blake2b or xxhash, got {algorithm!r}")
+
+
+def token_bytes(token_ids: Sequence[int] | torch.Tensor) -> bytes:
+    """Little-endian int64 bytes of the token ids (the same on every machine)."""
+    tensor = torch.as_tensor(token_ids, dtype=torch.int64).cpu().contiguous()
+    return tensor.numpy().astype("<i8", copy=False).tobytes()
+
+
+class ChunkHasher:
+    """Prefix and content hashes of a prompt's chunks under one namespace."""
+
+    def __init__(self, namespace: str, algorithm: HashAlgorithm = "sha256") -> None:
+        self.algorithm = algorithm
+        self._digest = _hasher_factory(algorithm)
+        self.namespace = self._digest(b"kvpatch-chunk-namespace\0" + namespace.encode())
+
+    def content_hash(self, tokens: bytes) -> str:
+        return self._digest(b"content\0" + self.namespace.encode() + b"\0" + tokens)
+
+    def prefix_hashes(self, token_ids: Sequence[int] | torch.Tensor, spans: Sequence[Span]) -> list[str]:
+        """Hash of each chunk chained with its parent's (the first chains from the namespace)."""
+        data = token_bytes(token_ids)
+        parent = self.namespace
+        out = []
+        for start, end in spans:
+            parent = self._digest(b"prefix\0" + parent.encode() + b"\0" + data[8 * start : 8 * end])
+            out.append(parent)
+        return out
+
+    def content_hashes(self, token_ids: Sequence[int] | torch.Tensor, spans: Sequence[Span]) -> list[str]:
+        data = token_bytes(token_ids)
+        return [self.content_hash(data[8 * start : 8 * end]) for start, end in spans]
