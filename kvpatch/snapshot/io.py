@@ -15,7 +15,8 @@ import os
 import socket
 import struct
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -88,10 +89,26 @@ def temp_writer(path: Path) -> tuple[str, int] | None:
 
 
 def write_atomic(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], header: dict[str, str]) -> Path:
-    """Write a safetensors file so that `path` holds either its old content or all of the new.
+    """Write a safetensors file so that `path` holds either its old content or all of the new."""
+    with atomic_file(path) as handle:
+        _serialize(handle, tensors, header)
+    return Path(path)
 
-    Temp file in the same directory, fsync, `os.replace`, fsync of the directory (so the rename
-    itself survives a power cut)."""
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes | memoryview) -> Path:
+    """`write_atomic` for a file whose bytes are already encoded (a chunk file)."""
+    with atomic_file(path) as handle:
+        handle.write(data)
+    return Path(path)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """A handle whose content replaces `path` only once the block completes without error.
+
+    Temp file in the same directory (`temp_path`: unique per writer), fsync, `os.replace`, fsync of
+    the directory (so the rename itself survives a power cut). An exception, or a process killed
+    inside the block, leaves the old file (or none) and at most the temp file."""
     final = Path(path)
     if final.suffix != SUFFIX:
         raise SnapshotError(f"snapshot path {final} must end in {SUFFIX}")
@@ -99,7 +116,7 @@ def write_atomic(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tenso
     temp = temp_path(final)
     try:
         with open(temp, "xb") as handle:
-            _serialize(handle, tensors, header)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, final)
@@ -111,7 +128,6 @@ def write_atomic(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tenso
         os.fsync(directory)
     finally:
         os.close(directory)
-    return final
 
 
 def _serialize(handle: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -121,7 +137,7 @@ def _serialize(handle: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: 
     of the whole cache in memory. Larger items first keeps every tensor aligned, as safetensors does."""
     codes = {dtype: code for code, dtype in DTYPES.items()}
     order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
-    entries: dict[str, object] = {"__metadata__": metadata}
+    entries: dict[str, object] = {}
     offset = 0
     for name in order:
         t = tensors[name]
@@ -130,12 +146,16 @@ def _serialize(handle: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: 
         size = t.numel() * t.element_size()
         entries[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
-    text = json.dumps(entries, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    handle.write(struct.pack("<Q", len(text)))
-    handle.write(text)
+    handle.write(header_bytes(metadata, entries))
     for name in order:
         handle.write(tensor_bytes(tensors[name]))
+
+
+def header_bytes(metadata: dict[str, str], entries: Mapping[str, object]) -> bytes:
+    """The safetensors header: 8-byte length, then the JSON (metadata first) padded to 8 bytes."""
+    text = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
 
 
 def read_header(path: Path) -> tuple[dict[str, str], dict[str, dict]]:
@@ -145,28 +165,43 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, dict]]:
         size = path.stat().st_size
         with open(path, "rb") as handle:
             prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise SnapshotCorruptError(f"snapshot {path}: file is {size} bytes, too short to be safetensors (truncated?)")
-            (length,) = struct.unpack("<Q", prefix)
-            if length > min(MAX_HEADER_BYTES, size - 8):
-                raise SnapshotCorruptError(
-                    f"snapshot {path}: header length {length} does not fit a {size}-byte file (truncated or damaged)"
-                )
+            length = _header_length(f"snapshot {path}", prefix, size)
             raw = handle.read(length)
     except FileNotFoundError:
         raise SnapshotError(f"no snapshot at {path}") from None
     except OSError as err:
         raise SnapshotError(f"cannot read snapshot {path}: {err.strerror}") from None
+    return _decode_header(f"snapshot {path}", raw, size - 8 - length)
+
+
+def parse_header(data: bytes | memoryview, where: str) -> tuple[dict[str, str], dict[str, dict], int]:
+    """`read_header` for safetensors bytes in memory (`where` names them in errors); also returns
+    the offset at which the tensor data starts."""
+    length = _header_length(where, bytes(data[:8]), len(data))
+    metadata, entries = _decode_header(where, bytes(data[8 : 8 + length]), len(data) - 8 - length)
+    return metadata, entries, 8 + length
+
+
+def _header_length(where: str, prefix: bytes, size: int) -> int:
+    if len(prefix) < 8:
+        raise SnapshotCorruptError(f"{where}: {size} bytes, too short to be safetensors (truncated?)")
+    (length,) = struct.unpack("<Q", prefix)
+    if length > min(MAX_HEADER_BYTES, size - 8):
+        raise SnapshotCorruptError(f"{where}: header length {length} does not fit {size} bytes (truncated or damaged)")
+    return length
+
+
+def _decode_header(where: str, raw: bytes, data_bytes: int) -> tuple[dict[str, str], dict[str, dict]]:
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise SnapshotCorruptError(f"snapshot {path}: safetensors header is not valid JSON ({err})") from None
+        raise SnapshotCorruptError(f"{where}: safetensors header is not valid JSON ({err})") from None
     if not isinstance(header, dict):
-        raise SnapshotCorruptError(f"snapshot {path}: safetensors header is not a JSON object")
+        raise SnapshotCorruptError(f"{where}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise SnapshotCorruptError(f"snapshot {path}: safetensors __metadata__ is not a map of strings")
-    _check_layout(path, header, size - 8 - length)
+        raise SnapshotCorruptError(f"{where}: safetensors __metadata__ is not a map of strings")
+    _check_layout(where, header, data_bytes)
     return metadata, header
 
 
@@ -177,7 +212,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return result
 
 
-def _check_layout(path: Path, entries: dict[str, object], data_bytes: int) -> None:
+def _check_layout(where: str, entries: dict[str, object], data_bytes: int) -> None:
     """Each entry has a known dtype, a shape and offsets sized for it; together they cover the
     data section end to end without gaps or overlaps (what safetensors writes)."""
     spans = []
@@ -191,22 +226,22 @@ def _check_layout(path: Path, entries: dict[str, object], data_bytes: int) -> No
             and len(entry["data_offsets"]) == 2
         )
         if not ok:
-            raise SnapshotCorruptError(f"snapshot {path}: malformed safetensors entry for tensor {name!r}")
+            raise SnapshotCorruptError(f"{where}: malformed safetensors entry for tensor {name!r}")
         begin, end = entry["data_offsets"]
         count = 1
         for dim in entry["shape"]:
             count *= dim
         if end - begin != count * DTYPES[entry["dtype"]].itemsize:
-            raise SnapshotCorruptError(f"snapshot {path}: tensor {name!r} offsets do not match its dtype and shape")
+            raise SnapshotCorruptError(f"{where}: tensor {name!r} offsets do not match its dtype and shape")
         spans.append((begin, end))
     position = 0
     for begin, end in sorted(spans):
         if begin != position:
-            raise SnapshotCorruptError(f"snapshot {path}: tensor data has a gap or overlap at byte {position}")
+            raise SnapshotCorruptError(f"{where}: tensor data has a gap or overlap at byte {position}")
         position = end
     if position != data_bytes:
         raise SnapshotCorruptError(
-            f"snapshot {path}: tensor data is {data_bytes} bytes but the header describes {position} (truncated or damaged)"
+            f"{where}: tensor data is {data_bytes} bytes but the header describes {position} (truncated or damaged)"
         )
 
 

@@ -1,0 +1,185 @@
+"""The remote tier of a chunk store: a Redis server that several processes (a fleet) share.
+
+Values are sealed chunk bytes (`sealed.seal`: the chunk format plus a checksum), so a damaged
+value is a miss, never a wrong K/V. Keys, under a namespace `ns`:
+
+    {ns}:c:{prefix_hash}   the chunk            {ns}:lru    sorted set: prefix hash -> last use (ms)
+    {ns}:h:{content_hash}  -> its prefix hash   {ns}:meta   hash: prefix hash -> "size content_hash"
+                                                {ns}:bytes  bytes of every chunk in {ns}:lru
+
+A put and a hit are one Lua script each (one round trip, atomic across processes): a put
+stores the chunk, accounts its bytes, then evicts the least recently used chunks of the
+namespace until it fits `budget_bytes`; a hit refreshes recency and the TTL (`ttl_s` is the time
+since a chunk's last put or hit). Chunks that expired are dropped from the accounting at the
+next put. Needs one Redis server (keys are computed inside the scripts: not Redis Cluster).
+
+A server that is down or slow never raises out of here: the call is a miss (or a dropped put),
+one `StoreUnavailableWarning` is issued per outage, and calls are skipped for `retry_s` seconds
+so lookups do not each wait for a timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Any, Callable, TypeVar
+
+from ..errors import KVPatchError
+from .chunk import ChunkFormatError, StoredChunk
+from .sealed import seal, unseal
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class StoreUnavailableWarning(RuntimeWarning):
+    """A chunk store tier (Redis) cannot be reached: its lookups are misses until it is back."""
+
+
+_FORGET = """
+local function forget(m)
+  local info = redis.call('HGET', KEYS[2], m)
+  redis.call('ZREM', KEYS[1], m)
+  if not info then return end
+  local size, content = string.match(info, '^(%d+) (.*)$')
+  redis.call('HDEL', KEYS[2], m)
+  redis.call('DECRBY', KEYS[3], size)
+  redis.call('DEL', ARGV[1] .. ':c:' .. m)
+  if redis.call('GET', ARGV[1] .. ':h:' .. content) == m then redis.call('DEL', ARGV[1] .. ':h:' .. content) end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+#: KEYS: lru, meta, bytes. ARGV: ns, prefix hash, content hash, data, ttl ms (0: none), budget (0: none).
+#: Returns the number of chunks evicted, or -1 if the chunk alone exceeds the budget.
+_PUT = _FORGET + """
+local p, c, data = ARGV[2], ARGV[3], ARGV[4]
+local ttl, budget = tonumber(ARGV[5]), tonumber(ARGV[6])
+local size = string.len(data)
+if budget > 0 and size > budget then return -1 end
+if ttl > 0 then
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ttl)) do forget(m) end
+end
+forget(p)
+for _, kv in ipairs({{ARGV[1] .. ':c:' .. p, data}, {ARGV[1] .. ':h:' .. c, p}}) do
+  if ttl > 0 then redis.call('SET', kv[1], kv[2], 'PX', ttl) else redis.call('SET', kv[1], kv[2]) end
+end
+redis.call('HSET', KEYS[2], p, size .. ' ' .. c)
+redis.call('ZADD', KEYS[1], now, p)
+local used = redis.call('INCRBY', KEYS[3], size)
+local evicted = 0
+while budget > 0 and used > budget do
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
+  if oldest == nil or oldest == p then break end
+  forget(oldest)
+  evicted = evicted + 1
+  used = tonumber(redis.call('GET', KEYS[3]))
+end
+return evicted
+"""
+
+#: KEYS: lru, meta. ARGV: ns, "prefix" | "content", hash, ttl ms. Returns the chunk bytes or nil.
+_GET = """
+local ns, ttl, p = ARGV[1], tonumber(ARGV[4]), ARGV[3]
+if ARGV[2] == 'content' then
+  p = redis.call('GET', ns .. ':h:' .. ARGV[3])
+  if not p then return false end
+end
+local data = redis.call('GET', ns .. ':c:' .. p)
+if not data then return false end
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], 'XX', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), p)
+if ttl > 0 then
+  redis.call('PEXPIRE', ns .. ':c:' .. p, ttl)
+  local info = redis.call('HGET', KEYS[2], p)
+  if info then redis.call('PEXPIRE', ns .. ':h:' .. string.match(info, '^%d+ (.*)$'), ttl) end
+end
+return data
+"""
+
+
+class RedisTier:
+    """Chunks in a Redis server, shared by every process that uses the same `url` and `namespace`."""
+
+    name = "redis"
+
+    def __init__(self, url: str, namespace: str = "kvpatch", budget_bytes: int | None = None,
+                 ttl_s: float | None = None, timeout_s: float = 0.5, retry_s: float = 5.0) -> None:
+        try:
+            import redis
+        except ImportError:
+            raise KVPatchError("the redis chunk-store tier needs redis-py: pip install 'kvpatch[redis]'") from None
+        self.url, self.namespace = url, namespace
+        self.budget_bytes, self.ttl_ms = budget_bytes or 0, int((ttl_s or 0) * 1000)
+        self.retry_s = retry_s
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._put = self._client.register_script(_PUT)
+        self._get = self._client.register_script(_GET)
+        self._keys = [f"{namespace}:lru", f"{namespace}:meta", f"{namespace}:bytes"]
+        self._retry_at: float | None = None  # set while the server is considered down
+        self.evictions = self.errors = self.skipped = self.corrupt = self.rejected = 0
+
+    def contains(self, prefix_hash: str) -> bool:
+        return bool(self._call("exists", lambda: self._client.exists(self._chunk_key(prefix_hash)), 0))
+
+    def read(self, prefix_hash: str) -> StoredChunk | None:
+        return self._fetch("prefix", prefix_hash)
+
+    def read_by_content(self, content_hash: str) -> StoredChunk | None:
+        return self._fetch("content", content_hash)
+
+    def write(self, chunk: StoredChunk) -> None:
+        data = seal(chunk)
+        args = [self.namespace, chunk.prefix_hash, chunk.content_hash, data, self.ttl_ms, self.budget_bytes]
+        evicted = self._call("put", lambda: self._put(keys=self._keys, args=args), 0)
+        if evicted < 0:
+            self.rejected += 1
+        else:
+            self.evictions += evicted
+
+    def bytes_used(self) -> int | None:
+        """Bytes the namespace holds on the server (every process's chunks), None if unreachable."""
+        return self._call("stats", lambda: int(self._client.get(self._keys[2]) or 0), None)
+
+    def stats(self) -> dict[str, Any]:
+        return {"bytes": self.bytes_used(), "evictions": self.evictions, "available": self._retry_at is None,
+                "errors": self.errors, "skipped_while_down": self.skipped, "corrupt": self.corrupt,
+                "rejected": self.rejected, "budget_bytes": self.budget_bytes or None,
+                "ttl_s": self.ttl_ms / 1000 or None}
+
+    def _chunk_key(self, prefix_hash: str) -> str:
+        return f"{self.namespace}:c:{prefix_hash}"
+
+    def _fetch(self, mode: str, key: str) -> StoredChunk | None:
+        data = self._call("get", lambda: self._get(keys=self._keys[:2], args=[self.namespace, mode, key, self.ttl_ms]), None)
+        if data is None:
+            return None
+        try:
+            return unseal(data, f"redis {self.url} {mode} {key}")
+        except ChunkFormatError as err:
+            self.corrupt += 1
+            warnings.warn(f"{err}; treated as a miss", StoreUnavailableWarning, stacklevel=3)
+            return None
+
+    def _call(self, what: str, op: Callable[[], T], default: T) -> T:
+        """`op()`, or `default` if the server fails (then skip calls for `retry_s` seconds)."""
+        if self._retry_at is not None and time.monotonic() < self._retry_at:
+            self.skipped += 1
+            return default
+        try:
+            result = op()
+        except self._errors as err:
+            self.errors += 1
+            if self._retry_at is None:
+                warnings.warn(f"redis chunk store {self.url} unavailable ({what}: {err}); its lookups are misses "
+                              f"until it is back (retrying every {self.retry_s:g} s)", StoreUnavailableWarning,
+                              stacklevel=4)
+            self._retry_at = time.monotonic() + self.retry_s
+            return default
+        if self._retry_at is not None:
+            log.warning("redis chunk store %s is back", self.url)
+            self._retry_at = None
+        return result
