@@ -33,6 +33,11 @@ class Pipeline:
         #: The stage whose `make_layer` builds the cache (an evictor, or else the storage stage).
         self.layer_builder: StorageStage = builders[0] if builders else self.storage
 
+    @property
+    def has_reuse(self) -> bool:
+        """Whether the config reuses chunks across requests (it has a chunker stage)."""
+        return any(s.kind == "chunker" for s in self.stages)
+
     def new_cache(self, model_config: Any) -> KVPatchCache:
         """A fresh, empty cache for a model with `model_config`."""
         return KVPatchCache([self.layer_builder.make_layer(layout) for layout in layer_layouts(model_config)])

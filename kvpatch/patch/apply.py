@@ -25,6 +25,7 @@ from ..pipeline import Pipeline
 from .attention import ATTENTION_NAME, KERNEL_ATTR, probe_attention_calls, register_attention
 from .cache import KVPatchCache
 from .cache_events import CacheEvents
+from ..reuse.controller import ReuseController, reuse_namespace
 
 logger = logging.getLogger("kvpatch")
 
@@ -46,6 +47,9 @@ class PatchHandle:
         self._last_cache: KVPatchCache | None = None
         self._cache_kwarg = cache_kwarg(model)
         self._events: CacheEvents | None = None
+        self._post_hook: torch.utils.hooks.RemovableHandle | None = None
+        #: Chunk reuse across requests, when the config has reuse stages (kvpatch.reuse).
+        self.reuse: ReuseController | None = None
 
     # -- caches ---------------------------------------------------------------------------------
     def new_cache(self) -> KVPatchCache:
@@ -72,22 +76,31 @@ class PatchHandle:
         cache = kwargs.get(self._cache_kwarg)
         if isinstance(cache, KVPatchCache):
             self._last_cache = cache
-            return None
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(self.model.config, "use_cache", True)
-        if cache is None and not use_cache:
-            return None
-        if cache is None or _is_fresh_default_cache(cache):
-            kwargs[self._cache_kwarg] = self.new_cache()
-            return args, kwargs
-        logger.warning(
-            "kvpatch: %s was given a %s it did not create; attention still runs through kvpatch, "
-            "but the pipeline's storage stages are bypassed for this call",
-            type(module).__name__,
-            type(cache).__name__,
-        )
-        return None
+        else:
+            use_cache = kwargs.get("use_cache")
+            if use_cache is None:
+                use_cache = getattr(self.model.config, "use_cache", True)
+            if cache is None and not use_cache:
+                return None
+            if cache is not None and not _is_fresh_default_cache(cache):
+                logger.warning(
+                    "kvpatch: %s was given a %s it did not create; attention still runs through kvpatch, "
+                    "but the pipeline's storage stages are bypassed for this call",
+                    type(module).__name__,
+                    type(cache).__name__,
+                )
+                return None
+            cache = kwargs[self._cache_kwarg] = self.new_cache()
+        if self.reuse is not None and len(args) <= 1:
+            if args:  # model(input_ids): reuse trims input_ids, so pass it by name
+                args, kwargs = (), {"input_ids": args[0], **kwargs}
+            kwargs = self.reuse.before_forward(kwargs, cache) or kwargs
+        return args, kwargs
+
+    def _post_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        cache = kwargs.get(self._cache_kwarg)
+        if self.reuse is not None and isinstance(cache, KVPatchCache):
+            self.reuse.after_forward(cache)
 
     # -- reporting ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -181,6 +194,9 @@ def apply(model: torch.nn.Module, config: ConfigSource = "default") -> PatchHand
         raise
     for module in handle._attention_modules:
         setattr(module, KERNEL_ATTR, pipeline_config.kernels.attention)
+    if handle.pipeline.has_reuse:
+        handle.reuse = ReuseController(model, handle.pipeline.stages, reuse_namespace(model))
+        handle._post_hook = model.register_forward_hook(handle._post_forward, with_kwargs=True)
     handle._hook = model.register_forward_pre_hook(handle._pre_forward, with_kwargs=True)
     if getattr(handle.pipeline.layer_builder, "needs_cache_events", False):
         handle._events = CacheEvents(model, handle._attention_modules, handle._cache_kwarg, lambda: handle.last_cache)
@@ -201,6 +217,8 @@ def unpatch(model: torch.nn.Module) -> None:
         raise PatchStateError("model is not patched by kvpatch (nothing to unpatch)")
     if handle._hook is not None:
         handle._hook.remove()
+    if handle._post_hook is not None:
+        handle._post_hook.remove()
     if handle._events is not None:
         handle._events.remove()
     if handle._compiled:

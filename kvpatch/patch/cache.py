@@ -8,7 +8,7 @@ generation loop never special-case them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -56,6 +56,15 @@ class KVPatchCache(Cache):
 
     def __init__(self, layers: list[CacheLayerMixin]) -> None:
         super().__init__(layers=layers)
+        #: Called as recorder(layer_idx, keys, values) with every update's new K/V (chunk reuse
+        #: records a prefill's K/V this way, before sliding layers drop old tokens).
+        self.recorder: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.recorder is not None:
+            self.recorder(layer_idx, key_states, value_states)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def kv_bytes(self) -> dict[str, int]:
         """Resident K/V bytes per device, all layers (distinct storages counted once)."""

@@ -1,0 +1,323 @@
+"""`ReuseController`: chunk reuse around each prefill of a patched model.
+
+Before a prefill (the patch layer's forward pre-hook) it chunks and hashes the prompt, finds
+stored chunks, loads their K/V into the fresh cache, repairs what is not exact, and trims the
+forward's inputs to the tokens still to compute. After the forward it writes newly computed
+chunks back to the store, so the next request hits without an explicit warm().
+
+Reuse only applies where it is invisible to the caller: a forward that keeps only the last
+position's logits (`logits_to_keep=1`, what `generate` passes) into an empty cache, without
+padding. Other forwards still feed the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, UnsupportedModelError
+from ..patch.cache import KVPatchCache
+from ..registry import first_stage_of
+from ..stages.reuse import ChainedHasher, FixedChunker, RecomputeStage
+from .chunk import ChunkStore, StoredChunk
+from .chunk_hash import ChunkHasher
+from .chunker import Span, chunk_spans
+from .codecs import dense_kv, kv_shape
+from .matcher import MatchPlan, match_chunks
+from .recompute import most_deviated, recompute_positions
+from .rope import KeyRotator
+from .writeback import ChunkWriter
+
+logger = logging.getLogger("kvpatch")
+
+#: Keyword arguments whose last dimension runs over the prompt's positions.
+_POSITIONAL_KWARGS = ("input_ids", "position_ids")
+
+
+@dataclass
+class RequestStats:
+    """What reuse did for the last prefill (one per forward, summed over batch rows)."""
+
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    approximate_tokens: int = 0
+    recomputed_tokens: int = 0
+    check_tokens: int = 0
+    lookup_ms: float = 0.0
+    load_ms: float = 0.0
+    written_chunks: int = 0
+
+    @property
+    def kv_reuse_ratio(self) -> float:
+        return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def approximate_ratio(self) -> float:
+        return self.approximate_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+@dataclass
+class _Request:
+    """Per-prefill state between the pre-forward and post-forward hooks."""
+
+    token_ids: torch.Tensor  # [B, L] on CPU
+    spans: list[list[Span]]
+    prefix_hashes: list[list[str]]
+    content_hashes: list[list[str]]
+    plans: list[MatchPlan]
+    computed_from: int  # the forward computes positions [computed_from, L)
+    exact_until: list[int]  # per row: chunks ending at or before this are exact when computed
+    sources: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=list)
+    recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+class ReuseController:
+    """Runs a config's chunker, hasher, matcher, recompute and store stages for one model."""
+
+    def __init__(self, model: torch.nn.Module, stages: list[Any], namespace: str) -> None:
+        self.model = model
+        self.chunker = first_stage_of(stages, FixedChunker, "chunk reuse")
+        hasher_stage = next((s for s in stages if isinstance(s, ChainedHasher)), None)
+        algorithm = hasher_stage.params.algorithm if hasher_stage is not None else "sha256"
+        self.hasher = ChunkHasher(namespace, algorithm)
+        self.matcher = next(s for s in stages if s.kind == "matcher")
+        self.recompute: RecomputeStage | None = next((s for s in stages if isinstance(s, RecomputeStage)), None)
+        self.store: ChunkStore = next(s for s in stages if s.kind == "store")
+        self.rotator: KeyRotator | None = None
+        if self.matcher.approximate:
+            try:
+                self.rotator = KeyRotator.for_model(model)
+            except UnsupportedModelError as err:
+                raise ConfigError(f"matcher/approximate: {err}") from None
+        self.writer = ChunkWriter(self.store)
+        self.last: RequestStats = RequestStats()
+        self._request: _Request | None = None
+        self._segment_starts: list[int] = []
+
+    # -- the two hooks ----------------------------------------------------------------------------
+    def before_forward(self, kwargs: dict[str, Any], cache: KVPatchCache) -> dict[str, Any] | None:
+        """Load reusable K/V into `cache` and return the trimmed kwargs (None: unchanged)."""
+        self._request = None
+        self.writer.flush()
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None or input_ids.dim() != 2 or cache.get_seq_length() != 0:
+            return None
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (mask.dim() != 2 or not bool(mask.all())):
+            return None  # padded rows sit at shifted positions: neither reuse nor store them
+        start = time.perf_counter()
+        request = self._plan(input_ids)
+        self.last = RequestStats(prompt_tokens=input_ids.numel())
+        self.last.lookup_ms = (time.perf_counter() - start) * 1e3
+        self._request = request
+        cache.recorder = self._record
+        if kwargs.get("logits_to_keep") != 1 or input_ids.shape[1] < 2:
+            return None
+        start = time.perf_counter()
+        computed_from = self._assemble(request, cache, input_ids)
+        self.last.load_ms = (time.perf_counter() - start) * 1e3
+        if computed_from == 0:
+            return None
+        request.computed_from = computed_from
+        return _trim(kwargs, computed_from)
+
+    def after_forward(self, cache: KVPatchCache) -> None:
+        """Write the chunks computed exactly by this prefill back to the store."""
+        cache.recorder = None
+        request, self._request = self._request, None
+        if request is None or not request.recorded:
+            return
+        layers = [request.recorded[i] for i in range(len(request.recorded))]
+        request.sources.append((request.computed_from, layers))
+        self.last.written_chunks = self._write_back(request)
+
+    def set_segment_starts(self, starts: list[int]) -> None:
+        """Token offsets where the next prompt's segments begin (each starts a new chunk)."""
+        self._segment_starts = list(starts)
+
+    # -- planning ---------------------------------------------------------------------------------
+    def _plan(self, input_ids: torch.Tensor) -> _Request:
+        ids = input_ids.detach().cpu()
+        spans, prefix, content, plans = [], [], [], []
+        p = self.chunker.params
+        for row in ids.tolist():
+            row_spans = chunk_spans(row, p.size, p.boundary_window, self.chunker.boundary_tokens, self._segment_starts)
+            row_prefix = self.hasher.prefix_hashes(row, row_spans)
+            row_content = self.hasher.content_hashes(row, row_spans)
+            spans.append(row_spans)
+            prefix.append(row_prefix)
+            content.append(row_content)
+            plans.append(match_chunks(row_spans, row_prefix, row_content, self.store,
+                                      approximate=self.matcher.approximate and ids.shape[0] == 1))
+        self._segment_starts = []
+        return _Request(ids, spans, prefix, content, plans, computed_from=0, exact_until=[ids.shape[1]] * ids.shape[0])
+
+    # -- assembly ---------------------------------------------------------------------------------
+    def _assemble(self, request: _Request, cache: KVPatchCache, input_ids: torch.Tensor) -> int:
+        """Fill `cache` with reused (and repaired) K/V; returns how many leading tokens it holds."""
+        length = input_ids.shape[1]
+        device, dtype = input_ids.device, self.model.dtype
+        if len(request.plans) == 1 and not request.plans[0].is_plain_prefix:
+            return self._assemble_blended(request, cache, input_ids)
+        reused = min(plan.leading_exact_tokens() for plan in request.plans)
+        reused = min(reused, length - 1)  # the forward must compute at least the last token
+        if reused == 0:
+            return 0
+        rows = [self._gather(plan, reused, device, dtype) for plan in request.plans]
+        kv = torch.stack(rows, dim=2)  # [L, 2, B, H, T, D]
+        for index, layer in enumerate(cache.layers):
+            layer.update(kv[index, 0], kv[index, 1])
+        self.last.reused_tokens = reused * len(rows)
+        return reused
+
+    def _gather(self, plan: MatchPlan, until: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The stored K/V of a row's leading `until` tokens, `[L, 2, H, until, D]` on `device`."""
+        parts = []
+        for match in plan.matches:
+            if match.span[0] >= until:
+                break
+            kv = dense_kv(match.chunk, device, dtype)
+            parts.append(kv[..., : until - match.span[0], :])
+        return torch.cat(parts, dim=3) if len(parts) > 1 else parts[0]
+
+    def _assemble_blended(self, request: _Request, cache: KVPatchCache, input_ids: torch.Tensor) -> int:
+        """One row with chunks reused out of prefix order (approximate) or after a missing chunk:
+        place every reused chunk (re-rotated when it moved), then recompute what the strategy
+        says, plus every missing token, in place."""
+        plan, length = request.plans[0], input_ids.shape[1]
+        until = min(plan.last_reused_end(), length - 1)
+        device, dtype = input_ids.device, self.model.dtype
+        parts: list[torch.Tensor] = []
+        missing, approximate, seams = [], [], []
+        for match in plan.matches:
+            start, end = match.span
+            if start >= until:
+                break
+            end = min(end, until)
+            if match.kind == "miss":
+                layers_, two, heads, _, dim = self._kv_shape(plan)
+                parts.append(torch.zeros(layers_, two, heads, end - start, dim, device=device, dtype=dtype))
+                missing.append(torch.arange(start, end))
+                continue
+            kv = dense_kv(match.chunk, device, dtype)[..., : end - start, :]
+            if match.kind == "approximate":
+                kv = self.rotator.rotate(kv, start - match.chunk.start)
+                approximate.append(torch.arange(start, end))
+                seams.append(start)
+            parts.append(kv)
+        kv = torch.cat(parts, dim=3).unsqueeze(2)  # [L, 2, 1, H, until, D]
+        layers = [(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])]
+        ids = input_ids[:, :until]
+        exact_end = plan.leading_exact_tokens()
+        recompute = self._positions(missing, approximate, seams, exact_end, until)
+        candidates = torch.cat(approximate) if approximate else torch.zeros(0, dtype=torch.long)
+        if self._strategy(bool(approximate)) == "cacheblend" and candidates.numel():
+            params = self._cacheblend_params()
+            everything = torch.cat([recompute, candidates]).unique().sort().values.to(device)
+            chosen = most_deviated(self.model, ids, layers, candidates.to(device), everything,
+                                   min(params.check_layer, len(layers) - 1), params.ratio)
+            self.last.check_tokens = int(everything.numel())
+            recompute = torch.cat([recompute.to(device), chosen]).unique().sort().values
+        recompute = recompute.to(device)
+        recompute_positions(self.model, ids, layers, recompute)
+        for index, layer in enumerate(cache.layers):
+            layer.update(*layers[index])
+        self.last.reused_tokens = int(until - sum(len(m) for m in missing))
+        self.last.approximate_tokens = int(candidates.numel())
+        self.last.recomputed_tokens = int(recompute.numel())
+        first_approximate = min(seams, default=until)
+        request.exact_until = [first_approximate]
+        request.sources.append((0, layers))
+        return until
+
+    def _kv_shape(self, plan: MatchPlan) -> tuple[int, int, int, int, int]:
+        """`[L, 2, H, 0, D]` of this model's chunks, read from any matched chunk."""
+        reference = next(m.chunk for m in plan.matches if m.chunk is not None)
+        layers, heads, _, dim = kv_shape(reference)
+        return layers, 2, heads, 0, dim
+
+    def _positions(self, missing: list[torch.Tensor], approximate: list[torch.Tensor], seams: list[int],
+                   exact_end: int, until: int) -> torch.Tensor:
+        """Tokens recomputed in every layer: missing ones, sinks, and (selective) seam tokens."""
+        chosen = list(missing)
+        sinks = self.recompute.params.sink_tokens if self.recompute is not None else 0
+        if sinks > exact_end:
+            chosen.append(torch.arange(exact_end, min(sinks, until)))
+        if self._strategy(bool(approximate)) == "selective":
+            seam = self.recompute.params.seam_tokens
+            chosen.extend(torch.arange(s, min(s + seam, until)) for s in seams)
+        if not chosen:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.cat(chosen).unique().sort().values
+
+    def _strategy(self, has_approximate: bool) -> str:
+        if has_approximate and getattr(self.matcher.params, "repair", None) == "cacheblend":
+            return "cacheblend"
+        return self.recompute.name if self.recompute is not None else "none"
+
+    def _cacheblend_params(self) -> Any:
+        from ..stages.reuse import CacheBlendRecompute
+
+        if isinstance(self.recompute, CacheBlendRecompute):
+            return self.recompute.params
+        return CacheBlendRecompute.Params()
+
+    # -- write-back -------------------------------------------------------------------------------
+    def _record(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        if self._request is not None:
+            self._request.recorded[layer_idx] = (keys, values)
+
+    def _write_back(self, request: _Request) -> int:
+        """Store every chunk not matched exactly whose K/V were computed exactly (all its
+        history exact), from whichever computed range covers it."""
+        written = 0
+        for row, plan in enumerate(request.plans):
+            for match, prefix, content in zip(plan.matches, request.prefix_hashes[row], request.content_hashes[row]):
+                start, end = match.span
+                if match.kind == "exact" or end > request.exact_until[row]:
+                    continue
+                kv = _slice_sources(request.sources, row, start, end)
+                if kv is None:
+                    continue
+                tokens = request.token_ids[row, start:end].clone()
+                self.writer.write(prefix, content, tokens, start, kv, self._codec())
+                written += 1
+        return written
+
+    def _codec(self) -> str:
+        return getattr(getattr(self.store, "params", None), "codec", "dense")
+
+
+def reuse_namespace(model: torch.nn.Module) -> str:
+    """What chunk keys are namespaced by: the model's type, dtype, architecture and weights."""
+    from ..snapshot.fingerprint import model_fingerprint
+
+    return model_fingerprint(model).model_dump_json()
+
+
+def _slice_sources(sources: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]], row: int,
+                   start: int, end: int) -> torch.Tensor | None:
+    """`[L, 2, H, end-start, D]` K/V of one row from the computed range that covers it."""
+    for offset, layers in sources:
+        length = layers[0][0].shape[-2]
+        if offset <= start and end <= offset + length:
+            a, b = start - offset, end - offset
+            return torch.stack([torch.stack([k[row, :, a:b], v[row, :, a:b]]) for k, v in layers])
+    return None
+
+
+def _trim(kwargs: dict[str, Any], start: int) -> dict[str, Any]:
+    """The forward's kwargs with positional inputs cut to positions `start` onwards."""
+    out = dict(kwargs)
+    for name in _POSITIONAL_KWARGS:
+        value = out.get(name)
+        if isinstance(value, torch.Tensor):
+            out[name] = value[..., start:]
+    position = out.get("cache_position")
+    if isinstance(position, torch.Tensor):
+        out["cache_position"] = position[start:]
+    return out
