@@ -6,6 +6,7 @@
 """
 
 from .config import PipelineConfig, bundled_configs, load_config
+from .engine import Engine, GenerationResult
 from .errors import ConfigError, KVPatchError, PatchStateError, UnknownStageError, UnsupportedModelError
 from .families import supported_families
 from .patch import KVPatchCache, PatchHandle, apply, get_handle, unpatch
@@ -17,6 +18,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "Engine",
+    "GenerationResult",
     "KVPatchCache",
     "KVPatchError",
     "PatchHandle",

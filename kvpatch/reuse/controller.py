@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,11 +99,23 @@ class ReuseController:
         self.last: RequestStats = RequestStats()
         self._request: _Request | None = None
         self._segment_starts: list[int] = []
+        self._paused = False
 
     # -- the two hooks ----------------------------------------------------------------------------
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Inside the block, prefills neither reuse nor store chunks (a no-reuse baseline)."""
+        self._paused, before = True, self._paused
+        try:
+            yield
+        finally:
+            self._paused = before
+
     def before_forward(self, kwargs: dict[str, Any], cache: KVPatchCache) -> dict[str, Any] | None:
         """Load reusable K/V into `cache` and return the trimmed kwargs (None: unchanged)."""
         self._request = None
+        if self._paused:
+            return None
         self.writer.flush()
         input_ids = kwargs.get("input_ids")
         if input_ids is None or input_ids.dim() != 2 or cache.get_seq_length() != 0:

@@ -1,0 +1,249 @@
+"""`Engine`: a model, its tokenizer and a reuse pipeline behind text-in, text-out calls.
+
+    engine = kvpatch.Engine.from_pretrained("kvpatch-ref", config="prefix_reuse")
+    engine.warm(system_prompt)
+    result = engine.generate(system_prompt + question, max_new_tokens=64)
+    result.ttft_ms, result.kv_reuse_ratio
+
+A prompt may be a list of segments (system prompt, documents, question): each segment starts a
+new chunk, so a document warmed on its own is found again wherever it appears (approximate
+reuse, with a config whose matcher is `approximate`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .config import ConfigSource
+from .errors import ConfigError
+from .patch import PatchHandle, apply
+from .reuse.controller import ReuseController
+
+Prompt = str | Sequence[str]
+
+
+@dataclass
+class GenerationResult:
+    output_text: str
+    tokens: list[int]
+    prompt_tokens: int
+    ttft_ms: float
+    total_ms: float
+    kv_reuse_ratio: float
+    approximate_ratio: float
+    recomputed_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class WarmResult:
+    tokens: int
+    chunks_written: int
+    ms: float
+
+
+@dataclass
+class PromptCheck:
+    prompt_tokens: int
+    kv_reuse_ratio: float
+    token_agreement: float
+    first_logit_cosine: float
+    first_kl: float
+
+
+@dataclass
+class CorrectnessReport:
+    """Reuse against no reuse on the same prompts (greedy)."""
+
+    prompts: list[PromptCheck]
+
+    @property
+    def token_agreement(self) -> float:
+        return min((p.token_agreement for p in self.prompts), default=1.0)
+
+    @property
+    def min_logit_cosine(self) -> float:
+        return min((p.first_logit_cosine for p in self.prompts), default=1.0)
+
+    @property
+    def max_kl(self) -> float:
+        return max((p.first_kl for p in self.prompts), default=0.0)
+
+    @property
+    def identical(self) -> bool:
+        return self.token_agreement == 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"token_agreement": self.token_agreement, "min_logit_cosine": self.min_logit_cosine,
+                "max_kl": self.max_kl, "prompts": [asdict(p) for p in self.prompts]}
+
+
+class _FirstTokenClock:
+    """A generate streamer that notes when the first new token exists (TTFT)."""
+
+    def __init__(self, start: float) -> None:
+        self.start, self.first_token_at, self._calls = start, None, 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self._calls += 1
+        if self._calls == 2 and self.first_token_at is None:
+            value.tolist()  # waits for the device
+            self.first_token_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+class Engine:
+    """Text generation over a kvpatch-patched model with chunk reuse across calls."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, config: ConfigSource = "prefix_reuse") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.handle: PatchHandle = apply(model, config)
+        if self.handle.reuse is None:
+            raise ConfigError(f"config {self.handle.config.name!r} has no chunk reuse stages (chunker, matcher, store)")
+        self.reuse: ReuseController = self.handle.reuse
+        self.reuse.chunker.add_boundary_tokens(_newline_tokens(tokenizer))
+
+    @classmethod
+    def from_pretrained(cls, path_or_model: str | torch.nn.Module, config: ConfigSource = "prefix_reuse",
+                        device: str | None = None, dtype: torch.dtype | None = None, tokenizer: Any = None) -> "Engine":
+        """From a shipped model name ("kvpatch-ref"), a local model directory, or a loaded model
+        (then pass its `tokenizer`)."""
+        if isinstance(path_or_model, torch.nn.Module):
+            if tokenizer is None:
+                raise ConfigError("Engine.from_pretrained(model): pass tokenizer= along with a loaded model")
+            model = path_or_model
+            if device is not None or dtype is not None:
+                model = model.to(device=device, dtype=dtype)
+            return cls(model.eval(), tokenizer, config)
+        from .models import load
+
+        model, loaded_tokenizer = load(path_or_model, device=device, dtype=dtype)
+        return cls(model, tokenizer or loaded_tokenizer, config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- requests ---------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> tuple[torch.Tensor, list[int]]:
+        """Token ids `[1, L]` of a prompt and where its segments start (each tokenized alone)."""
+        segments = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not segments:
+            raise ValueError("prompt is empty")
+        ids: list[int] = []
+        starts = []
+        for i, segment in enumerate(segments):
+            starts.append(len(ids))
+            ids.extend(self.tokenizer(segment, add_special_tokens=i == 0).input_ids)
+        if not ids:
+            raise ValueError("prompt tokenizes to no tokens")
+        return torch.tensor([ids], device=self.device), starts
+
+    def warm(self, text: Prompt) -> WarmResult:
+        """Compute and store the chunks of `text` (already stored chunks are reused)."""
+        start = time.perf_counter()
+        ids, starts = self.encode(text)
+        self.reuse.set_segment_starts(starts)
+        with torch.no_grad():
+            self.model(input_ids=ids, logits_to_keep=1)
+        self.reuse.writer.flush()
+        return WarmResult(ids.shape[1], self.reuse.last.written_chunks, (time.perf_counter() - start) * 1e3)
+
+    def generate(self, prompt: Prompt, max_new_tokens: int = 64, **gen_kwargs: Any) -> GenerationResult:
+        """Greedy by default; any `generate` keyword (do_sample, temperature, ...) passes through."""
+        ids, starts = self.encode(prompt)
+        self.reuse.set_segment_starts(starts)
+        gen_kwargs.setdefault("do_sample", False)
+        start = time.perf_counter()
+        clock = _FirstTokenClock(start)
+        with torch.no_grad():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                      streamer=clock, pad_token_id=self.tokenizer.pad_token_id
+                                      if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id,
+                                      **gen_kwargs)
+        tokens = out[0, ids.shape[1]:].tolist()
+        total = (time.perf_counter() - start) * 1e3
+        first = clock.first_token_at
+        stats = self.reuse.last
+        return GenerationResult(
+            output_text=self.tokenizer.decode(tokens, skip_special_tokens=True), tokens=tokens,
+            prompt_tokens=ids.shape[1], ttft_ms=(first - start) * 1e3 if first is not None else total,
+            total_ms=total, kv_reuse_ratio=stats.kv_reuse_ratio, approximate_ratio=stats.approximate_ratio,
+            recomputed_tokens=stats.recomputed_tokens,
+        )
+
+    def stream(self, prompt: Prompt, max_new_tokens: int = 64, **gen_kwargs: Any) -> Iterator[str]:
+        """Yield the output text piece by piece as it is generated."""
+        from transformers import TextIteratorStreamer
+
+        ids, starts = self.encode(prompt)
+        self.reuse.set_segment_starts(starts)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        gen_kwargs.setdefault("do_sample", False)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.no_grad():
+                    self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                        streamer=streamer, **gen_kwargs)
+            except BaseException as err:  # re-raised in the caller's thread
+                errors.append(err)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        yield from streamer
+        worker.join()
+        if errors:
+            raise errors[0]
+
+    def verify_correctness(self, prompts: Sequence[Prompt], max_new_tokens: int = 32) -> CorrectnessReport:
+        """Each prompt with reuse (after warming it, so it hits) against no reuse: greedy token
+        agreement and the first step's logit cosine and KL(no reuse || reuse)."""
+        checks = []
+        for prompt in prompts:
+            self.warm(prompt)
+            ids, starts = self.encode(prompt)
+            with self.reuse.paused():
+                reference = self._greedy(ids, max_new_tokens)
+            self.reuse.set_segment_starts(starts)
+            reused = self._greedy(ids, max_new_tokens)
+            ratio = self.reuse.last.kv_reuse_ratio
+            ref_tokens, new_tokens = reference[0], reused[0]
+            same = sum(a == b for a, b in zip(ref_tokens, new_tokens))
+            p, q = reference[1].float(), reused[1].float()
+            cosine = torch.nn.functional.cosine_similarity(p, q, dim=-1).item()
+            kl = torch.nn.functional.kl_div(q.log_softmax(-1), p.log_softmax(-1), log_target=True, reduction="sum").item()
+            checks.append(PromptCheck(ids.shape[1], ratio, same / max(len(ref_tokens), 1), cosine, max(kl, 0.0)))
+        return CorrectnessReport(checks)
+
+    def _greedy(self, ids: torch.Tensor, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+        with torch.no_grad():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                      do_sample=False, output_logits=True, return_dict_in_generate=True,
+                                      pad_token_id=self.tokenizer.eos_token_id)
+        return out.sequences[0, ids.shape[1]:].tolist(), out.logits[0][0]
+
+    # -- persistence ------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        return {"last_request": asdict(self.reuse.last), **self.handle.stats()}
+
+
+def _newline_tokens(tokenizer: Any) -> set[int]:
+    """Ids of every token whose text contains a newline (chunk cuts prefer to follow them)."""
+    vocab = tokenizer.get_vocab()
+    ids = list(vocab.values())
+    texts = tokenizer.batch_decode([[i] for i in ids])
+    return {i for i, text in zip(ids, texts) if "\n" in text}
