@@ -1,9 +1,11 @@
 """Per-forward events for cache layers that act on attention (scoring, eviction).
 
-Layers that define `observe_attention(query, key, scaling)` get each of their attention calls
-(routed by the attention module's `layer_idx`), and layers that define `after_forward()` are
-told when the model's forward has finished, which is when an evicting layer may drop tokens
-(transformers' eviction contract: return everything from `update`, evict after).
+Layers that define `observe_attention(query, key, value, scaling)` get each of their attention
+calls (routed by the attention module's `layer_idx`) with the exact K/V tensors attention reads
+next (a tiered layer may swap promoted tokens into them in place), and layers that define
+`after_forward()` are told when the model's forward has finished, which is when an evicting
+layer may drop tokens (transformers' eviction contract: return everything from `update`, evict
+after).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class CacheEvents:
             return
         observe = getattr(cache.layers[module.layer_idx], "observe_attention", None)
         if observe is not None:
-            observe(query, key, scaling)
+            observe(query, key, value, scaling)
 
     def _refuse_padding(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")

@@ -31,6 +31,20 @@ from .scorers import ScoreContext, ScorerStage
 DEFAULT_RATIO = 0.25
 
 
+def budget_tokens(max_tokens: int | None, ratio: float | None, seen: int) -> int | None:
+    """A budget given as a token count or as a fraction of the tokens seen; None: unlimited."""
+    if max_tokens is not None:
+        return max_tokens
+    if ratio is not None:
+        return max(1, math.ceil(ratio * seen))
+    return None
+
+
+def protected_tokens(positions: torch.Tensor, seen: int, sink_tokens: int, recent: int) -> torch.Tensor:
+    """Tokens that never leave a layer's full-precision set: the sinks and the recent window."""
+    return (positions < sink_tokens) | (positions >= seen - recent)
+
+
 class EvictingLayer(DynamicLayer):
     """Dense K/V of the kept tokens, their positions and scores."""
 
@@ -69,19 +83,27 @@ class EvictingLayer(DynamicLayer):
         self.last_forward_tokens = new
         return self.keys, self.values
 
-    def _context(self, query: torch.Tensor | None = None, scaling: float = 1.0) -> ScoreContext:
-        return ScoreContext(key=self.keys, positions=self.positions, seen=self.seen, query=query, scaling=scaling)
+    def resident_positions(self) -> torch.Tensor:
+        """Positions of the tokens attention sees, in the order `update` hands them over."""
+        return self.positions
 
-    def observe_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        """Fold this forward's attention into the scores (called from the attention function)."""
+    def resident_scores(self) -> torch.Tensor | None:
+        return self.scores
+
+    def set_resident_scores(self, scores: torch.Tensor) -> None:
+        self.scores = scores
+
+    def observe_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> None:
+        """Fold this forward's attention into the scores (called from the attention function
+        with the exact K/V that attention is about to read)."""
         if not self.scorer.needs_attention or key.shape[-2] != self.kept:
             return
-        ctx = self._context(query, scaling)
+        ctx = ScoreContext(key=key, positions=self.resident_positions(), seen=self.seen, query=query, scaling=scaling)
         current = self.scorer.score(ctx)
-        previous = None
-        if self.scores is not None:
-            previous = torch.nn.functional.pad(self.scores, (0, current.shape[-1] - self.scores.shape[-1]))
-        self.scores = self.scorer.combine(previous, current, ctx)
+        previous = self.resident_scores()
+        if previous is not None:
+            previous = torch.nn.functional.pad(previous, (0, current.shape[-1] - previous.shape[-1]))
+        self.set_resident_scores(self.scorer.combine(previous, current, ctx))
 
     def after_forward(self) -> None:
         """Evict down to the budget when due (after a prefill, and every `every` forwards)."""
@@ -97,21 +119,28 @@ class EvictingLayer(DynamicLayer):
         self.forwards_since_eviction = 0
 
     def _evict(self, budget: int) -> None:
+        keep, dropped = self._ranked_split(budget)
+        if self.offloader is not None:
+            self.offloaded.append(tuple(self.offloader.to_host(t) for t in self._take(dropped)))
+        self._keep(keep)
+
+    def _ranked_split(self, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices ([B, Hkv, n], sequence order) of the `budget` best-scored tokens of this layer's
+        own K/V (sinks and the recent window first), and of the rest."""
         if self.scorer.needs_attention:
-            if self.scores is None or self.scores.shape[-1] != self.kept:
+            if self.scores is None or self.scores.shape[-1] != self.keys.shape[-2]:
                 raise RuntimeError("kvpatch eviction: attention scores are missing; was the attention observer installed?")
             scores = self.scores
         else:
-            scores = self.scorer.score(self._context())
+            scores = self.scorer.score(ScoreContext(key=self.keys, positions=self.positions, seen=self.seen))
         if self.evictor.params.granularity == "layer":
             scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
         protected = self.evictor.protected(self.positions, self.seen, budget)
         ranked = scores.float().masked_fill(protected, float("inf"))
         order = ranked.argsort(dim=-1, descending=True, stable=True)
-        keep = order[..., :budget].sort(dim=-1).values  # keep sequence order
-        if self.offloader is not None:
-            dropped = order[..., budget:].sort(dim=-1).values
-            self.offloaded.append(tuple(self.offloader.to_host(t) for t in self._take(dropped)))
+        return order[..., :budget].sort(dim=-1).values, order[..., budget:].sort(dim=-1).values
+
+    def _keep(self, keep: torch.Tensor) -> None:
         self.keys, self.values, self.positions = self._take(keep)
         if self.scores is not None:
             self.scores = self.scores.gather(2, keep) if self.scorer.needs_attention else None
@@ -231,14 +260,12 @@ class BudgetEvictor(Stage):
         self.offloader = next((s for s in stages if isinstance(s, CpuOffloader)), None)
 
     def budget(self, seen: int) -> int:
-        if self.params.max_tokens is not None:
-            return self.params.max_tokens
-        return max(1, math.ceil(self.params.ratio * seen))
+        return budget_tokens(self.params.max_tokens, self.params.ratio, seen)
 
     def protected(self, positions: torch.Tensor, seen: int, budget: int) -> torch.Tensor:
         """Tokens that are never evicted: the sinks and the recent window."""
         recent = max(self.params.recent_tokens, int(self.params.recent_fraction * budget))
-        return (positions < self.params.sink_tokens) | (positions >= seen - recent)
+        return protected_tokens(positions, seen, self.params.sink_tokens, recent)
 
     def make_layer(self, layout: LayerLayout) -> CacheLayerMixin:
         if layout.sliding_window is not None:

@@ -2,14 +2,23 @@
 
 Device-to-host copies go into pinned buffers on a side CUDA stream, so they overlap the next
 kernels instead of stalling the decode step; bringing tensors back first waits for that stream.
-On a CPU-only machine the "copy" is a clone. Used by `evictor/budget`: with an offloader in the
-config, evicted tokens are kept in host memory (restorable with `cache.restore()`) instead of
-dropped.
+On a CPU-only machine the "copy" is a clone. With `backing: mmap` the host copies live in
+memory-mapped files instead (one per tensor, in a temporary directory): the OS may page them out
+to disk, so host RAM stops bounding the offloaded context; copies into them are synchronous
+(a file mapping is not page-locked). `cleanup()` (or garbage collection, or interpreter exit)
+deletes the files. Used by `evictor/budget` (evicted tokens kept restorable instead of dropped)
+and `evictor/tiered` (the cold tier).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import itertools
+import math
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
@@ -24,21 +33,31 @@ class CpuOffloader(Stage):
         #: Page-locked host buffers (needed for truly asynchronous copies; costs host RAM that
         #: the OS cannot swap).
         pin_memory: bool = True
+        #: `memory`: host RAM (pinned if `pin_memory`); `mmap`: memory-mapped files.
+        backing: Literal["memory", "mmap"] = "memory"
+        #: Where the mmap files go (a fresh temporary directory inside it); default: the
+        #: system temporary directory.
+        mmap_dir: str | None = None
 
     params: Params
 
     def __init__(self, params: Params) -> None:
         super().__init__(params)
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._mmap_dir: Path | None = None
+        self._file_ids = itertools.count()
+        self._finalizer: weakref.finalize | None = None
         self.bytes_offloaded = 0
         self.bytes_restored = 0
+        self.files_created = 0
 
     def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A host copy of `tensor`; asynchronous for CUDA tensors (see `to_device`)."""
+        """A host copy of `tensor` in this offloader's backing; asynchronous for CUDA tensors
+        into pinned memory (call `wait` before reading it on the host; `to_device` does)."""
         self.bytes_offloaded += tensor.numel() * tensor.element_size()
-        if tensor.device.type != "cuda":
-            return tensor.clone()
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.params.pin_memory)
+        host = self._host_empty(tensor.shape, tensor.dtype)
+        if tensor.device.type != "cuda" or self.params.backing == "mmap":
+            return host.copy_(tensor)
         stream = self._stream(tensor.device)
         stream.wait_stream(torch.cuda.current_stream(tensor.device))
         with torch.cuda.stream(stream):
@@ -46,14 +65,39 @@ class CpuOffloader(Stage):
         tensor.record_stream(stream)  # keep the source alive until the copy has run
         return host
 
+    def _host_empty(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        if self.params.backing == "mmap":
+            return self._mapped(shape, dtype)
+        return torch.empty(shape, dtype=dtype, pin_memory=self.params.pin_memory and torch.cuda.is_available())
+
     def to_device(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         """`tensor` (from `to_host`) on `device`, after every pending host copy has finished."""
         self.bytes_restored += tensor.numel() * tensor.element_size()
         if device.type == "cuda":
-            if device in self._streams:
-                self._streams[device].synchronize()
+            self.wait()
             return tensor.to(device, non_blocking=self.params.pin_memory)
         return tensor.to(device)
+
+    def wait(self) -> None:
+        """Block until every pending host copy has landed (before reading host tensors)."""
+        for stream in self._streams.values():
+            stream.synchronize()
+
+    def _mapped(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised host tensor backed by a new file in this offloader's directory."""
+        if self._mmap_dir is None:
+            self._mmap_dir = Path(tempfile.mkdtemp(prefix="kvpatch-offload-", dir=self.params.mmap_dir))
+            self._finalizer = weakref.finalize(self, shutil.rmtree, self._mmap_dir, True)
+        path = self._mmap_dir / f"{next(self._file_ids)}.bin"
+        self.files_created += 1
+        # size 0 would map nothing: give empty tensors one element of backing
+        flat = torch.from_file(str(path), shared=True, size=max(1, math.prod(shape)), dtype=dtype)
+        return flat[: math.prod(shape)].view(shape)
+
+    @property
+    def mmap_dir(self) -> Path | None:
+        """The directory of this offloader's backing files (None before the first one)."""
+        return self._mmap_dir
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
         if device not in self._streams:
@@ -61,10 +105,13 @@ class CpuOffloader(Stage):
         return self._streams[device]
 
     def cleanup(self) -> None:
-        """Wait for pending copies and release the side streams."""
-        for stream in self._streams.values():
-            stream.synchronize()
+        """Wait for pending copies, release the side streams and delete the backing files
+        (tensors already mapped stay readable until freed; new ones get a new directory)."""
+        self.wait()
         self._streams.clear()
+        if self._finalizer is not None:
+            self._finalizer()
+        self._mmap_dir = self._finalizer = None
 
     def __enter__(self) -> "CpuOffloader":
         return self
@@ -73,4 +120,5 @@ class CpuOffloader(Stage):
         self.cleanup()
 
     def stats(self) -> dict[str, Any]:
-        return {"bytes_offloaded": self.bytes_offloaded, "bytes_restored": self.bytes_restored}
+        return {"bytes_offloaded": self.bytes_offloaded, "bytes_restored": self.bytes_restored,
+                "backing": self.params.backing, "files_created": self.files_created}

@@ -61,6 +61,40 @@ def attention_mass(query: torch.Tensor, key: torch.Tensor, scaling: float, last_
     return mass
 
 
+def _key_chunks(query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Queries grouped by KV head `[B, Hkv, G, Q, D]` (float32) and a key-chunk size that keeps
+    the transient logits block under PROBS_BUDGET elements."""
+    batch, q_heads, q_len, dim = query.shape
+    grouped = query.reshape(batch, key.shape[1], q_heads // key.shape[1], q_len, dim).float()
+    return grouped, max(1, PROBS_BUDGET // max(1, batch * q_heads * q_len))
+
+
+def key_logsumexp(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """log sum_k exp(q·k * scaling) of each query over every key (no causal mask: for keys that
+    all precede the queries), `[B, Hkv, G, Q]`. Two key sets on different devices share one
+    softmax through `torch.logaddexp` of their results."""
+    grouped, rows = _key_chunks(query, key)
+    out = torch.full(grouped.shape[:-1], float("-inf"), device=key.device)
+    for start in range(0, key.shape[2], rows):
+        block = key[:, :, start : start + rows].float().transpose(-1, -2).unsqueeze(2)
+        out = torch.logaddexp(out, ((grouped @ block) * scaling).logsumexp(-1))
+    return out
+
+
+def attention_mass_under(query: torch.Tensor, key: torch.Tensor, scaling: float, log_normalizer: torch.Tensor) -> torch.Tensor:
+    """Attention mass `[B, Hkv, Tk]` that keys that all precede the queries receive when the
+    softmax normaliser is `log_normalizer` (from `key_logsumexp`, possibly over more keys than
+    these): summed over queries and over the query heads of each KV head."""
+    grouped, rows = _key_chunks(query, key)
+    parts = []
+    for start in range(0, key.shape[2], rows):
+        block = key[:, :, start : start + rows].float().transpose(-1, -2).unsqueeze(2)
+        parts.append(((grouped @ block) * scaling - log_normalizer.unsqueeze(-1)).exp().sum(dim=(2, 3)))
+    if not parts:
+        return key.new_zeros(key.shape[:3], dtype=torch.float32)
+    return torch.cat(parts, dim=-1)
+
+
 class ScorerStage(Stage):
     """Base of scorers: `score` gives this forward's evidence, `combine` merges it with history."""
 

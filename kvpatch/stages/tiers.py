@@ -1,0 +1,459 @@
+"""`evictor/tiered`: hot / warm / cold tiers of each layer's K/V, moved by importance.
+
+- hot: full precision on the accelerator: the sinks, the recent window and the best-scored
+  tokens (the `EvictingLayer` this layer extends holds them);
+- warm: the config's quantizer codes on the accelerator (full precision when the config has no
+  quantizer), decoded for attention: exact up to quantization;
+- cold: the same codes in host memory through the offloader (pinned, or memory-mapped files);
+  not attended until promoted.
+
+Demotion follows the scorer: after each forward, when hot is over its budget its lowest-scored
+tokens are quantized into warm (in whole blocks of the quantizer, so each token is encoded
+once), and when warm is over its budget its lowest-scored blocks move to cold. Promotion
+(auto-restore): on every multi-token forward and every `promote_every` decode steps, cold and
+warm blocks are scored against the recent queries with one softmax over both tiers, and cold
+blocks that outscore warm ones swap places with them BEFORE this forward's attention runs (the
+swap rewrites the warm slots of the K/V that attention is about to read), so a question that
+refers to a cold passage is answered from it. A quantized token cannot regain precision, so
+promotion brings blocks back to warm, not to hot. With tiers nothing is dropped unless the cold
+budget says so (`cold: {max_tokens: 0}` drops what leaves warm).
+
+The layer follows the eviction contract like `EvictingLayer`: `get_seq_length()` counts every
+token seen, `get_mask_sizes(q)` is `(resident + q, seen - resident)`, `update` returns every
+resident token (warm first, then hot, this forward's tokens last) and tiers move after the
+forward. Blocks are per KV head: each head keeps its own tokens in each tier, same counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Protocol
+
+import torch
+from pydantic import Field, model_validator
+from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
+
+from ..patch.cache import LayerLayout
+from ..quant.base import QuantizerStage, Role
+from ..quant.codes import Codes
+from ..registry import Stage, StageParams, first_stage_of, register_stage
+from .evictor import EvictingLayer, budget_tokens, protected_tokens
+from .offloader import CpuOffloader
+from .scorers import ScoreContext, ScorerStage, attention_mass_under, key_logsumexp
+
+
+class Codec(Protocol):
+    """What tiers need of a quantizer (`QuantizerStage` or `FullPrecision`)."""
+
+    def block_tokens(self, role: Role) -> int: ...
+    def encode(self, x: torch.Tensor, role: Role) -> Codes: ...
+    def decode(self, codes: Codes, role: Role, dtype: torch.dtype) -> torch.Tensor: ...
+
+
+class FullPrecision:
+    """The codec of a config without a quantizer: warm and cold keep the tensors as they are
+    (lossless tiers: cold tokens are the only difference from the full cache)."""
+
+    def block_tokens(self, role: Role) -> int:
+        return 1
+
+    def encode(self, x: torch.Tensor, role: Role) -> Codes:
+        return Codes({"x": x}, 1, x.shape[-1])
+
+    def decode(self, codes: Codes, role: Role, dtype: torch.dtype) -> torch.Tensor:
+        return codes.tensors["x"].to(dtype)
+
+
+def _unit_index(index: torch.Tensor, units: int, like: torch.Tensor) -> torch.Tensor:
+    """Block indices `[B, H, n]` -> indices of their units along axis 2 of `like`, expanded to
+    its trailing dims (for gather / scatter)."""
+    index = index.to(like.device)
+    unit = (index.unsqueeze(-1) * units + torch.arange(units, device=like.device)).flatten(2)
+    return unit.view(*unit.shape, *([1] * (like.dim() - 3))).expand(*unit.shape, *like.shape[3:])
+
+
+@dataclass
+class TierBlocks:
+    """One tier's tokens as whole blocks per KV head: every tensor is `[B, H, units, ...]`
+    with `per_block[name]` units per block (codes blocks, or tokens for positions/scores)."""
+
+    tensors: dict[str, torch.Tensor]
+    per_block: dict[str, int]
+
+    @property
+    def blocks(self) -> int:
+        name = next(iter(self.tensors))
+        return self.tensors[name].shape[2] // self.per_block[name]
+
+    def take(self, index: torch.Tensor) -> "TierBlocks":
+        """The blocks at `index` (`[B, H, n]`, per head)."""
+        return TierBlocks({name: t.gather(2, _unit_index(index, self.per_block[name], t))
+                           for name, t in self.tensors.items()}, self.per_block)
+
+    def put(self, index: torch.Tensor, blocks: "TierBlocks") -> None:
+        """Overwrite the blocks at `index` with `blocks`, in place."""
+        for name, t in self.tensors.items():
+            t.scatter_(2, _unit_index(index, self.per_block[name], t), blocks.tensors[name].to(t.device))
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "TierBlocks":
+        return TierBlocks({name: fn(t) for name, t in self.tensors.items()}, self.per_block)
+
+    def codes(self, role: Role, layout: tuple[int, int]) -> Codes:
+        prefix = f"{role}."
+        return Codes({n[len(prefix):]: t for n, t in self.tensors.items() if n.startswith(prefix)}, *layout)
+
+    def kv_tensors(self) -> list[torch.Tensor]:
+        return [t for n, t in self.tensors.items() if n.startswith(("key.", "value."))]
+
+    def token_view(self, name: str) -> torch.Tensor:
+        """A per-token tensor (`pos`, `score`) as `[B, H, blocks, block]`."""
+        t = self.tensors[name]
+        return t.view(*t.shape[:2], self.blocks, self.per_block[name])
+
+    @staticmethod
+    def cat(parts: Sequence["TierBlocks"]) -> "TierBlocks":
+        if len(parts) == 1:
+            return parts[0]
+        return TierBlocks({name: torch.cat([p.tensors[name].to(parts[0].tensors[name].device) for p in parts], dim=2)
+                           for name in parts[0].tensors}, parts[0].per_block)
+
+    @staticmethod
+    def where(cond: torch.Tensor, a: "TierBlocks", b: "TierBlocks") -> "TierBlocks":
+        """Per block (`cond`: `[B, H, n]`), `a`'s block where true, else `b`'s."""
+        out = {}
+        for name, ta in a.tensors.items():
+            c = cond.to(ta.device).repeat_interleave(a.per_block[name], dim=2)
+            out[name] = torch.where(c.view(*c.shape, *([1] * (ta.dim() - 3))), ta, b.tensors[name].to(ta.device))
+        return TierBlocks(out, a.per_block)
+
+
+class TierBudget(StageParams):
+    """A tier's budget per layer and KV head: tokens, or a fraction of the tokens seen; neither
+    means unlimited."""
+
+    max_tokens: int | None = Field(default=None, ge=0)
+    ratio: float | None = Field(default=None, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _one(self) -> "TierBudget":
+        if self.max_tokens is not None and self.ratio is not None:
+            raise ValueError("a tier budget sets max_tokens or ratio, not both")
+        return self
+
+    def tokens(self, seen: int) -> int | None:
+        return budget_tokens(self.max_tokens, self.ratio, seen)
+
+    @property
+    def unlimited(self) -> bool:
+        return self.max_tokens is None and self.ratio is None
+
+
+class TieredLayer(EvictingLayer):
+    """Hot (the inherited dense K/V, positions, scores), warm (`TierBlocks` on the device) and
+    cold (`TierBlocks` chunks in host memory)."""
+
+    def __init__(self, stage: "TieredEvictor", scorer: ScorerStage, codec: Codec, offloader: CpuOffloader | None) -> None:
+        super().__init__(stage, scorer)
+        self.stage, self.codec, self.cold_offloader = stage, codec, offloader
+        self.block = math.lcm(codec.block_tokens("key"), codec.block_tokens("value"))
+        self.warm: TierBlocks | None = None
+        #: Chunks in the order they went cold; merged into one when a promotion needs them.
+        self.cold: list[TierBlocks] = []
+        self.recent_queries: torch.Tensor | None = None
+        self.forwards_since_promotion = 0
+        self._layout: dict[str, tuple[int, int]] = {}
+
+    # -- sizes ----------------------------------------------------------------------------------
+
+    @property
+    def hot_tokens(self) -> int:
+        return self.keys.shape[-2] if self.is_initialized else 0
+
+    @property
+    def warm_tokens(self) -> int:
+        return self.warm.blocks * self.block if self.warm is not None else 0
+
+    @property
+    def cold_tokens(self) -> int:
+        return sum(c.blocks for c in self.cold) * self.block
+
+    @property
+    def kept(self) -> int:
+        """Tokens attention reads: hot + warm."""
+        return self.hot_tokens + self.warm_tokens
+
+    def tier_tokens(self) -> dict[str, int]:
+        return {"hot": self.hot_tokens, "warm": self.warm_tokens, "cold": self.cold_tokens}
+
+    def tier_bytes(self) -> dict[str, int]:
+        """K/V bytes per tier (codes, scales included; positions and scores are bookkeeping)."""
+        def nbytes(tensors: list[torch.Tensor]) -> int:
+            return sum(t.numel() * t.element_size() for t in tensors)
+        hot = nbytes([self.keys, self.values]) if self.is_initialized else 0
+        warm = nbytes(self.warm.kv_tensors()) if self.warm is not None else 0
+        return {"hot": hot, "warm": warm, "cold": nbytes([t for c in self.cold for t in c.kv_tensors()])}
+
+    # -- attention --------------------------------------------------------------------------------
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        hot_k, hot_v = super().update(key_states, value_states)
+        if not self.warm_tokens:
+            return hot_k, hot_v
+        warm_k, warm_v = self._decode(self.warm)
+        return torch.cat([warm_k, hot_k], dim=-2), torch.cat([warm_v, hot_v], dim=-2)
+
+    def resident_positions(self) -> torch.Tensor:
+        if not self.warm_tokens:
+            return self.positions
+        return torch.cat([self.warm.tensors["pos"], self.positions], dim=-1)
+
+    def resident_scores(self) -> torch.Tensor | None:
+        if self.scores is None or not self.warm_tokens:
+            return self.scores
+        return torch.cat([self.warm.tensors["score"], self.scores], dim=-1)
+
+    def set_resident_scores(self, scores: torch.Tensor) -> None:
+        if self.warm_tokens:
+            self.warm.tensors["score"] = scores[..., : self.warm_tokens].contiguous()
+        self.scores = scores[..., self.warm_tokens :]
+
+    def observe_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> None:
+        """Promote first (this forward's attention then reads the promoted blocks), then score."""
+        window = self.stage.params.promote_window
+        if self.stage.params.promote_every is not None and key.shape[-2] == self.kept:
+            recent = query if self.recent_queries is None or query.shape[2] >= window else torch.cat([self.recent_queries, query], dim=2)
+            self.recent_queries = recent[:, :, -window:]
+            self.forwards_since_promotion += 1
+            if query.shape[2] > 1 or self.forwards_since_promotion >= self.stage.params.promote_every:
+                self.forwards_since_promotion = 0
+                self._promote(key, value, scaling)
+        super().observe_attention(query, key, value, scaling)
+
+    # -- moving tokens between tiers ----------------------------------------------------------------
+
+    def after_forward(self) -> None:
+        if not self.is_initialized:
+            return
+        self._demote_hot()
+        self._demote_warm()
+        self._trim_cold()
+
+    def _demote_hot(self) -> None:
+        """Quantize the lowest-scored hot tokens into warm, whole blocks at a time."""
+        budget = self.stage.params.hot.tokens(self.seen)
+        excess = self.hot_tokens - budget if budget is not None else 0
+        if excess <= 0 or (self.last_forward_tokens == 1 and excess < self.block):
+            return
+        protected = self.stage.protected(self.positions, self.seen, 0)
+        movable = int((~protected).sum(-1).min()) // self.block * self.block
+        count = min(math.ceil(excess / self.block) * self.block, movable)
+        if count <= 0:
+            return
+        keep, dropped = self._ranked_split(self.hot_tokens - count)
+        keys, values, positions = self._take(dropped)
+        scores = self.scores.gather(2, dropped) if self.scores is not None else torch.zeros_like(positions, dtype=torch.float32)
+        demoted = self._encode(keys, values, positions, scores)
+        self.warm = demoted if self.warm is None else TierBlocks.cat([self.warm, demoted])
+        self._keep(keep)
+        self.stage.counters["tokens_to_warm"] += count
+
+    def _demote_warm(self) -> None:
+        """Move the lowest-scored warm blocks to cold (or drop them if cold's budget is 0)."""
+        budget = self.stage.params.warm.tokens(self.seen)
+        if budget is None or self.warm is None or self.warm.blocks * self.block <= budget:
+            return
+        order = self._block_scores(self.warm).argsort(dim=-1, descending=True, stable=True)
+        keep_blocks = budget // self.block
+        leaving = self.warm.take(order[..., keep_blocks:])
+        self.warm = self.warm.take(order[..., :keep_blocks].sort(dim=-1).values)
+        self.stage.counters["blocks_to_cold"] += leaving.blocks
+        if self.stage.drops_cold:
+            self.stage.counters["blocks_dropped"] += leaving.blocks
+            return
+        self.cold.append(leaving.map(self.cold_offloader.to_host))
+
+    def _trim_cold(self) -> None:
+        """Drop the lowest-scored cold blocks beyond cold's budget (only when one is set)."""
+        budget = self.stage.params.cold.tokens(self.seen)
+        if budget is None or self.stage.drops_cold or self.cold_tokens <= budget:
+            return
+        cold = self._merged_cold()
+        order = self._block_scores(cold).argsort(dim=-1, descending=True, stable=True)
+        keep_blocks = budget // self.block
+        self.stage.counters["blocks_dropped"] += cold.blocks - keep_blocks
+        self.cold = [cold.take(order[..., :keep_blocks].sort(dim=-1).values).map(self.cold_offloader.to_host)]
+
+    def _promote(self, key: torch.Tensor, value: torch.Tensor, scaling: float) -> None:
+        """Swap cold blocks that the recent queries attend to more than to some warm blocks
+        (one softmax over every old token of both tiers and hot) into those warm slots, also in
+        the `key` / `value` that this forward's attention reads."""
+        if not self.cold or not self.warm_tokens:
+            return
+        cold = self._merged_cold()
+        self.cold_offloader.wait()
+        host = next(iter(cold.tensors.values())).device
+        queries = self.recent_queries
+        old = key[..., : key.shape[-2] - self.last_forward_tokens, :]
+        cold_keys, _ = self._decode(cold, values=False)
+        lse = torch.logaddexp(key_logsumexp(queries, old, scaling).to(host),
+                              key_logsumexp(queries.to(host), cold_keys, scaling))
+        cold_mass = attention_mass_under(queries.to(host), cold_keys, scaling, lse)
+        warm_mass = attention_mass_under(queries, key[..., : self.warm_tokens, :], scaling, lse.to(key.device))
+        count = min(self.stage.params.promote_blocks, cold.blocks, self.warm.blocks)
+        batch, heads = warm_mass.shape[:2]
+        cold_best, cold_index = cold_mass.view(batch, heads, -1, self.block).amax(-1).topk(count, dim=-1)
+        warm_worst, warm_index = warm_mass.view(batch, heads, -1, self.block).amax(-1).topk(count, dim=-1, largest=False)
+        swap = cold_best.to(key.device) > warm_worst
+        if not bool(swap.any()):
+            return
+        displaced = self.warm.take(warm_index)
+        arriving = cold.take(cold_index).map(lambda t: self.cold_offloader.to_device(t, key.device))
+        # a promoted block takes at least the rank of the block it displaced, so it is not the
+        # first to go cold again on the next demotion
+        floor = displaced.token_view("score").amax(-1, keepdim=True).expand(-1, -1, -1, self.block).flatten(2)
+        arriving.tensors["score"] = torch.maximum(arriving.tensors["score"], floor)
+        incoming = TierBlocks.where(swap, arriving, displaced)
+        self.warm.put(warm_index, incoming)
+        cold.put(cold_index, TierBlocks.where(swap, displaced.map(lambda t: t.to(host)), cold.take(cold_index)))
+        new_k, new_v = self._decode(incoming)
+        slots = _unit_index(warm_index, self.block, key)
+        key.scatter_(2, slots, new_k)
+        value.scatter_(2, _unit_index(warm_index, self.block, value), new_v)
+        self.stage.counters["blocks_promoted"] += int(swap.sum())
+
+    def restore(self) -> None:
+        """Bring every cold block back to warm (the budgets apply again after the next forward)."""
+        if self.cold:
+            device = self.keys.device
+            back = self._merged_cold().map(lambda t: self.cold_offloader.to_device(t, device))
+            self.warm = back if self.warm is None else TierBlocks.cat([self.warm, back])
+            self.cold = []
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _encode(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor) -> TierBlocks:
+        key_codes, value_codes = self.codec.encode(keys, "key"), self.codec.encode(values, "value")
+        self._layout = {"key": (key_codes.block_tokens, key_codes.dim), "value": (value_codes.block_tokens, value_codes.dim)}
+        tensors = {f"key.{n}": t for n, t in key_codes.tensors.items()}
+        tensors |= {f"value.{n}": t for n, t in value_codes.tensors.items()}
+        per_block = {n: self.block // key_codes.block_tokens for n in tensors if n.startswith("key.")}
+        per_block |= {n: self.block // value_codes.block_tokens for n in tensors if n.startswith("value.")}
+        tensors |= {"pos": positions, "score": scores.float()}
+        return TierBlocks(tensors, per_block | {"pos": self.block, "score": self.block})
+
+    def _decode(self, tier: TierBlocks, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        keys = self.codec.decode(tier.codes("key", self._layout["key"]), "key", self.dtype)
+        if not values:
+            return keys, None
+        return keys, self.codec.decode(tier.codes("value", self._layout["value"]), "value", self.dtype)
+
+    def _merged_cold(self) -> TierBlocks:
+        if len(self.cold) > 1:
+            self.cold_offloader.wait()
+            self.cold = [TierBlocks.cat(self.cold).map(self.cold_offloader.to_host)]
+        return self.cold[0]
+
+    def _block_scores(self, tier: TierBlocks) -> torch.Tensor:
+        """Importance of each block `[B, H, blocks]`: its best token's score."""
+        if self.scorer.needs_attention:
+            scores = tier.tensors["score"]
+        else:
+            keys, _ = self._decode(tier, values=False)
+            scores = self.scorer.score(ScoreContext(key=keys, positions=tier.tensors["pos"], seen=self.seen))
+        return scores.view(*scores.shape[:2], tier.blocks, self.block).amax(-1)
+
+    def kv_tensors(self) -> list[torch.Tensor | None]:
+        warm = self.warm.kv_tensors() if self.warm is not None else []
+        return [self.keys, self.values, *warm, *(t for c in self.cold for t in c.kv_tensors())]
+
+    def _map_tiers(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.warm is not None:
+            self.warm = self.warm.map(fn)
+        self.cold = [c.map(fn) for c in self.cold]
+        if self.recent_queries is not None:
+            self.recent_queries = fn(self.recent_queries)
+
+    def _index_batch(self, index: torch.Tensor) -> None:
+        super()._index_batch(index)
+        self._map_tiers(lambda t: t.index_select(0, index.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_tiers(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def reset(self) -> None:
+        self.warm, self.cold, self.recent_queries = None, [], None
+        self.forwards_since_promotion = 0
+        super().reset()
+
+
+@register_stage("evictor", "tiered")
+class TieredEvictor(Stage):
+    """Hot / warm / cold tiers with a budget each, demotion by score and promotion by the
+    recent queries' attention; builds `TieredLayer`s."""
+
+    lossless: ClassVar[bool] = False
+    requires: ClassVar[tuple[str, ...]] = ("scorer",)
+    builds_layers: ClassVar[bool] = True
+    needs_cache_events: ClassVar[bool] = True
+
+    class Params(StageParams):
+        #: Full-precision tokens on the accelerator (sinks and the recent window included).
+        hot: TierBudget = TierBudget(max_tokens=256)
+        #: Quantized tokens on the accelerator; unlimited by default.
+        warm: TierBudget = TierBudget()
+        #: Quantized tokens in host memory (needs an offloader); unlimited by default,
+        #: `{max_tokens: 0}` drops what leaves warm.
+        cold: TierBudget = TierBudget()
+        sink_tokens: int = Field(default=4, ge=0)
+        recent_tokens: int = Field(default=32, ge=0)
+        granularity: Literal["head", "layer"] = "head"
+        #: Decode steps between promotion rounds (multi-token forwards always run one); None: off.
+        promote_every: int | None = Field(default=16, ge=1)
+        #: Recent queries that promotion scores cold and warm blocks against.
+        promote_window: int = Field(default=32, ge=1)
+        #: Most blocks per head swapped in one round.
+        promote_blocks: int = Field(default=4, ge=1)
+
+        @model_validator(mode="after")
+        def _hot_holds_protected(self) -> "TieredEvictor.Params":
+            if self.hot.max_tokens is not None and self.hot.max_tokens < self.sink_tokens + self.recent_tokens:
+                raise ValueError(f"hot.max_tokens ({self.hot.max_tokens}) must hold the sink and recent tokens "
+                                 f"({self.sink_tokens} + {self.recent_tokens}), which never leave hot")
+            return self
+
+    params: Params
+
+    def __init__(self, params: Params) -> None:
+        super().__init__(params)
+        self.scorer: ScorerStage | None = None
+        self.codec: Codec = FullPrecision()
+        self.offloader: CpuOffloader | None = None
+        self.counters = {"tokens_to_warm": 0, "blocks_to_cold": 0, "blocks_promoted": 0, "blocks_dropped": 0}
+
+    @property
+    def drops_cold(self) -> bool:
+        return self.params.cold.max_tokens == 0
+
+    def connect(self, stages: Sequence[Stage]) -> None:
+        self.scorer = first_stage_of(stages, ScorerStage, "evictor/tiered")
+        self.codec = next((s for s in stages if isinstance(s, QuantizerStage)), FullPrecision())
+        self.offloader = next((s for s in stages if isinstance(s, CpuOffloader)), None)
+        if self.offloader is None and not self.params.warm.unlimited and not self.drops_cold:
+            raise ValueError("evictor/tiered: the warm tier has a budget, so tokens go cold, and cold needs an "
+                             "offloader stage (offloader/cpu); or set cold: {max_tokens: 0} to drop them instead")
+
+    def protected(self, positions: torch.Tensor, seen: int, budget: int) -> torch.Tensor:
+        return protected_tokens(positions, seen, self.params.sink_tokens, self.params.recent_tokens)
+
+    def make_layer(self, layout: LayerLayout) -> CacheLayerMixin:
+        if layout.sliding_window is not None:
+            return DynamicSlidingWindowLayer(sliding_window=layout.sliding_window)
+        if self.scorer is None:
+            raise RuntimeError("evictor/tiered was not connected to its pipeline's scorer")
+        return TieredLayer(self, self.scorer, self.codec, self.offloader)
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.counters)
