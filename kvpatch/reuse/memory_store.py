@@ -183,7 +183,8 @@ class TieredChunkStore:
 
     def _host_copy(self, chunk: StoredChunk) -> StoredChunk:
         """The chunk as RAM keeps it: under the store's codec (a dense chunk is encoded where it
-        lives, e.g. on the GPU), every tensor a fresh CPU copy, pinned if `pin_memory`."""
+        lives, e.g. on the GPU), every tensor on the CPU, pinned if `pin_memory`. The store owns
+        the tensors afterwards: callers hand over buffers they no longer write to."""
         kv_shape(chunk)
         tensors = chunk.tensors
         if chunk.codec == "dense" and self.codec != "dense":
@@ -193,8 +194,13 @@ class TieredChunkStore:
                            chunk.start, {k: self._host(t) for k, t in tensors.items()}, codec, dict(chunk.meta))
 
     def _host(self, t: torch.Tensor) -> torch.Tensor:
-        copy = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin_memory)
-        return copy.copy_(t)
+        """`t` itself if it already is what RAM keeps (a CPU tensor owning its whole storage,
+        pinned if the store pins: the write-back path hands over such buffers), else a copy."""
+        owned = t.device.type == "cpu" and t.is_contiguous() and (
+            t.untyped_storage().nbytes() == t.numel() * t.element_size())
+        if owned and (t.is_pinned() or not self.pin_memory):
+            return t
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin_memory).copy_(t)
 
     def _insert(self, chunk: StoredChunk, skip_spill: bool = False) -> _Entry:
         """Add `chunk` to RAM, evicting (and spilling) others to fit; a chunk larger than the

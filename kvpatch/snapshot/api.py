@@ -24,7 +24,7 @@ from . import checks
 from .cache_codec import encode_cache, restore_cache
 from .fingerprint import model_fingerprint, tokenizer_digest
 from .format import (
-    FORMAT_VERSION, PipelineFingerprint, SnapshotMetadata, TensorRecord, decode_metadata, encode_metadata,
+    FORMAT_VERSION, AnyMetadata, PipelineFingerprint, SnapshotMetadata, TensorRecord, decode_metadata, encode_metadata,
     state_tensor_name,
 )
 from .io import content_sha256, dtype_name, read_header, read_tensors, write_atomic
@@ -95,24 +95,33 @@ def _rows(token_ids: TokenIds | None) -> list[list[int]] | None:
     return (ids.unsqueeze(0) if ids.dim() == 1 else ids).tolist()
 
 
-def read_metadata(path: str | os.PathLike[str]) -> SnapshotMetadata:
-    """The metadata of a snapshot (its own checksum, version and schema checked); tensors unread."""
+def read_metadata(path: str | os.PathLike[str], kind: str | None = None) -> AnyMetadata:
+    """The metadata of a snapshot of any kind, or of `kind` (its own checksum, version and schema
+    checked); tensors unread."""
     target = Path(path)
     header, _ = read_header(target)
-    return decode_metadata(target, header)
+    return decode_metadata(target, header, kind)
+
+
+def read_checked(path: Path, kind: str) -> tuple[AnyMetadata, dict[str, torch.Tensor]]:
+    """Metadata and tensors of a snapshot of `kind` that passed the integrity checks (structure,
+    metadata, tensors as listed, content checksum)."""
+    for _ in range(3):
+        before = _inode(path)
+        header, _ = read_header(path)
+        tensors = read_tensors(path)
+        if _inode(path) == before:
+            break  # both reads saw the same file, not one each side of a concurrent replace
+    metadata = decode_metadata(path, header, kind)
+    checks.check_integrity(path, metadata, tensors)
+    return metadata, tensors
 
 
 def read_snapshot(path: str | os.PathLike[str]) -> Snapshot:
     """Read a snapshot and check its integrity: structure, metadata, tensors, content checksum."""
     target = Path(path)
-    for _ in range(3):
-        before = _inode(target)
-        header, _ = read_header(target)
-        tensors = read_tensors(target)
-        if _inode(target) == before:
-            break  # both reads saw the same file, not one each side of a concurrent replace
-    metadata = decode_metadata(target, header)
-    checks.check_integrity(target, metadata, tensors)
+    metadata, tensors = read_checked(target, "request")
+    assert isinstance(metadata, SnapshotMetadata)
     checks.check_consistency(target, metadata)
     return Snapshot(target, metadata, tensors)
 

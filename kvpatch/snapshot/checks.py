@@ -17,11 +17,11 @@ from ..errors import SnapshotCorruptError, SnapshotMismatchError
 from ..patch.cache import KVPatchCache, layer_layouts
 from .cache_codec import ROLES, codes_tensor_name, layer_kind
 from .fingerprint import model_fingerprint, tokenizer_digest
-from .format import LayerRecord, SnapshotMetadata
+from .format import AnyMetadata, LayerRecord, ModelFingerprint, SnapshotMetadata
 from .io import content_sha256, dtype_name
 
 
-def check_integrity(path: Path, metadata: SnapshotMetadata, tensors: dict[str, torch.Tensor]) -> None:
+def check_integrity(path: Path, metadata: AnyMetadata, tensors: dict[str, torch.Tensor]) -> None:
     """The file holds exactly the tensors the metadata lists, as listed, with the right checksum."""
     expected = metadata.tensor_records()
     if expected.keys() != tensors.keys():
@@ -63,12 +63,17 @@ class KVLayout:
         return cls(batch, int(heads), int(head_dim))
 
 
-def check_model(path: Path, metadata: SnapshotMetadata, model: torch.nn.Module) -> None:
-    """Same model type, dtype, architecture and weights; layers shaped for this model."""
+def check_fingerprint(path: Path, recorded: ModelFingerprint, model: torch.nn.Module) -> None:
+    """Same model type, dtype, architecture and weights (in that order)."""
     ours = model_fingerprint(model)
     for field in ("model_type", "dtype", "architecture", "weights"):
         hint = "the snapshot was made with different weights" if field == "weights" else ""
-        _expect(path, f"model.{field}", getattr(ours, field), getattr(metadata.model, field), hint)
+        _expect(path, f"model.{field}", getattr(ours, field), getattr(recorded, field), hint)
+
+
+def check_model(path: Path, metadata: SnapshotMetadata, model: torch.nn.Module) -> None:
+    """The model's fingerprint; layers shaped for this model."""
+    check_fingerprint(path, metadata.model, model)
     _expect(path, "layers (count)", len(layer_layouts(model.config)), len(metadata.layers))
     layout = KVLayout.of(model.config, metadata.batch_size)
     for i, record in enumerate(metadata.layers):
@@ -110,12 +115,12 @@ def _check_layer_shapes(path: Path, where: str, record: LayerRecord, layout: KVL
         _expect(path, f"{where}.{name}.shape[:3]", [layout.batch, layout.heads, blocks], record.tensors[name].shape[:3])
 
 
-def check_pipeline(path: Path, metadata: SnapshotMetadata, config: PipelineConfig) -> None:
+def check_pipeline(path: Path, metadata: AnyMetadata, config: PipelineConfig) -> None:
     _expect(path, "pipeline.digest", config.digest(), metadata.pipeline.digest,
             f"the snapshot was made with config {metadata.pipeline.name!r}, this pipeline is {config.name!r}")
 
 
-def check_tokenizer(path: Path, metadata: SnapshotMetadata, tokenizer: Any | None) -> None:
+def check_tokenizer(path: Path, metadata: AnyMetadata, tokenizer: Any | None) -> None:
     """Only when both sides know their tokenizer: token ids mean nothing under another vocabulary."""
     if tokenizer is not None and metadata.tokenizer is not None:
         _expect(path, "tokenizer", tokenizer_digest(tokenizer), metadata.tokenizer)

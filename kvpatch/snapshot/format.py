@@ -3,7 +3,8 @@
 The metadata is one canonical JSON document stored under `METADATA_KEY` in the safetensors
 `__metadata__`, next to its SHA-256 under `METADATA_SHA_KEY`: the tensors are covered by
 `content_sha256`, the JSON by its own hash, so no byte of a snapshot can change unnoticed.
-`LayerRecord` describes one cache layer on its own, so that chunk records can reuse it.
+Two kinds share the encoding: `request` (one request's cache, `SnapshotMetadata`) and
+`chunk_store` (every chunk of a chunk store, `ChunkStoreMetadata`).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class PipelineFingerprint(_Record):
 
 class SnapshotMetadata(_Record):
     format_version: Literal[1]
-    #: What the file holds: the cache of one request. Chunk records will add their own kind.
+    #: What the file holds: the cache of one request (a chunk store is `ChunkStoreMetadata`).
     kind: Literal["request"] = "request"
     kvpatch_version: str
     created: str
@@ -104,6 +105,46 @@ class SnapshotMetadata(_Record):
         return records
 
 
+class ChunkRecord(_Record):
+    """One chunk of a chunk-store snapshot (`kvpatch.reuse.StoredChunk` minus its tensors, which
+    are stored as `chunks.{i}.{name}`: `payload.{codec tensor}` and `token_ids`)."""
+
+    prefix_hash: str
+    content_hash: str
+    start: int = Field(ge=0)
+    tokens: int = Field(ge=0)
+    codec: str
+    meta: dict[str, Any] = Field(default_factory=dict)
+    tensors: dict[str, TensorRecord]
+
+
+class ChunkStoreMetadata(_Record):
+    """A whole chunk store: every chunk, tied to the model and pipeline that computed them."""
+
+    format_version: Literal[1]
+    kind: Literal["chunk_store"]
+    kvpatch_version: str
+    created: str
+    model: ModelFingerprint
+    pipeline: PipelineFingerprint
+    tokenizer: str | None = None
+    chunks: list[ChunkRecord]
+    content_sha256: str
+
+    def tensor_records(self) -> dict[str, TensorRecord]:
+        return {chunk_tensor_name(i, name): record for i, chunk in enumerate(self.chunks)
+                for name, record in chunk.tensors.items()}
+
+
+AnyMetadata = SnapshotMetadata | ChunkStoreMetadata
+#: The schema of each snapshot `kind`.
+SCHEMAS: dict[str, type[AnyMetadata]] = {"request": SnapshotMetadata, "chunk_store": ChunkStoreMetadata}
+
+
+def chunk_tensor_name(index: int, name: str) -> str:
+    return f"chunks.{index}.{name}"
+
+
 def layer_tensor_name(index: int, name: str) -> str:
     return f"layers.{index}.{name}"
 
@@ -113,14 +154,15 @@ def state_tensor_name(stage: str, name: str) -> str:
     return f"{stage.split('/')[0]}.{name}"
 
 
-def encode_metadata(metadata: SnapshotMetadata) -> dict[str, str]:
+def encode_metadata(metadata: AnyMetadata) -> dict[str, str]:
     """The safetensors `__metadata__` for `metadata`: canonical JSON plus its SHA-256."""
     text = json.dumps(metadata.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return {METADATA_KEY: text, METADATA_SHA_KEY: _sha256(text)}
 
 
-def decode_metadata(path: Path, header: dict[str, str]) -> SnapshotMetadata:
-    """Check the metadata hash, then the format version, then the schema."""
+def decode_metadata(path: Path, header: dict[str, str], kind: str | None = None) -> AnyMetadata:
+    """Check the metadata hash, then the format version, then the kind (`kind`, if given, is the
+    one the caller can use), then that kind's schema."""
     text = header.get(METADATA_KEY)
     if text is None:
         raise SnapshotCorruptError(f"{path} is not a kvpatch snapshot: no {METADATA_KEY!r} in the safetensors metadata")
@@ -134,8 +176,14 @@ def decode_metadata(path: Path, header: dict[str, str]) -> SnapshotMetadata:
     if version != FORMAT_VERSION:
         raise SnapshotMismatchError(path, "format_version", FORMAT_VERSION, version,
                                     "this kvpatch reads format version 1 only")
+    found = data.get("kind", "request")
+    if kind is not None and found != kind:
+        raise SnapshotMismatchError(path, "kind", kind, found, _KIND_HINTS.get(found, ""))
+    schema = SCHEMAS.get(found)
+    if schema is None:
+        raise SnapshotCorruptError(f"snapshot {path}: unknown kind {found!r}; known: {', '.join(SCHEMAS)}")
     try:
-        return SnapshotMetadata.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as err:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '<top level>'}: "
@@ -143,6 +191,12 @@ def decode_metadata(path: Path, header: dict[str, str]) -> SnapshotMetadata:
             for e in err.errors()
         )
         raise SnapshotCorruptError(f"snapshot {path}: invalid metadata: {problems}") from None
+
+
+_KIND_HINTS = {
+    "request": "a request's cache: load it with kvpatch.snapshot.load_snapshot (handle.import_snapshot)",
+    "chunk_store": "a chunk store: load it with kvpatch.snapshot.import_store",
+}
 
 
 def _sha256(text: str) -> str:

@@ -70,6 +70,10 @@ class MemoryStore(TieredChunkStore, Stage):
             remote = RedisTier(r.url, r.namespace, r.budget_bytes, r.ttl_s, r.timeout_s, r.retry_s)
         TieredChunkStore.__init__(self, params.budget_bytes, params.codec, params.pin_memory, disk, remote)
 
+    @classmethod
+    def is_lossless(cls, params: StageParams) -> bool:
+        return getattr(params, "codec", "dense") == "dense"
+
     def connect(self, stages: Sequence[Stage]) -> None:
         index = next((s for s in stages if s.kind == "index"), None)
         if index is not None:
