@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..patch.cache import KVPatchCache
 from ..registry import first_stage_of
 from ..stages.reuse import ChainedHasher, FixedChunker, RecomputeStage
@@ -90,11 +90,13 @@ class ReuseController:
         self.recompute: RecomputeStage | None = next((s for s in stages if isinstance(s, RecomputeStage)), None)
         self.store: ChunkStore = next(s for s in stages if s.kind == "store")
         self.rotator: KeyRotator | None = None
-        if self.matcher.approximate:
+        self.approximate = bool(self.matcher.approximate)
+        if self.approximate:
             try:
                 self.rotator = KeyRotator.for_model(model)
             except UnsupportedModelError as err:
-                raise ConfigError(f"matcher/approximate: {err}") from None
+                logger.warning("kvpatch: matcher/approximate: %s; reusing exact prefixes only", err)
+                self.approximate = False
         self.writer = ChunkWriter(self.store)
         self.last: RequestStats = RequestStats()
         self._request: _Request | None = None
@@ -166,7 +168,7 @@ class ReuseController:
             prefix.append(row_prefix)
             content.append(row_content)
             plans.append(match_chunks(row_spans, row_prefix, row_content, self.store,
-                                      approximate=self.matcher.approximate and ids.shape[0] == 1))
+                                      approximate=self.approximate and ids.shape[0] == 1))
         self._segment_starts = []
         return _Request(ids, spans, prefix, content, plans, computed_from=0, exact_until=[ids.shape[1]] * ids.shape[0])
 
