@@ -3,9 +3,10 @@
 Values are sealed chunk bytes (`sealed.seal`: the chunk format plus a checksum), so a damaged
 value is a miss, never a wrong K/V. Keys, under a namespace `ns`:
 
-    {ns}:c:{prefix_hash}   the chunk            {ns}:lru    sorted set: prefix hash -> last use (ms)
+    {ns}:c:{prefix_hash}   the chunk            {ns}:lru    sorted set: prefix hash -> last use (us)
     {ns}:h:{content_hash}  -> its prefix hash   {ns}:meta   hash: prefix hash -> "size content_hash"
                                                 {ns}:bytes  bytes of every chunk in {ns}:lru
+                                                {ns}:clock  the last recency score given
 
 A put and a hit are one Lua script each (one round trip, atomic across processes): a put
 stores the chunk, accounts its bytes, then evicts the least recently used chunks of the
@@ -37,7 +38,21 @@ class StoreUnavailableWarning(RuntimeWarning):
     """A chunk store tier (Redis) cannot be reached: its lookups are misses until it is back."""
 
 
-_FORGET = """
+#: Recency scores: server time in microseconds, made strictly increasing per namespace (so two
+#: uses within one microsecond, from any processes, still have an order). Formatted with %d: Lua
+#: would print a number this large in exponent notation.
+_CLOCK = """
+local function clock()
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local last = tonumber(redis.call('GET', ARGV[1] .. ':clock') or '0')
+  if now <= last then now = last + 1 end
+  redis.call('SET', ARGV[1] .. ':clock', string.format('%d', now))
+  return now
+end
+"""
+
+_FORGET = _CLOCK + """
 local function forget(m)
   local info = redis.call('HGET', KEYS[2], m)
   redis.call('ZREM', KEYS[1], m)
@@ -48,8 +63,6 @@ local function forget(m)
   redis.call('DEL', ARGV[1] .. ':c:' .. m)
   if redis.call('GET', ARGV[1] .. ':h:' .. content) == m then redis.call('DEL', ARGV[1] .. ':h:' .. content) end
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 #: KEYS: lru, meta, bytes. ARGV: ns, prefix hash, content hash, data, ttl ms (0: none), budget (0: none).
@@ -59,15 +72,18 @@ local p, c, data = ARGV[2], ARGV[3], ARGV[4]
 local ttl, budget = tonumber(ARGV[5]), tonumber(ARGV[6])
 local size = string.len(data)
 if budget > 0 and size > budget then return -1 end
+local now = clock()
 if ttl > 0 then
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - ttl)) do forget(m) end
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now - ttl * 1000))) do
+    forget(m)
+  end
 end
 forget(p)
 for _, kv in ipairs({{ARGV[1] .. ':c:' .. p, data}, {ARGV[1] .. ':h:' .. c, p}}) do
   if ttl > 0 then redis.call('SET', kv[1], kv[2], 'PX', ttl) else redis.call('SET', kv[1], kv[2]) end
 end
 redis.call('HSET', KEYS[2], p, size .. ' ' .. c)
-redis.call('ZADD', KEYS[1], now, p)
+redis.call('ZADD', KEYS[1], string.format('%d', now), p)
 local used = redis.call('INCRBY', KEYS[3], size)
 local evicted = 0
 while budget > 0 and used > budget do
@@ -81,7 +97,7 @@ return evicted
 """
 
 #: KEYS: lru, meta. ARGV: ns, "prefix" | "content", hash, ttl ms. Returns the chunk bytes or nil.
-_GET = """
+_GET = _CLOCK + """
 local ns, ttl, p = ARGV[1], tonumber(ARGV[4]), ARGV[3]
 if ARGV[2] == 'content' then
   p = redis.call('GET', ns .. ':h:' .. ARGV[3])
@@ -89,8 +105,7 @@ if ARGV[2] == 'content' then
 end
 local data = redis.call('GET', ns .. ':c:' .. p)
 if not data then return false end
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[1], 'XX', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), p)
+redis.call('ZADD', KEYS[1], 'XX', string.format('%d', clock()), p)
 if ttl > 0 then
   redis.call('PEXPIRE', ns .. ':c:' .. p, ttl)
   local info = redis.call('HGET', KEYS[2], p)

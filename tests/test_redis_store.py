@@ -1,0 +1,165 @@
+"""The Redis tier of `store/memory` against a real `redis-server` on loopback (started here on a
+free port; CI installs the Debian package). Skipped only when the binary is absent."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvpatch.reuse.chunk import StoredChunk
+from kvpatch.reuse.memory_store import TieredChunkStore
+from kvpatch.reuse.redis_tier import RedisTier, StoreUnavailableWarning
+from kvpatch.reuse.sealed import seal
+
+REDIS_SERVER = shutil.which("redis-server")
+pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (CI installs it)")
+redis = pytest.importorskip("redis")
+
+
+class RedisServer:
+    """A throwaway redis-server (no persistence) on a free loopback port; restartable on it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        for _ in range(200):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    srv = RedisServer(tmp_path)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def make_chunk(i: int, tokens: int = 16) -> StoredChunk:
+    kv = torch.randn(2, 2, 2, tokens, 8, generator=torch.Generator().manual_seed(i))
+    return StoredChunk(f"{i:064x}", f"c{i:063x}", torch.arange(tokens), 0, {"kv": kv})
+
+
+def tier(srv: RedisServer, **kw: object) -> RedisTier:
+    return RedisTier(srv.url, namespace="test", **kw)  # type: ignore[arg-type]
+
+
+_PUTTER = """
+import sys, torch
+from kvpatch.reuse.chunk import StoredChunk
+from kvpatch.reuse.memory_store import TieredChunkStore
+from kvpatch.reuse.redis_tier import RedisTier
+store = TieredChunkStore(10**8, remote=RedisTier(sys.argv[1], namespace="test"))
+for i in range(4):
+    kv = torch.randn(2, 2, 2, 16, 8, generator=torch.Generator().manual_seed(i))
+    store.put(StoredChunk(f"{i:064x}", f"c{i:063x}", torch.arange(16), 0, {"kv": kv}))
+print(store.stats()["redis"]["bytes"])
+"""
+
+
+def test_two_processes_share_chunks(server: RedisServer) -> None:
+    out = subprocess.run([sys.executable, "-c", _PUTTER, server.url], capture_output=True, text=True, check=True)
+    assert int(out.stdout) == 4 * len(seal(make_chunk(0)))
+    store = TieredChunkStore(10**8, remote=tier(server))  # this process never computed them
+    for i in range(4):
+        assert torch.equal(store.get(f"{i:064x}").tensors["kv"], make_chunk(i).tensors["kv"])
+    assert store.get_by_content(f"c{5:063x}") is None
+    assert store.get_by_content(f"c{3:063x}") is not None  # already promoted into RAM by get
+    stats = store.stats()
+    assert stats["hits_by_tier"]["redis"] == 4 and stats["promotions"] == 4 and stats["misses"] == 1
+
+
+def test_server_down_means_misses_and_one_warning(server: RedisServer) -> None:
+    remote = tier(server, retry_s=0.2)
+    store = TieredChunkStore(10**8, remote=remote)
+    store.put(make_chunk(0))
+    server.stop()
+    with pytest.warns(StoreUnavailableWarning) as caught:
+        store.put(make_chunk(1))  # dropped from Redis, kept in RAM
+        for i in range(2, 6):
+            assert store.get(f"{i:064x}") is None
+            assert not store.contains(f"{i:064x}")
+    assert len(caught) == 1 and "unavailable" in str(caught[0].message)
+    assert store.get(make_chunk(1).prefix_hash) is not None  # RAM still serves
+    assert remote.stats()["available"] is False and remote.stats()["bytes"] is None
+    server.start()  # an empty server on the same port
+    time.sleep(0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        store.put(make_chunk(7))
+        assert remote.contains(make_chunk(7).prefix_hash) and remote.stats()["available"]
+
+
+def test_budget_evicts_least_recently_used(server: RedisServer) -> None:
+    size = len(seal(make_chunk(0)))
+    remote = tier(server, budget_bytes=3 * size + size // 2)
+    for i in range(3):
+        remote.write(make_chunk(i))
+    assert remote.read(make_chunk(0).prefix_hash) is not None  # 0 becomes the most recent
+    remote.write(make_chunk(3))
+    remote.write(make_chunk(4))
+    present = [remote.contains(make_chunk(i).prefix_hash) for i in range(5)]
+    assert present == [True, False, False, True, True]
+    assert remote.stats()["bytes"] == 3 * size and remote.stats()["evictions"] == 2
+    client = redis.Redis(port=server.port)
+    assert client.zcard("test:lru") == 3 and client.hlen("test:meta") == 3
+    assert remote.read_by_content(make_chunk(1).content_hash) is None  # its content key went too
+    remote.write(StoredChunk("big", "big", torch.arange(200), 0, {"kv": torch.zeros(2, 2, 2, 200, 8)}))
+    assert remote.stats()["rejected"] == 1 and not remote.contains("big")
+
+
+def test_ttl_expires_unused_chunks(server: RedisServer) -> None:
+    remote = tier(server, ttl_s=0.4)
+    remote.write(make_chunk(0))
+    remote.write(make_chunk(1))
+    for _ in range(3):
+        time.sleep(0.2)
+        assert remote.read(make_chunk(0).prefix_hash) is not None  # a hit refreshes the TTL
+    assert not remote.contains(make_chunk(1).prefix_hash)
+    assert remote.read_by_content(make_chunk(0).content_hash) is not None
+    time.sleep(0.5)
+    assert remote.read(make_chunk(0).prefix_hash) is None
+    remote.write(make_chunk(2))  # accounting forgets what expired
+    assert remote.stats()["bytes"] == len(seal(make_chunk(2)))
+
+
+def test_damaged_value_is_a_miss(server: RedisServer) -> None:
+    remote = tier(server)
+    remote.write(make_chunk(0))
+    client = redis.Redis(port=server.port)
+    key = f"test:c:{make_chunk(0).prefix_hash}"
+    data = bytearray(client.get(key))
+    data[-1] ^= 0xFF
+    client.set(key, bytes(data))
+    with pytest.warns(StoreUnavailableWarning, match="checksum mismatch"):
+        assert remote.read(make_chunk(0).prefix_hash) is None
+    assert remote.stats()["corrupt"] == 1
