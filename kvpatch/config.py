@@ -56,9 +56,14 @@ def _check_params(stage: StageConfig) -> None:
 
 
 class KernelConfig(_Strict):
-    """Which attention implementation computes attention over the cache."""
+    """Which attention implementation computes attention over the cache.
 
-    attention: Literal["sdpa", "torch"] = "sdpa"
+    `triton`: in decode, the fused Triton kernel reads full-precision and KIVI-packed K/V directly
+    (kvpatch/kernels/triton_decode.py); prefill, and anything the kernel cannot run (no CUDA, no
+    Triton, soft-capping), goes to `sdpa`/`torch` with the reason logged once.
+    """
+
+    attention: Literal["sdpa", "torch", "triton"] = "sdpa"
 
 
 class CompileConfig(_Strict):

@@ -5,6 +5,9 @@ with query `[B, Hq, Tq, D]` and the cache's key/value `[B, Hkv, Tk, D]`; it must
 `([B, Tq, Hq, D], weights-or-None)`. The same name is registered with the AttentionMaskInterface
 (sdpa-style boolean masks): without that, transformers hands us no mask at all and padding and
 sliding windows are silently lost.
+
+A quantized cache layer may hand over its stored parts undecoded (`PackedKV`, as both key and
+value) in decode: the `triton` kernel reads them packed, every other kernel decodes them first.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from transformers.masking_utils import sdpa_mask
 
 from ..errors import UnsupportedModelError
 from ..kernels import math_attention, sdpa_attention
+from ..kernels.packed import PackedKV
+from ..kernels.triton_support import log_fallback, triton_unavailable_reason
 
 ATTENTION_NAME = "kvpatch"
 #: Attribute set on each patched attention module: which kernel computes its attention.
@@ -78,18 +83,53 @@ def kvpatch_attention(
             )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    if _observers and isinstance(key, PackedKV):
+        key, value = key.dense()
     for observer in _observers:
         observer(module, query, key, value, scaling)
     if attention_mask is not None:
         attention_mask = attention_mask[..., : key.shape[-2]]
     dropout = dropout if module.training else 0.0
     kernel = getattr(module, KERNEL_ATTR, "sdpa")
+    if kernel == "triton":
+        out = _triton_attention(query, key, value, attention_mask, scaling, dropout, softcap)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
+        kernel = "sdpa"
+    if isinstance(key, PackedKV):
+        key, value = key.dense()
     if kernel == "sdpa" and softcap is None:
         out = sdpa_attention(query, key, value, attention_mask, scaling, dropout)
         weights = None
     else:
         out, weights = math_attention(query, key, value, attention_mask, scaling, dropout, softcap)
     return out.transpose(1, 2).contiguous(), weights
+
+
+def _triton_attention(query: torch.Tensor, key: torch.Tensor | PackedKV, value: torch.Tensor | PackedKV,
+                      mask: torch.Tensor | None, scaling: float, dropout: float,
+                      softcap: float | None) -> torch.Tensor | None:
+    """The fused decode kernel's output, or None where the torch kernels must run: prefill (by
+    design, SDPA over decoded K/V) and anything the kernel does not do (the reason is logged)."""
+    kv = key if isinstance(key, PackedKV) else PackedKV(key, value)  # type: ignore[arg-type]
+    reason = triton_unavailable_reason(query)
+    if reason is None and softcap is not None:
+        reason = "logit soft-capping is not implemented in the fused kernel"
+    if reason is None and dropout > 0.0:
+        reason = "attention dropout is not implemented in the fused kernel"
+    if reason is None:
+        from ..kernels import triton_decode  # imports triton: only once it is known to run
+
+        if query.shape[1] // kv.keys.shape[1] * query.shape[2] > triton_decode.MAX_QUERY_ROWS:
+            return None
+        reason = triton_decode.unsupported_reason(query, kv, mask)
+        if reason is None:
+            out = triton_decode.decode_attention(query, kv, scaling, mask)
+            if kv.layer is not None:
+                kv.layer.use_triton_encode()
+            return out
+    log_fallback(reason)
+    return None
 
 
 def register_attention() -> None:

@@ -6,13 +6,17 @@ whole blocks, so each token is quantized exactly once: appending never re-quanti
 (transformers' QuantizedCache does, every `residual_length` tokens). Attention sees the decoded
 codes followed by the residual; the tokens of the current forward are always full precision.
 
+In decode (a few new tokens) `update` returns the stored parts undecoded (`PackedKV`, the same
+object as key and value): a fused kernel (`kernels: {attention: triton}`) reads the codes packed,
+every other kernel calls `dense()`, which is what the layer returned before.
+
 Sliding-window layers stay dense (they are bounded by their window already).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -20,10 +24,15 @@ from pydantic import Field
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..compat import init_empty_layer, query_length
+from ..kernels.packed import PackedKV, kivi_layout
 from ..patch.cache import LayerLayout
 from ..quant.base import QuantizerStage
 from ..quant.codes import Codes
 from ..registry import Stage, StageParams, first_stage_of, register_stage
+
+
+#: Forwards of at most this many new tokens get `PackedKV` from `update` (decode, speculative).
+PACKED_MAX_QUERY = 16
 
 
 class QuantizedLayer(DynamicLayer):
@@ -44,6 +53,8 @@ class QuantizedLayer(DynamicLayer):
         self.flush_block = math.lcm(quantizer.block_tokens("key"), quantizer.block_tokens("value"))
         self.key_codes: Codes | None = None
         self.value_codes: Codes | None = None
+        #: encode(x, role) -> Codes in place of the quantizer's (`use_triton_encode`).
+        self._encode: Callable[[torch.Tensor, str], Codes] | None = None
 
     @property
     def quantized_tokens(self) -> int:
@@ -65,11 +76,24 @@ class QuantizedLayer(DynamicLayer):
             new_sink_v, value_states = value_states[..., :take, :].clone(), value_states[..., take:, :]
             self.sink_keys = new_sink_k if self.sink_keys is None else torch.cat([self.sink_keys, new_sink_k], dim=-2)
             self.sink_values = new_sink_v if self.sink_values is None else torch.cat([self.sink_values, new_sink_v], dim=-2)
+        new_tokens = key_states.shape[-2]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        keys, values = self.decoded()
+        # taken before the flush: the tokens of this forward are seen in full precision
+        packed = self.packed()
         self._flush()
-        return keys, values
+        if packed.key_codes is not None and new_tokens <= PACKED_MAX_QUERY:
+            return packed, packed  # type: ignore[return-value]
+        return packed.dense()
+
+    def use_triton_encode(self) -> None:
+        """Encode flushed blocks with the one-launch Triton kernel (bitwise the same codes);
+        called by the fused attention path, which knows Triton runs on these tensors."""
+        from ..kernels.triton_quantize import kivi_encode  # imports triton: only when it runs
+
+        layout = kivi_layout(self.quantizer)
+        if layout is not None and self._encode is None:
+            self._encode = lambda x, role: kivi_encode(x, role, *layout)
 
     def _flush(self) -> None:
         """Quantize the oldest residual tokens beyond the window, in whole blocks."""
@@ -77,8 +101,9 @@ class QuantizedLayer(DynamicLayer):
         count = (excess // self.flush_block) * self.flush_block
         if count <= 0:
             return
-        new_k = self.quantizer.encode(self.keys[..., :count, :], "key")
-        new_v = self.quantizer.encode(self.values[..., :count, :], "value")
+        encode = self._encode or self.quantizer.encode
+        new_k = encode(self.keys[..., :count, :], "key")
+        new_v = encode(self.values[..., :count, :], "value")
         self.key_codes = new_k if self.key_codes is None else Codes.cat([self.key_codes, new_k])
         self.value_codes = new_v if self.value_codes is None else Codes.cat([self.value_codes, new_v])
         # clone: a slice would keep the whole old residual buffer alive.
@@ -97,19 +122,15 @@ class QuantizedLayer(DynamicLayer):
         codes = [t for c in (self.key_codes, self.value_codes) if c is not None for t in c.storage_tensors()]
         return [*codes, self.sink_keys, self.sink_values, self.keys, self.values]
 
+    def packed(self) -> PackedKV:
+        """The stored parts as they are (sinks, codes, residual), for fused kernels."""
+        return PackedKV(self.keys, self.values, self.sink_keys, self.sink_values, self.key_codes,
+                        self.value_codes, self.quantizer, self._decode, self)
+
     def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All tokens in order (sinks, decoded codes, residual) in the cache's dtype: what
         attention reads on the torch path; also used by crop, inspection and snapshots."""
-        keys, values = [self.keys], [self.values]
-        if self.key_codes is not None:
-            keys.insert(0, self._decode(self.key_codes, "key", self.dtype))
-            values.insert(0, self._decode(self.value_codes, "value", self.dtype))
-        if self.sink_keys is not None:
-            keys.insert(0, self.sink_keys)
-            values.insert(0, self.sink_values)
-        if len(keys) == 1:
-            return self.keys, self.values
-        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+        return self.packed().dense()
 
     def _map_all(self, fn_tensor, fn_codes) -> None:
         if not self.is_initialized:

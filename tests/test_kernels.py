@@ -1,0 +1,206 @@
+"""Triton kernels (kvpatch/kernels/triton_*.py) against float64 and the torch path.
+
+Without CUDA the kernels run in Triton's interpreter (tiny shapes only: it is ~1000x slower).
+The interpreter must be on when triton is first imported, and `import torch` already imports
+triton, so a process without TRITON_INTERPRET=1 runs this module again in a child process that
+has it (see the end of the file). With CUDA the checks run on the GPU, plus real sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kvpatch
+from kvpatch.compat import cache_kwarg, output_cache
+from kvpatch.config import StageConfig
+from kvpatch.kernels import math_attention
+from kvpatch.kernels.packed import PackedKV
+from kvpatch.kernels.triton_decode import decode_attention
+from kvpatch.kernels.triton_quantize import kivi_encode
+from kvpatch.kernels.triton_support import interpreting, triton_unavailable_reason
+from kvpatch.patch.attention import KERNEL_ATTR, kvpatch_attention
+from kvpatch.stages.storage_quantized import QuantizedLayer
+from kvpatch.testing import prompt_ids, tiny_model
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def kivi(bits: int, group: int):
+    return StageConfig(kind="quantizer", impl="kivi", params={"bits": bits, "group_size": group}).build()
+
+
+def random_packed(batch: int, kv_heads: int, dim: int, bits: int, group: int, sinks: int, blocks: int,
+                  residual: int, dtype: torch.dtype) -> PackedKV:
+    """Sinks + `blocks` KIVI blocks + residual of fresh random K/V (with a few outlier channels)."""
+    quantizer = kivi(bits, group)
+
+    def draw(tokens: int) -> torch.Tensor:
+        x = torch.randn(batch, kv_heads, tokens, dim, device=DEVICE)
+        x[..., :: max(1, dim // 4)] *= 4.0
+        return x.to(dtype)
+
+    codes = (quantizer.encode(draw(blocks * group), "key"), quantizer.encode(draw(blocks * group), "value")) if blocks else (None, None)
+    sink = (draw(sinks), draw(sinks)) if sinks else (None, None)
+    return PackedKV(draw(residual), draw(residual), *sink, *codes, quantizer, quantizer.decode)
+
+
+def reference(query: torch.Tensor, kv: PackedKV, scaling: float, lengths: torch.Tensor | None = None,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Float64 attention over the decoded K/V; rows that see no key are zero."""
+    keys, values = (t.double() for t in kv.dense())
+    batch, q_heads, q_len, _ = query.shape
+    total = keys.shape[2]
+    groups = q_heads // keys.shape[1]
+    keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+    scores = query.double() @ keys.transpose(-1, -2) * scaling
+    ends = lengths.to(DEVICE) if lengths is not None else torch.full((batch,), total, device=DEVICE)
+    last_visible = ends[:, None, None] - q_len + torch.arange(q_len, device=DEVICE)[None, :, None]
+    visible = torch.arange(total, device=DEVICE)[None, None, :] <= last_visible
+    if mask is not None:
+        visible = visible & mask[:, 0, :, :total]
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    return (torch.softmax(scores, dim=-1).nan_to_num(0.0) @ values)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+# batch, kv heads, q heads per kv head, queries, head dim, bits, group, sinks, blocks, residual, dtype
+CASES = [
+    (1, 1, 1, 1, 64, 4, 8, 0, 9, 5, torch.float32),
+    (2, 2, 4, 1, 128, 2, 32, 3, 3, 17, torch.bfloat16),
+    (1, 2, 8, 1, 64, 4, 16, 4, 5, 1, torch.float16),
+    (2, 1, 3, 2, 128, 8, 32, 1, 2, 31, torch.bfloat16),
+    (1, 2, 2, 3, 64, 2, 16, 0, 7, 0, torch.float32),
+    (3, 1, 5, 1, 64, 4, 64, 2, 2, 13, torch.bfloat16),
+    (2, 2, 2, 1, 64, 4, 8, 0, 0, 45, torch.float16),  # no codes: a dense cache
+]
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    # float32 dots are tf32 on a GPU; bf16 output rounding alone is ~2e-3
+    return 1e-2 if dtype != torch.float32 or DEVICE.type == "cuda" else 1e-4
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:10])) + f"-{str(c[10])[6:]}")
+def test_decode_matches_float64(case: tuple) -> None:
+    batch, kv_heads, groups, q_len, dim, bits, group, sinks, blocks, residual, dtype = case
+    kv = random_packed(batch, kv_heads, dim, bits, group, sinks, blocks, residual, dtype)
+    query = torch.randn(batch, q_len, kv_heads * groups, dim, device=DEVICE).to(dtype).transpose(1, 2)
+    out = decode_attention(query, kv, dim**-0.5)
+    assert out.shape == query.shape and not out.isnan().any()
+    assert relative_error(out, reference(query, kv, dim**-0.5)) < _tolerance(dtype)
+
+
+def test_per_sequence_lengths_and_mask() -> None:
+    """Batch rows of different lengths (one empty), and a boolean padding mask: same as float64,
+    rows with nothing visible are zero, not NaN."""
+    kv = random_packed(4, 2, 64, 4, 16, 2, 6, 9, torch.bfloat16)
+    total = kv.num_tokens
+    query = torch.randn(4, 8, 2, 64, device=DEVICE, dtype=torch.bfloat16)
+    lengths = torch.tensor([total, total - 37, 0, 5], device=DEVICE)
+    out = decode_attention(query, kv, 0.125, lengths=lengths, num_splits=3)
+    ref = reference(query, kv, 0.125, lengths=lengths)
+    assert not out.isnan().any() and torch.equal(out[2], torch.zeros_like(out[2]))
+    assert relative_error(out, ref) < 1e-2
+    mask = torch.rand(4, 1, 2, total + 3, device=DEVICE) > 0.4
+    mask[1] = False
+    out = decode_attention(query, kv, 0.125, mask=mask)
+    assert not out.isnan().any() and torch.equal(out[1], torch.zeros_like(out[1]))
+    assert relative_error(out, reference(query, kv, 0.125, mask=mask)) < 1e-2
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize(("group", "dim", "dtype"), [(8, 64, torch.float32), (32, 128, torch.bfloat16), (16, 64, torch.float16)])
+def test_encode_is_bitwise_the_torch_encode(bits: int, group: int, dim: int, dtype: torch.dtype) -> None:
+    x = (torch.randn(2, 3, 3 * group, dim + 5, device=DEVICE) * 3).to(dtype)[..., 2 : dim + 2]  # strided view
+    x[0, 0, :group] = 1.5  # a constant group: scale 0
+    quantizer = kivi(bits, group)
+    for role in ("key", "value"):
+        expected, got = quantizer.encode(x, role), kivi_encode(x, role, bits, group)
+        assert (got.block_tokens, got.dim) == (expected.block_tokens, expected.dim)
+        for name, tensor in expected.tensors.items():
+            assert torch.equal(got.tensors[name], tensor), f"{role} {name}"
+
+
+def _model_logits(kernel: str) -> tuple[torch.Tensor, list]:
+    model = tiny_model("llama").to(DEVICE)
+    config = {
+        "name": f"kivi-{kernel}",
+        "fidelity": {"lossless": False},
+        "kernels": {"attention": kernel},
+        "stages": [
+            {"kind": "quantizer", "impl": "kivi", "params": {"bits": 4, "group_size": 8}},
+            {"kind": "storage", "impl": "quantized", "params": {"residual_length": 8, "sink_tokens": 2}},
+        ],
+    }
+    kvpatch.apply(model, config)
+    ids = prompt_ids(batch=2, length=30).to(DEVICE)
+    steps = []
+    with torch.no_grad():
+        out = model(ids[:, :20], use_cache=True)
+        for i in range(20, 30):
+            out = model(ids[:, i : i + 1], use_cache=True, **{cache_kwarg(model): output_cache(out)})
+            steps.append(out.logits[:, -1])
+    return torch.stack(steps, 1), output_cache(out).layers
+
+
+def test_patched_model_decodes_through_the_fused_kernel() -> None:
+    """kivi + kernels.attention=triton: same logits as the torch path, and the fused kernel (and
+    the Triton encoder) actually ran in every layer."""
+    reference_logits, _ = _model_logits("torch")
+    logits, layers = _model_logits("triton")
+    assert all(isinstance(layer, QuantizedLayer) and layer._encode is not None for layer in layers)
+    assert layers[0].quantized_tokens == 16
+    torch.testing.assert_close(logits, reference_logits, atol=2e-3, rtol=0)
+
+
+class _Module(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        setattr(self, KERNEL_ATTR, "triton")
+
+
+def test_fallback_is_logged_and_matches_torch(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    with monkeypatch.context() as patch:
+        patch.delenv("TRITON_INTERPRET", raising=False)
+        assert "CUDA" in triton_unavailable_reason(torch.zeros(1))
+    query, key, value = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
+    with caplog.at_level(logging.WARNING, logger="kvpatch"):
+        out, _ = kvpatch_attention(_Module(), query.to(DEVICE), key.to(DEVICE), value.to(DEVICE), None, 0.25, softcap=5.0)
+    assert "soft-capping" in caplog.text
+    expected, _ = math_attention(query, key, value, None, 0.25, softcap=5.0)
+    torch.testing.assert_close(out.cpu(), expected.transpose(1, 2), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real sizes need a CUDA GPU")
+@pytest.mark.parametrize("bits", [2, 4])
+def test_llama8b_heads_long_context_cuda(bits: int) -> None:
+    """Llama-3-8B heads (32 q / 8 kv, d=128), 16K tokens, batch of 4 with different lengths."""
+    kv = random_packed(4, 8, 128, bits, 32, 4, 512, 100, torch.bfloat16)
+    query = torch.randn(4, 32, 1, 128, device=DEVICE, dtype=torch.bfloat16)
+    lengths = torch.tensor([kv.num_tokens, 9000, 4097, 33], device=DEVICE)
+    out = decode_attention(query, kv, 128**-0.5, lengths=lengths)
+    assert not out.isnan().any()
+    assert relative_error(out, reference(query, kv, 128**-0.5, lengths=lengths)) < 1e-2
+
+
+if not torch.cuda.is_available() and not interpreting():
+    # Kernels decorated without the interpreter cannot run on the CPU: collect only this test,
+    # which runs every test above in a child process started with TRITON_INTERPRET=1.
+    for _name in [name for name in globals() if name.startswith("test_")]:
+        del globals()[_name]
+
+    def test_kernels_in_triton_interpreter() -> None:
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                               env=env, capture_output=True, text=True, timeout=300)
+        assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
+        assert " passed" in child.stdout
