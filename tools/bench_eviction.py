@@ -187,6 +187,8 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --out and skip them")
+    parser.add_argument("--max-minutes", type=float, help="start no new row after this long (rerun with --resume)")
     args = parser.parse_args()
 
     model, tokenizer = kvpatch.models.load("kvpatch-ref")
@@ -197,10 +199,14 @@ def main() -> None:
     ids = torch.tensor(encode(tokenizer, default_text()), dtype=torch.long)
     start = time.perf_counter()
     base = _measure_side(model, tokenizer, ids, settings, "full cache", dynamic_cache_bytes)
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = json.loads(args.out.read_text())["rows"] if args.resume and args.out.exists() else []
     report: dict[str, Any] = {"device": args.device, "settings": dataclasses.asdict(settings), "rows": rows}
-    jobs = [(m, b) for m in args.methods for b in args.budgets]
+    done = {(r["method"], r["budget"]) for r in rows}
+    jobs = [(m, b) for m in args.methods for b in args.budgets if (m, b) not in done]
     for method, budget in tqdm(jobs, desc="methods x budgets"):
+        if args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes:
+            print(f"stopping after {args.max_minutes} min; rerun with --resume for the rest")
+            break
         config = kvpatch.load_config(method_config(method, budget))
         row_start = time.perf_counter()
         with patched(model, config):
