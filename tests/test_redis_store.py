@@ -163,3 +163,46 @@ def test_damaged_value_is_a_miss(server: RedisServer) -> None:
     with pytest.warns(StoreUnavailableWarning, match="checksum mismatch"):
         assert remote.read(make_chunk(0).prefix_hash) is None
     assert remote.stats()["corrupt"] == 1
+
+
+# -- end to end: the Engine with a Redis tier ----------------------------------------------------------
+
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 7
+
+_WARMER = """
+import sys, kvpatch
+from kvpatch.engine import Engine
+from kvpatch.models import load_named
+model, tokenizer = load_named("tiny-llama", "cpu")
+engine = Engine(model, tokenizer, kvpatch.load_config(sys.argv[1]))
+engine.warm(sys.argv[2])
+"""
+
+
+def reuse_config(srv: RedisServer) -> dict:
+    import kvpatch
+
+    config = kvpatch.load_config("prefix_reuse").model_dump()
+    config["stages"][-1]["params"]["redis"] = {"url": srv.url, "namespace": "e2e", "retry_s": 60}
+    return config
+
+
+def test_engine_second_process_hits_and_survives_an_outage(server: RedisServer, tmp_path: Path) -> None:
+    import json
+
+    from kvpatch.engine import Engine
+    from kvpatch.models import load_named
+
+    config_path = tmp_path / "redis_reuse.json"
+    config_path.write_text(json.dumps(reuse_config(server)))
+    subprocess.run([sys.executable, "-c", _WARMER, str(config_path), PROMPT], check=True, capture_output=True)
+    model, tokenizer = load_named("tiny-llama", "cpu")
+    engine = Engine(model, tokenizer, reuse_config(server))
+    first = engine.generate(PROMPT + " again", max_new_tokens=4)
+    assert first.kv_reuse_ratio > 0.5  # the other process's prefill, found in Redis
+    assert engine.reuse.store.stats()["hits_by_tier"]["redis"] >= 2
+    server.stop()
+    other = Engine(*load_named("tiny-llama", "cpu"), reuse_config(server))
+    with pytest.warns(StoreUnavailableWarning):
+        result = other.generate("A different prompt about something else entirely. " * 4, max_new_tokens=4)
+    assert result.kv_reuse_ratio == 0 and len(result.tokens) > 0  # generate still succeeds
