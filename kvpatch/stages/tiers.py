@@ -292,23 +292,24 @@ class TieredLayer(EvictingLayer):
         if not self.cold or not self.warm_tokens:
             return
         cold = self._merged_cold()
-        self.cold_offloader.wait()
         host = next(iter(cold.tensors.values())).device
         queries = self.recent_queries
         old = key[..., : key.shape[-2] - self.last_forward_tokens, :]
-        cold_keys, _ = self._decode(cold, values=False)
-        lse = torch.logaddexp(key_logsumexp(queries, old, scaling).to(host),
-                              key_logsumexp(queries.to(host), cold_keys, scaling))
-        cold_mass = attention_mass_under(queries.to(host), cold_keys, scaling, lse)
-        warm_mass = attention_mass_under(queries, key[..., : self.warm_tokens, :], scaling, lse.to(key.device))
+        # cold keys are scored on the accelerator: their codes are small to copy, host math is slow
+        cold_key_codes = TierBlocks({n: t for n, t in cold.tensors.items() if n.startswith("key.")}, cold.per_block)
+        cold_keys, _ = self._decode(cold_key_codes.map(lambda t: self.cold_offloader.to_device(t, key.device)), values=False)
+        lse = torch.logaddexp(key_logsumexp(queries, old, scaling), key_logsumexp(queries, cold_keys, scaling))
+        cold_mass = attention_mass_under(queries, cold_keys, scaling, lse)
+        warm_mass = attention_mass_under(queries, key[..., : self.warm_tokens, :], scaling, lse)
         count = min(self.stage.params.promote_blocks, cold.blocks, self.warm.blocks)
         batch, heads = warm_mass.shape[:2]
         cold_best, cold_index = cold_mass.view(batch, heads, -1, self.block).amax(-1).topk(count, dim=-1)
         warm_worst, warm_index = warm_mass.view(batch, heads, -1, self.block).amax(-1).topk(count, dim=-1, largest=False)
-        swap = cold_best.to(key.device) > warm_worst
+        swap = cold_best > warm_worst
         if not bool(swap.any()):
             return
         displaced = self.warm.take(warm_index)
+        self.cold_offloader.wait()
         arriving = cold.take(cold_index).map(lambda t: self.cold_offloader.to_device(t, key.device))
         # a promoted block takes at least the rank of the block it displaced, so it is not the
         # first to go cold again on the next demotion
@@ -344,6 +345,7 @@ class TieredLayer(EvictingLayer):
         return TierBlocks(tensors, per_block | {"pos": self.block, "score": self.block})
 
     def _decode(self, tier: TierBlocks, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Keys (and values) of a tier in the cache's dtype, on the tier's device."""
         keys = self.codec.decode(tier.codes("key", self._layout["key"]), "key", self.dtype)
         if not values:
             return keys, None
