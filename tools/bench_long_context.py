@@ -7,6 +7,9 @@ then `--decode-steps` single-token steps are timed. A config that runs out of me
 length is recorded as OOM and skipped for longer ones.
 
   python tools/bench_long_context.py --device cuda --out $OUT/long-context-h100.json
+
+Tiered configs (`evictor/tiered`) also record bytes and tokens per tier (hot + warm on the
+device, cold in host memory).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tqdm import tqdm
 
 import kvpatch
 from kvpatch.compat import cache_kwarg, output_cache
+from kvpatch.stages.tiers import TieredLayer
 from kvpatch.testing import bench_model
 
 
@@ -67,6 +71,10 @@ def run_one(model: torch.nn.Module, handle: kvpatch.PatchHandle, context: int, c
         "decode_ms": decode_s * 1e3,
         "decode_tokens_per_s": 1.0 / decode_s,
     }
+    tiers = [layer for layer in cache.layers if isinstance(layer, TieredLayer)]
+    if tiers:  # hot + warm are resident on the device, cold is in host memory
+        row["tier_bytes"] = {t: sum(layer.tier_bytes()[t] for layer in tiers) for t in ("hot", "warm", "cold")}
+        row["tier_tokens_per_layer"] = {t: sum(layer.tier_tokens()[t] for layer in tiers) / len(tiers) for t in ("hot", "warm", "cold")}
     if device == "cuda":
         row["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     handle.release_cache()
