@@ -159,7 +159,8 @@ def test_patched_model_decodes_through_the_fused_kernel() -> None:
     logits, layers = _model_logits("triton")
     assert all(isinstance(layer, QuantizedLayer) and layer._encode is not None for layer in layers)
     assert layers[0].quantized_tokens == 16
-    torch.testing.assert_close(logits, reference_logits, atol=2e-3, rtol=0)
+    # float32 dots are tf32 on a GPU
+    torch.testing.assert_close(logits, reference_logits, atol=2e-3 if DEVICE.type == "cpu" else 5e-2, rtol=0)
 
 
 class _Module(torch.nn.Module):
@@ -201,6 +202,6 @@ if not torch.cuda.is_available() and not interpreting():
     def test_kernels_in_triton_interpreter() -> None:
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                               env=env, capture_output=True, text=True, timeout=300)
+                               env=env, capture_output=True, text=True, timeout=300, check=False)
         assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
         assert " passed" in child.stdout

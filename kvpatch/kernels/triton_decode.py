@@ -75,7 +75,7 @@ def _dense_part(q, m_i, l_i, acc, K, V, bh, T, start, limit, qi, MASK, sm_b, sm_
     n = tl.arange(0, BN)
     d = tl.arange(0, D)
     base = bh.to(tl.int64) * T * D
-    for t in range(0, tl.cdiv(T, BN)):
+    for t in range(tl.cdiv(T, BN)):
         tok = t * BN + n
         inside = tok < T
         k = tl.load(K + base + tok[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
@@ -209,7 +209,7 @@ def _decode_reduce(
     m_t = tl.full([BM], NEG, tl.float32)
     l_t = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
-    for s in range(0, NS):
+    for s in range(NS):
         r = (bh * NS + s) * (GQA * TQ) + rows
         m_s = tl.load(M_PART + r, mask=has_row, other=NEG)
         l_s = tl.load(L_PART + r, mask=has_row, other=0.0)
@@ -229,7 +229,7 @@ def _decode_reduce(
 
 def unsupported_reason(query: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None) -> str | None:
     """None if `decode_attention` computes this call, else why not (the caller falls back)."""
-    batch, q_heads, q_len, dim = query.shape
+    _, q_heads, q_len, dim = query.shape
     kv_heads = kv.keys.shape[1]
     if dim < 16 or dim & (dim - 1):
         return f"head_dim {dim} is not a power of two >= 16"
@@ -262,11 +262,16 @@ def decode_attention(
     mask: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
     num_splits: int | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Attention of query `[B, Hq, Tq, D]` over every token of `kv`; returns `[B, Hq, Tq, D]`.
 
     `mask` is boolean `[B or 1, 1, Tq or 1, >= Tk]` (True = attend); `lengths` (int `[B]`) limits
     sequence b to its first `lengths[b]` tokens, the last query seeing all of them.
+    `num_splits`, `block_n` (tokens per tile), `num_warps`, `num_stages` are tuning knobs
+    (tools/bench_kernels.py sweeps them); the defaults are the best measured on an H100.
     """
     reason = unsupported_reason(query, kv, mask)
     if reason is not None:
@@ -285,10 +290,10 @@ def decode_attention(
         codes = [kt["packed"], kt["scale"], kt["zero"], vt["packed"], vt["scale"], vt["zero"]]
         codes = [t.contiguous() for t in codes]
         n_blocks = kv.key_codes.num_blocks
-        block_n = max(64, group)
+        block_n = max(block_n, group)
         splits = num_splits or _num_splits(triton.cdiv(n_blocks * group, block_n), batch * kv_heads, query.device)
     else:
-        bits, group, n_blocks, block_n, splits = 8, 64, 0, 64, 0
+        bits, group, n_blocks, splits = 8, block_n, 0, 0
         codes = [residual_k] * 6
     if mask is not None:
         mask = mask[:, 0, :, : kv.num_tokens]
@@ -298,12 +303,12 @@ def decode_attention(
         mask_strides = (mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(1) if mask.shape[1] > 1 else 0)
     else:
         mask_strides = (0, 0)
-    f32 = dict(device=query.device, dtype=torch.float32)
+    f32 = {"device": query.device, "dtype": torch.float32}
     o_part = torch.empty(batch * kv_heads * (splits + 1) * rows, dim, **f32)
     m_part = torch.empty(batch * kv_heads * (splits + 1) * rows, **f32)
     l_part = torch.empty_like(m_part)
     out = torch.empty(batch, q_heads, q_len, dim, device=query.device, dtype=query.dtype)
-    flags = dict(HKV=kv_heads, GQA=gqa, TQ=q_len, D=dim, BM=block_m)
+    flags = {"HKV": kv_heads, "GQA": gqa, "TQ": q_len, "D": dim, "BM": block_m}
     _decode_partial[(splits + 1, batch * kv_heads)](
         query, *query.stride()[:3], scaling * LOG2E,
         sink_k, sink_v, kv.sink_length, residual_k, residual_v, residual_k.shape[-2],
@@ -313,7 +318,7 @@ def decode_attention(
         o_part, m_part, l_part,
         BN=block_n, G=group, BITS=bits, HAS_CODES=kv.key_codes is not None,
         HAS_MASK=mask is not None, HAS_LENGTHS=lengths is not None,
-        DOT_FP32=interpreting() or query.dtype == torch.float32, num_warps=4, num_stages=2, **flags,
+        DOT_FP32=interpreting() or query.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages, **flags,
     )
     _decode_reduce[(batch * kv_heads,)](o_part, m_part, l_part, out, *out.stride()[:3], splits + 1, **flags)
     return out

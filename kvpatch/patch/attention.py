@@ -118,7 +118,9 @@ def _triton_attention(query: torch.Tensor, key: torch.Tensor | PackedKV, value: 
     if reason is None and dropout > 0.0:
         reason = "attention dropout is not implemented in the fused kernel"
     if reason is None:
-        from ..kernels import triton_decode  # imports triton: only once it is known to run
+        from ..kernels import (
+            triton_decode,  # imports triton: only once it is known to run
+        )
 
         if query.shape[1] // kv.keys.shape[1] * query.shape[2] > triton_decode.MAX_QUERY_ROWS:
             return None

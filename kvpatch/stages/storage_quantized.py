@@ -21,7 +21,11 @@ from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
-from transformers.cache_utils import CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import (
+    CacheLayerMixin,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+)
 
 from ..compat import init_empty_layer, query_length
 from ..kernels.packed import PackedKV, kivi_layout
@@ -29,7 +33,6 @@ from ..patch.cache import LayerLayout
 from ..quant.base import QuantizerStage
 from ..quant.codes import Codes
 from ..registry import Stage, StageParams, first_stage_of, register_stage
-
 
 #: Forwards of at most this many new tokens get `PackedKV` from `update` (decode, speculative).
 PACKED_MAX_QUERY = 16
@@ -89,7 +92,9 @@ class QuantizedLayer(DynamicLayer):
     def use_triton_encode(self) -> None:
         """Encode flushed blocks with the one-launch Triton kernel (bitwise the same codes);
         called by the fused attention path, which knows Triton runs on these tensors."""
-        from ..kernels.triton_quantize import kivi_encode  # imports triton: only when it runs
+        from ..kernels.triton_quantize import (
+            kivi_encode,  # imports triton: only when it runs
+        )
 
         layout = kivi_layout(self.quantizer)
         if layout is not None and self._encode is None:
