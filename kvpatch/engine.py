@@ -174,6 +174,7 @@ class Engine:
                                       **gen_kwargs)
         tokens = out[0, ids.shape[1]:].tolist()
         total = (time.perf_counter() - start) * 1e3
+        self.reuse.writer.flush()  # the new chunks are in the store before the next request
         first = clock.first_token_at
         stats = self.reuse.last
         return GenerationResult(

@@ -32,7 +32,7 @@ from .codecs import dense_kv, kv_shape
 from .matcher import MatchPlan, match_chunks
 from .recompute import most_deviated, recompute_positions
 from .rope import KeyRotator
-from .writeback import ChunkWriter
+from .writeback import ChunkWriter, NewChunk
 
 logger = logging.getLogger("kvpatch")
 
@@ -118,7 +118,7 @@ class ReuseController:
         self._request = None
         if self._paused:
             return None
-        self.writer.flush()
+        self.writer.flush(wait=False)  # copies still running belong to the previous request
         input_ids = kwargs.get("input_ids")
         if input_ids is None or input_ids.dim() != 2 or cache.get_seq_length() != 0:
             return None
@@ -290,19 +290,19 @@ class ReuseController:
     def _write_back(self, request: _Request) -> int:
         """Store every chunk not matched exactly whose K/V were computed exactly (all its
         history exact), from whichever computed range covers it."""
-        written = 0
+        sources = [(offset, _stack_layers(layers)) for offset, layers in request.sources]
+        new = []
         for row, plan in enumerate(request.plans):
-            for match, prefix, content in zip(plan.matches, request.prefix_hashes[row], request.content_hashes[row]):
+            for match in plan.matches:
                 start, end = match.span
                 if match.kind == "exact" or end > request.exact_until[row]:
                     continue
-                kv = _slice_sources(request.sources, row, start, end)
-                if kv is None:
-                    continue
-                tokens = request.token_ids[row, start:end].clone()
-                self.writer.write(prefix, content, tokens, start, kv, self._codec())
-                written += 1
-        return written
+                kv = _slice_sources(sources, row, start, end)
+                if kv is not None:
+                    new.append(NewChunk(match.prefix_hash, match.content_hash,
+                                        request.token_ids[row, start:end].clone(), start, kv))
+        self.writer.write(new, self._codec())
+        return len(new)
 
     def _codec(self) -> str:
         return getattr(getattr(self.store, "params", None), "codec", "dense")
@@ -315,14 +315,16 @@ def reuse_namespace(model: torch.nn.Module) -> str:
     return model_fingerprint(model).model_dump_json()
 
 
-def _slice_sources(sources: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]], row: int,
-                   start: int, end: int) -> torch.Tensor | None:
-    """`[L, 2, H, end-start, D]` K/V of one row from the computed range that covers it."""
-    for offset, layers in sources:
-        length = layers[0][0].shape[-2]
-        if offset <= start and end <= offset + length:
-            a, b = start - offset, end - offset
-            return torch.stack([torch.stack([k[row, :, a:b], v[row, :, a:b]]) for k, v in layers])
+def _stack_layers(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Per-layer `[B, H, T, D]` K/V pairs as one `[L, 2, B, H, T, D]` tensor (one copy)."""
+    return torch.stack([torch.stack([k, v]) for k, v in layers])
+
+
+def _slice_sources(sources: list[tuple[int, torch.Tensor]], row: int, start: int, end: int) -> torch.Tensor | None:
+    """`[L, 2, H, end-start, D]` K/V (a view) of one row from the computed range covering it."""
+    for offset, kv in sources:
+        if offset <= start and end <= offset + kv.shape[-2]:
+            return kv[:, :, row, :, start - offset : end - offset]
     return None
 
 

@@ -1,0 +1,223 @@
+"""Time to first token with chunk reuse, against full prefill and against the floor.
+
+For each prompt length and reuse ratio (the share of the prompt whose chunks are already stored):
+- `full`:    the unpatched model's prefill of the whole prompt;
+- `floor`:   prefill of the uncached suffix only with the prefix K/V already on the device, plus
+             the time to copy the prefix K/V from pinned host memory (where the store keeps it);
+- `kvpatch`: the patched model (`prefix_reuse`: 128-token chunks, store in pinned RAM) on the
+             whole prompt: lookup, copies, suffix prefill and write-back of the new chunks;
+- `kvboost`: the `kvboost` package on the same model and text, if installed (`--kvboost`).
+Every reuse request has a fresh random suffix, so the suffix is never cached. Times are medians
+of `--repeats` after warm-up, with the device synchronised; a first-call time is kept too.
+
+    python tools/bench_ttft.py --device cuda --out results/ttft-h100.json --plot docs/ttft.png --kvboost
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache
+
+import kvpatch
+from kvpatch.testing import bench_model
+
+CHUNK = 128
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the compute stream: logits are ready then. kvpatch's write-back copies run on a
+    side stream and overlap whatever comes next (the next request waits for none of them)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, setup: Callable[[], object] | None = None) -> dict:
+    """First-call and median milliseconds of `fn` (after `setup`, untimed, each time)."""
+    times = []
+    for _ in range(repeats + 1):
+        arg = setup() if setup is not None else None
+        sync(device)
+        start = time.perf_counter()
+        fn() if arg is None else fn(arg)
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"first_ms": times[0], "ms": statistics.median(times[1:])}
+
+
+def prefix_cache(model: torch.nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    for layer, (k, v) in zip(cache.layers, kv):
+        layer.update(k.clone(), v.clone())
+    return cache
+
+
+def measure_length(model, length: int, ratios: list[float], repeats: int, device: torch.device, vocab: int,
+                   gen: torch.Generator) -> list[dict]:
+    rand = lambda n: torch.randint(0, vocab, (1, n), generator=gen).to(device)  # noqa: E731
+    base = rand(length)
+    rows = []
+    full = timed(lambda: model(input_ids=base, logits_to_keep=1), device, repeats)
+    handle = None
+    for ratio in ratios:
+        cached = min(length - 1, int(ratio * length) // CHUNK * CHUNK) if ratio < 1 else length - 1
+        row = {"length": length, "reuse": ratio, "cached_tokens": cached, "full_ms": full["ms"]}
+        if handle is not None:
+            kvpatch.unpatch(model)
+            handle = None
+        # floor: suffix prefill over a device-resident prefix + host->device copy of the prefix
+        with torch.no_grad():
+            out = model(input_ids=base[:, :cached], use_cache=True) if cached else None
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers] if out is not None else []
+        suffix = base[:, cached:]
+        if cached:
+            suffix_t = timed(lambda cache: model(input_ids=suffix, past_key_values=cache, logits_to_keep=1),
+                             device, repeats, setup=lambda: prefix_cache(model, kv))
+            host = torch.stack([torch.stack([k[0], v[0]]) for k, v in kv]).cpu()
+            host = host.pin_memory() if device.type == "cuda" else host
+            copy = timed(lambda: host.to(device, non_blocking=True), device, repeats)
+        else:
+            suffix_t, copy = full, {"ms": 0.0}
+        del out, kv
+        row.update(suffix_ms=suffix_t["ms"], copy_ms=copy["ms"], floor_ms=suffix_t["ms"] + copy["ms"])
+        # kvpatch: warm the prefix once, then whole prompts with fresh suffixes
+        handle = kvpatch.apply(model, "prefix_reuse")
+        if cached:
+            with torch.no_grad():
+                model(input_ids=base[:, : max(cached, CHUNK)], logits_to_keep=1)
+        prompt = lambda: base if ratio >= 1 else torch.cat([base[:, :cached], rand(length - cached)], 1)  # noqa: E731
+        ours = timed(lambda ids: model(input_ids=ids, logits_to_keep=1), device, repeats, setup=prompt)
+        stats = handle.reuse.last
+        row.update(kvpatch_ms=ours["ms"], kvpatch_first_ms=ours["first_ms"], reused_tokens=stats.reused_tokens,
+                   lookup_ms=stats.lookup_ms)
+        rows.append(row)
+    if handle is not None:
+        kvpatch.unpatch(model)
+    return rows
+
+
+def measure_kvboost(model, tokenizer, length: int, ratios: list[float], repeats: int, device: torch.device,
+                    text_ids: list[int], gen: torch.Generator) -> list[dict]:
+    """kvboost on text whose token count is about `length` (its own tokenization decides)."""
+    from kvboost import KVBoost
+
+    rows = []
+    for ratio in ratios:
+        engine = KVBoost(model, tokenizer, max_cache_bytes=8 * 2**30, chunk_size=CHUNK, device=str(device))
+        offset = int(torch.randint(0, len(text_ids) - 2 * length, (1,), generator=gen))
+        cached = int(ratio * length) // CHUNK * CHUNK if ratio < 1 else length
+        prefix = tokenizer.decode(text_ids[offset : offset + cached])
+        if cached:
+            engine.warm(prefix)
+        times, ttfts = [], []
+        for i in range(repeats + 2):
+            start = int(torch.randint(0, len(text_ids) - length, (1,), generator=gen))
+            suffix = "" if ratio >= 1 else tokenizer.decode(text_ids[start : start + length - cached])
+            sync(device)
+            t0 = time.perf_counter()
+            result = engine.generate(prefix + suffix, max_new_tokens=1)
+            sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+            ttfts.append(result.ttft_ms)
+        rows.append({"length": length, "reuse": ratio, "kvboost_first_ms": times[0],
+                     "kvboost_ms": statistics.median(times[2:]), "kvboost_ttft_ms": statistics.median(ttfts[2:]),
+                     "kvboost_reuse_ratio": getattr(result, "kv_reuse_ratio", None)})
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(3.2 * len(lengths), 3.2), sharey=False)
+    for ax, length in zip(axes if len(lengths) > 1 else [axes], lengths):
+        rs = [r for r in rows if r["length"] == length]
+        x = [r["reuse"] * 100 for r in rs]
+        for key, label, style in (("full_ms", "full prefill", "k--"), ("floor_ms", "floor", "g:"),
+                                  ("kvpatch_ms", "kvpatch", "b-o"), ("kvboost_ms", "kvboost", "r-s")):
+            points = [(xi, r[key]) for xi, r in zip(x, rs) if key in r]
+            if points:
+                ax.plot(*zip(*points), style, label=label, markersize=3)
+        ax.set_title(f"{length} tokens")
+        ax.set_xlabel("reuse %")
+        ax.set_yscale("log")
+    (axes[0] if len(lengths) > 1 else axes).set_ylabel("TTFT (ms)")
+    (axes[0] if len(lengths) > 1 else axes).legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--shape", default="llama-1b")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--reuse", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 0.9, 1.0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kvboost", action="store_true", help="also time the kvboost package (must be installed)")
+    parser.add_argument("--kvboost-lengths", type=int, nargs="+", help="lengths for kvboost (default: --lengths)")
+    parser.add_argument("--kvboost-reuse", type=float, nargs="+", help="reuse ratios for kvboost (default: --reuse)")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    model = bench_model(args.shape, device=args.device, dtype=getattr(torch, args.dtype))
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    with torch.no_grad():
+        for length in tqdm(args.lengths, desc="kvpatch lengths"):
+            rows.extend(measure_length(model, length, args.reuse, args.repeats, device, vocab, gen))
+            print(json.dumps(rows[-len(args.reuse):]), flush=True)
+    if args.kvboost:
+        _, tokenizer = kvpatch.models.load("kvpatch-ref")
+        text_ids = tokenizer(kvpatch.models.heldout_text()).input_ids
+        while len(text_ids) < 3 * max(args.lengths):
+            text_ids = text_ids + text_ids
+        by_key = {(r["length"], r["reuse"]): r for r in rows}
+        for length in tqdm(args.kvboost_lengths or args.lengths, desc="kvboost lengths"):
+            try:
+                for r in measure_kvboost(model, tokenizer, length, args.kvboost_reuse or args.reuse, args.repeats,
+                                         device, text_ids, gen):
+                    by_key[(r["length"], r["reuse"])].update(r)
+            except Exception as err:  # report, keep the kvpatch results
+                print(f"kvboost failed at {length}: {type(err).__name__}: {err}", flush=True)
+                break
+    for r in rows:
+        r["kvpatch_over_floor"] = r["kvpatch_ms"] / r["floor_ms"]
+        r["kvpatch_over_full"] = r["kvpatch_ms"] / r["full_ms"]
+        r["lookup_share"] = r["lookup_ms"] / r["kvpatch_ms"]
+        if "kvboost_ms" in r:
+            r["kvboost_over_kvpatch"] = r["kvboost_ms"] / r["kvpatch_ms"]
+    header = f"{'len':>6} {'reuse':>5} {'full':>8} {'floor':>8} {'kvpatch':>8} {'/floor':>6} {'/full':>6} {'lookup%':>7} {'kvboost':>8}"
+    print(header)
+    for r in rows:
+        print(f"{r['length']:>6} {r['reuse']:>5.2f} {r['full_ms']:>8.2f} {r['floor_ms']:>8.2f} {r['kvpatch_ms']:>8.2f} "
+              f"{r['kvpatch_over_floor']:>6.2f} {r['kvpatch_over_full']:>6.2f} {100 * r['lookup_share']:>7.2f} "
+              f"{r.get('kvboost_ms', float('nan')):>8.2f}")
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "shape": args.shape,
+            "dtype": args.dtype, "torch": torch.__version__}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
