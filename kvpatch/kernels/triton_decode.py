@@ -27,7 +27,7 @@ from .triton_support import interpreting
 
 LOG2E = 1.4426950408889634
 #: Running-max start: finite, so a fully masked tile gives exp2(-inf) = 0 and never inf - inf.
-NEG = -1.0e30
+NEG = tl.constexpr(-1.0e30)
 #: Decode only: more query rows per kv head than this go to SDPA (prefill).
 MAX_QUERY_ROWS = 64
 

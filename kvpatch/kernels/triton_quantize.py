@@ -20,7 +20,7 @@ from ..quant.groupwise import SCALE_DTYPE
 
 #: Adding then subtracting 1.5 * 2**23 rounds a float32 |y| < 2**22 to an integer, ties to even
 #: (torch.round's rule); libdevice.rint would do it on a GPU but not in Triton's interpreter.
-_ROUND_MAGIC = 12582912.0
+_ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
