@@ -116,7 +116,7 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path_or_model: str | torch.nn.Module, config: ConfigSource = "prefix_reuse",
-                        device: str | None = None, dtype: torch.dtype | None = None, tokenizer: Any = None) -> "Engine":
+                        device: str | None = None, dtype: torch.dtype | None = None, tokenizer: Any = None) -> Engine:
         """From a shipped model name ("kvpatch-ref"), a local model directory, or a loaded model
         (then pass its `tokenizer`)."""
         if isinstance(path_or_model, torch.nn.Module):
@@ -136,8 +136,17 @@ class Engine:
         return next(self.model.parameters()).device
 
     # -- requests ---------------------------------------------------------------------------------
+    def prepare(self, prompt: Prompt) -> torch.Tensor:
+        """Token ids of `prompt` on the model's device, with the reuse controller told where the
+        segments start and given the host copy of the ids (no device-to-host copy to hash them)."""
+        ids, starts = self.encode(prompt)
+        self.reuse.set_segment_starts(starts)
+        self.reuse.set_host_ids(ids)
+        return ids.to(self.device)
+
     def encode(self, prompt: Prompt) -> tuple[torch.Tensor, list[int]]:
-        """Token ids `[1, L]` of a prompt and where its segments start (each tokenized alone)."""
+        """Token ids `[1, L]` (on the CPU) of a prompt and where its segments start (each
+        tokenized alone)."""
         segments = [prompt] if isinstance(prompt, str) else list(prompt)
         if not segments:
             raise ValueError("prompt is empty")
@@ -148,13 +157,12 @@ class Engine:
             ids.extend(self.tokenizer(segment, add_special_tokens=i == 0).input_ids)
         if not ids:
             raise ValueError("prompt tokenizes to no tokens")
-        return torch.tensor([ids], device=self.device), starts
+        return torch.tensor([ids]), starts
 
     def warm(self, text: Prompt) -> WarmResult:
         """Compute and store the chunks of `text` (already stored chunks are reused)."""
         start = time.perf_counter()
-        ids, starts = self.encode(text)
-        self.reuse.set_segment_starts(starts)
+        ids = self.prepare(text)
         with torch.no_grad():
             self.model(input_ids=ids, logits_to_keep=1)
         self.reuse.writer.flush()
@@ -162,10 +170,9 @@ class Engine:
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 64, **gen_kwargs: Any) -> GenerationResult:
         """Greedy by default; any `generate` keyword (do_sample, temperature, ...) passes through."""
-        ids, starts = self.encode(prompt)
-        self.reuse.set_segment_starts(starts)
-        gen_kwargs.setdefault("do_sample", False)
         start = time.perf_counter()
+        ids = self.prepare(prompt)
+        gen_kwargs.setdefault("do_sample", False)
         clock = _FirstTokenClock(start)
         with torch.no_grad():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -188,8 +195,7 @@ class Engine:
         """Yield the output text piece by piece as it is generated."""
         from transformers import TextIteratorStreamer
 
-        ids, starts = self.encode(prompt)
-        self.reuse.set_segment_starts(starts)
+        ids = self.prepare(prompt)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         gen_kwargs.setdefault("do_sample", False)
         errors: list[BaseException] = []
@@ -199,7 +205,7 @@ class Engine:
                 with torch.no_grad():
                     self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                         streamer=streamer, **gen_kwargs)
-            except BaseException as err:  # re-raised in the caller's thread
+            except BaseException as err:  # noqa: BLE001  (re-raised in the caller's thread)
                 errors.append(err)
                 streamer.end()
 
@@ -216,10 +222,9 @@ class Engine:
         checks = []
         for prompt in prompts:
             self.warm(prompt)
-            ids, starts = self.encode(prompt)
             with self.reuse.paused():
-                reference = self._greedy(ids, max_new_tokens)
-            self.reuse.set_segment_starts(starts)
+                reference = self._greedy(self.prepare(prompt), max_new_tokens)
+            ids = self.prepare(prompt)
             reused = self._greedy(ids, max_new_tokens)
             ratio = self.reuse.last.kv_reuse_ratio
             ref_tokens, new_tokens = reference[0], reused[0]

@@ -80,13 +80,12 @@ def main() -> None:
             order = docs[:]
             random.Random(answer).shuffle(order)
             prompt = [SYSTEM, *order, query]
-            ids, starts = engine.encode(prompt)
             if name == "none":  # the full-recompute reference, once per example
                 with engine.reuse.paused():
-                    tokens, logits = engine._greedy(ids, args.new_tokens)
+                    tokens, logits = engine._greedy(engine.prepare(prompt), args.new_tokens)
                 rows["full"].append({"correct": leading_digits(tokenizer.decode(tokens)) == answer,
                                      "tokens": tokens, "logits": logits})
-            engine.reuse.set_segment_starts(starts)
+            ids = engine.prepare(prompt)
             tokens, logits = engine._greedy(ids, args.new_tokens)
             stats = engine.reuse.last
             full = rows["full"][len(rows[name])]

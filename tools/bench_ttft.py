@@ -59,47 +59,62 @@ def prefix_cache(model: torch.nn.Module, kv: list[tuple[torch.Tensor, torch.Tens
     return cache
 
 
-def measure_length(model, length: int, ratios: list[float], repeats: int, device: torch.device, vocab: int,
-                   gen: torch.Generator) -> list[dict]:
-    rand = lambda n: torch.randint(0, vocab, (1, n), generator=gen).to(device)  # noqa: E731
-    base = rand(length)
-    rows = []
-    full = timed(lambda: model(input_ids=base, logits_to_keep=1), device, repeats)
-    handle = None
-    for ratio in ratios:
-        cached = min(length - 1, int(ratio * length) // CHUNK * CHUNK) if ratio < 1 else length - 1
-        row = {"length": length, "reuse": ratio, "cached_tokens": cached, "full_ms": full["ms"]}
-        if handle is not None:
-            kvpatch.unpatch(model)
-            handle = None
-        # floor: suffix prefill over a device-resident prefix + host->device copy of the prefix
-        with torch.no_grad():
-            out = model(input_ids=base[:, :cached], use_cache=True) if cached else None
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers] if out is not None else []
-        suffix = base[:, cached:]
-        if cached:
-            suffix_t = timed(lambda cache: model(input_ids=suffix, past_key_values=cache, logits_to_keep=1),
-                             device, repeats, setup=lambda: prefix_cache(model, kv))
-            host = torch.stack([torch.stack([k[0], v[0]]) for k, v in kv]).cpu()
-            host = host.pin_memory() if device.type == "cuda" else host
-            copy = timed(lambda: host.to(device, non_blocking=True), device, repeats)
-        else:
-            suffix_t, copy = full, {"ms": 0.0}
-        del out, kv
-        row.update(suffix_ms=suffix_t["ms"], copy_ms=copy["ms"], floor_ms=suffix_t["ms"] + copy["ms"])
-        # kvpatch: warm the prefix once, then whole prompts with fresh suffixes
-        handle = kvpatch.apply(model, "prefix_reuse")
+def measure_floor(model, base: torch.Tensor, cached: int, full: dict, repeats: int, device: torch.device) -> dict:
+    """Suffix prefill over a device-resident prefix, and the host->device copy of that prefix."""
+    if not cached:
+        return {"suffix_ms": full["ms"], "copy_ms": 0.0, "floor_ms": full["ms"]}
+    with torch.no_grad():
+        out = model(input_ids=base[:, :cached], use_cache=True)
+    kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    suffix = base[:, cached:]
+    suffix_t = timed(lambda cache: model(input_ids=suffix, past_key_values=cache, logits_to_keep=1),
+                     device, repeats, setup=lambda: prefix_cache(model, kv))
+    host = torch.stack([torch.stack([k[0], v[0]]) for k, v in kv]).cpu()
+    host = host.pin_memory() if device.type == "cuda" else host
+    copy = timed(lambda: host.to(device, non_blocking=True), device, repeats)
+    return {"suffix_ms": suffix_t["ms"], "copy_ms": copy["ms"], "floor_ms": suffix_t["ms"] + copy["ms"]}
+
+
+def measure_kvpatch(model, base: torch.Tensor, cached: int, repeats: int, device: torch.device,
+                    rand: Callable[[int], torch.Tensor]) -> dict:
+    """The patched model on whole prompts: the first `cached` tokens stored, a fresh suffix each time."""
+    handle = kvpatch.apply(model, "prefix_reuse")
+    try:
         if cached:
             with torch.no_grad():
                 model(input_ids=base[:, : max(cached, CHUNK)], logits_to_keep=1)
-        prompt = lambda: base if ratio >= 1 else torch.cat([base[:, :cached], rand(length - cached)], 1)  # noqa: E731
-        ours = timed(lambda ids: model(input_ids=ids, logits_to_keep=1), device, repeats, setup=prompt)
+        host_base, length = base.cpu(), base.shape[1]
+
+        def prompt() -> tuple[torch.Tensor, torch.Tensor]:
+            ids = host_base if cached == length - 1 else torch.cat([host_base[:, :cached], rand(length - cached)], 1)
+            return ids, ids.to(device)
+
+        def request(ids: tuple[torch.Tensor, torch.Tensor]) -> None:
+            handle.reuse.set_host_ids(ids[0])  # as the Engine does: hash the host copy
+            model(input_ids=ids[1], logits_to_keep=1)
+
+        ours = timed(request, device, repeats, setup=prompt)
         stats = handle.reuse.last
-        row.update(kvpatch_ms=ours["ms"], kvpatch_first_ms=ours["first_ms"], reused_tokens=stats.reused_tokens,
-                   lookup_ms=stats.lookup_ms)
-        rows.append(row)
-    if handle is not None:
+        return {"kvpatch_ms": ours["ms"], "kvpatch_first_ms": ours["first_ms"], "reused_tokens": stats.reused_tokens,
+                "lookup_ms": stats.lookup_ms}
+    finally:
         kvpatch.unpatch(model)
+
+
+def measure_length(model, length: int, ratios: list[float], repeats: int, device: torch.device, vocab: int,
+                   gen: torch.Generator) -> list[dict]:
+    def rand(n: int) -> torch.Tensor:
+        return torch.randint(0, vocab, (1, n), generator=gen)
+
+    base = rand(length).to(device)
+    full = timed(lambda: model(input_ids=base, logits_to_keep=1), device, repeats)
+    rows = []
+    for ratio in ratios:
+        cached = min(length - 1, int(ratio * length) // CHUNK * CHUNK) if ratio < 1 else length - 1
+        row = {"length": length, "reuse": ratio, "cached_tokens": cached, "full_ms": full["ms"]}
+        row.update(measure_floor(model, base, cached, full, repeats, device))
+        row.update(measure_kvpatch(model, base, cached, repeats, device, rand))
+        rows.append(row)
     return rows
 
 
@@ -195,7 +210,7 @@ def main() -> None:
                 for r in measure_kvboost(model, tokenizer, length, args.kvboost_reuse or args.reuse, args.repeats,
                                          device, text_ids, gen):
                     by_key[(r["length"], r["reuse"])].update(r)
-            except Exception as err:  # report, keep the kvpatch results
+            except Exception as err:  # noqa: BLE001  (report, keep the kvpatch results)
                 print(f"kvboost failed at {length}: {type(err).__name__}: {err}", flush=True)
                 break
     for r in rows:

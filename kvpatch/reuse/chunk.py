@@ -69,12 +69,12 @@ class StoredChunk:
         return safetensors_save(tensors, metadata=header)
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str = "<bytes>") -> "StoredChunk":
+    def from_bytes(cls, data: bytes, where: str = "<bytes>") -> StoredChunk:
         """Decode `to_bytes` output; ChunkFormatError (naming `where`) for anything else."""
         try:
             tensors = safetensors_load(data)
             header = _safetensors_metadata(data)
-        except Exception as err:  # safetensors raises several types for corrupt input
+        except Exception as err:  # noqa: BLE001  (safetensors raises several types for corrupt input)
             raise ChunkFormatError(f"{where}: not a kvpatch chunk (safetensors decode failed: {err})") from None
         if header.get("format") != "kvpatch-chunk":
             raise ChunkFormatError(f"{where}: field 'format': expected 'kvpatch-chunk', found {header.get('format')!r}")

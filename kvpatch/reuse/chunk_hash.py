@@ -9,8 +9,8 @@ the chunk codec), so two models, or two dtypes of one model, never share an entr
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from typing import Callable, Literal
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 
@@ -51,16 +51,21 @@ class ChunkHasher:
     def content_hash(self, tokens: bytes) -> str:
         return self._digest(b"content\0" + self.namespace.encode() + b"\0" + tokens)
 
+    def hashes(self, token_ids: Sequence[int] | torch.Tensor | bytes, spans: Sequence[Span]) -> tuple[list[str], list[str]]:
+        """(prefix hashes, content hashes) of the chunks at `spans`; token ids may be given as
+        `token_bytes` already (a prompt is converted once)."""
+        data = token_ids if isinstance(token_ids, bytes) else token_bytes(token_ids)
+        parent, prefix, content = self.namespace, [], []
+        for start, end in spans:
+            tokens = data[8 * start : 8 * end]
+            parent = self._digest(b"prefix\0" + parent.encode() + b"\0" + tokens)
+            prefix.append(parent)
+            content.append(self.content_hash(tokens))
+        return prefix, content
+
     def prefix_hashes(self, token_ids: Sequence[int] | torch.Tensor, spans: Sequence[Span]) -> list[str]:
         """Hash of each chunk chained with its parent's (the first chains from the namespace)."""
-        data = token_bytes(token_ids)
-        parent = self.namespace
-        out = []
-        for start, end in spans:
-            parent = self._digest(b"prefix\0" + parent.encode() + b"\0" + data[8 * start : 8 * end])
-            out.append(parent)
-        return out
+        return self.hashes(token_ids, spans)[0]
 
     def content_hashes(self, token_ids: Sequence[int] | torch.Tensor, spans: Sequence[Span]) -> list[str]:
-        data = token_bytes(token_ids)
-        return [self.content_hash(data[8 * start : 8 * end]) for start, end in spans]
+        return self.hashes(token_ids, spans)[1]

@@ -25,8 +25,8 @@ from ..errors import UnsupportedModelError
 from ..patch.cache import KVPatchCache
 from ..registry import first_stage_of
 from ..stages.reuse import ChainedHasher, FixedChunker, RecomputeStage
-from .chunk import ChunkStore, StoredChunk
-from .chunk_hash import ChunkHasher
+from .chunk import ChunkStore
+from .chunk_hash import ChunkHasher, token_bytes
 from .chunker import Span, chunk_spans
 from .codecs import dense_kv, kv_shape
 from .matcher import MatchPlan, match_chunks
@@ -35,6 +35,9 @@ from .rope import KeyRotator
 from .writeback import ChunkWriter, NewChunk
 
 logger = logging.getLogger("kvpatch")
+
+#: Most host memory pinned up front for write-back buffers (see ChunkWriter).
+PREWARM_CAP_BYTES = 8 * 2**30
 
 #: Keyword arguments whose last dimension runs over the prompt's positions.
 _POSITIONAL_KWARGS = ("input_ids", "position_ids")
@@ -97,10 +100,12 @@ class ReuseController:
             except UnsupportedModelError as err:
                 logger.warning("kvpatch: matcher/approximate: %s; reusing exact prefixes only", err)
                 self.approximate = False
-        self.writer = ChunkWriter(self.store)
+        budget = getattr(getattr(self.store, "params", None), "budget_bytes", 0)
+        self.writer = ChunkWriter(self.store, prewarm_bytes=min(int(budget), PREWARM_CAP_BYTES))
         self.last: RequestStats = RequestStats()
         self._request: _Request | None = None
         self._segment_starts: list[int] = []
+        self._host_ids_hint: torch.Tensor | None = None
         self._paused = False
 
     # -- the two hooks ----------------------------------------------------------------------------
@@ -116,6 +121,7 @@ class ReuseController:
     def before_forward(self, kwargs: dict[str, Any], cache: KVPatchCache) -> dict[str, Any] | None:
         """Load reusable K/V into `cache` and return the trimmed kwargs (None: unchanged)."""
         self._request = None
+        hint, self._host_ids_hint = self._host_ids_hint, None  # meant for this forward only
         if self._paused:
             return None
         self.writer.flush(wait=False)  # copies still running belong to the previous request
@@ -126,7 +132,7 @@ class ReuseController:
         if mask is not None and (mask.dim() != 2 or not bool(mask.all())):
             return None  # padded rows sit at shifted positions: neither reuse nor store them
         start = time.perf_counter()
-        request = self._plan(input_ids)
+        request = self._plan(input_ids, hint)
         self.last = RequestStats(prompt_tokens=input_ids.numel())
         self.last.lookup_ms = (time.perf_counter() - start) * 1e3
         self._request = request
@@ -155,15 +161,22 @@ class ReuseController:
         """Token offsets where the next prompt's segments begin (each starts a new chunk)."""
         self._segment_starts = list(starts)
 
+    def set_host_ids(self, token_ids: torch.Tensor) -> None:
+        """A CPU copy of the next forward's input_ids (the Engine has one): hashing then needs no
+        device-to-host copy, which would queue behind the previous request's write-back copies.
+        Used only if its shape matches, and only for that one forward."""
+        self._host_ids_hint = token_ids.detach()
+
     # -- planning ---------------------------------------------------------------------------------
-    def _plan(self, input_ids: torch.Tensor) -> _Request:
-        ids = input_ids.detach().cpu()
+    def _plan(self, input_ids: torch.Tensor, host_ids: torch.Tensor | None) -> _Request:
+        usable = host_ids is not None and host_ids.device.type == "cpu" and host_ids.shape == input_ids.shape
+        ids = host_ids if usable else input_ids.detach().cpu()
         spans, prefix, content, plans = [], [], [], []
         p = self.chunker.params
-        for row in ids.tolist():
-            row_spans = chunk_spans(row, p.size, p.boundary_window, self.chunker.boundary_tokens, self._segment_starts)
-            row_prefix = self.hasher.prefix_hashes(row, row_spans)
-            row_content = self.hasher.content_hashes(row, row_spans)
+        for row in ids:
+            tokens = row.numpy()  # indexable without a Python list of 16K ints
+            row_spans = chunk_spans(tokens, p.size, p.boundary_window, self.chunker.boundary_tokens, self._segment_starts)
+            row_prefix, row_content = self.hasher.hashes(token_bytes(row), row_spans)
             spans.append(row_spans)
             prefix.append(row_prefix)
             content.append(row_content)

@@ -143,7 +143,7 @@ def most_deviated(model: torch.nn.Module, input_ids: torch.Tensor, kv: list[tupl
             deviation["score"] = (diff / norm.clamp_min(1e-12)).sum(dim=0)  # [len(positions)]
 
     recompute_positions(model, input_ids, kv, recompute, last_layer=check_layer, observer=measure)
-    count = int(round(ratio * candidates.numel()))
+    count = round(ratio * candidates.numel())
     if count == 0 or "score" not in deviation:
         return candidates[:0]
     index = {int(p): i for i, p in enumerate(recompute.tolist())}

@@ -30,7 +30,7 @@ class KeyRotator:
         self._per_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module) -> "KeyRotator":
+    def for_model(cls, model: torch.nn.Module) -> KeyRotator:
         rotary = getattr(model.base_model, "rotary_emb", None)
         if rotary is None:
             raise UnsupportedModelError(

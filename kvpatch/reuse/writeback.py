@@ -1,11 +1,14 @@
 """`ChunkWriter`: moving newly computed chunks to the store without delaying the first token.
 
-On a GPU, the chunks of one prefill are encoded on the device and copied, on a side stream, into
-ONE pinned host allocation per dtype (a pinned allocation is slow and may synchronise the device,
-so one per chunk would cost more than the prefill). A chunk is handed to the store once its copy
-has finished: checked at the next request without waiting, or on `flush(wait=True)`. So the
-prefill that computed the chunks returns at once. On CPU chunks are stored immediately.
-The store keeps views into the shared allocation; it is freed when the last of them goes.
+On a GPU, chunks are encoded on the device and copied, on a side stream, into pinned host
+buffers (one per chunk tensor, so the store owns each outright and frees it on eviction). A chunk
+is handed to the store once its copy has finished: checked at the next request without waiting,
+or on `flush(wait=True)`. So the prefill that computed the chunks returns at once.
+
+Pinning host memory is slow (and may synchronise the device): per request it would cost more
+than the prefill. So the first write pins the store's whole budget once, in chunk-sized blocks,
+and frees them: torch's caching host allocator keeps them, and later chunk buffers come from it
+at no cost, reused as the store evicts. On CPU chunks are stored immediately.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ class NewChunk:
 
 
 class ChunkWriter:
-    def __init__(self, store: ChunkStore) -> None:
+    def __init__(self, store: ChunkStore, prewarm_bytes: int = 0) -> None:
         self.store = store
+        #: Host memory pinned up front at the first GPU write (normally the store's RAM budget).
+        self.prewarm_bytes = prewarm_bytes
         self._pending: list[tuple[torch.cuda.Event, list[StoredChunk]]] = []
         self._stream: torch.cuda.Stream | None = None
 
@@ -46,28 +51,28 @@ class ChunkWriter:
         device = chunks[0].kv.device
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=device)
+            self._prewarm(max(encoded, key=lambda t: sum(x.numel() for x in t.values())))
         self._stream.wait_stream(torch.cuda.current_stream(device))
-        sizes: dict[torch.dtype, int] = {}
-        for tensors in encoded:
-            for t in tensors.values():
-                sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
-        pools = {dtype: torch.empty(n, dtype=dtype, pin_memory=True) for dtype, n in sizes.items()}
-        offsets = dict.fromkeys(sizes, 0)
         stored = []
         with torch.cuda.stream(self._stream):
             for c, tensors in zip(chunks, encoded):
                 host = {}
                 for name, t in tensors.items():
-                    start = offsets[t.dtype]
-                    view = pools[t.dtype][start : start + t.numel()].view(t.shape)
-                    view.copy_(t, non_blocking=True)
+                    host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    host[name].copy_(t, non_blocking=True)
                     t.record_stream(self._stream)
-                    offsets[t.dtype] = start + t.numel()
-                    host[name] = view
                 stored.append(StoredChunk(c.prefix_hash, c.content_hash, c.token_ids, c.start, host, codec))
             event = torch.cuda.Event()
             event.record(self._stream)
         self._pending.append((event, stored))
+
+    def _prewarm(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Pin `prewarm_bytes` of chunk-shaped host buffers once and release them to torch's
+        caching host allocator."""
+        chunk_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        count = self.prewarm_bytes // max(chunk_bytes, 1)
+        blocks = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for _ in range(count) for t in tensors.values()]
+        del blocks
 
     def flush(self, wait: bool = True) -> None:
         """Hand finished copies to the store (all of them, waiting, when `wait`)."""
