@@ -60,19 +60,32 @@ def prefix_cache(model: torch.nn.Module, kv: list[tuple[torch.Tensor, torch.Tens
 
 
 def measure_floor(model, base: torch.Tensor, cached: int, full: dict, repeats: int, device: torch.device) -> dict:
-    """Suffix prefill over a device-resident prefix, and the host->device copy of that prefix."""
+    """Suffix prefill over a device-resident prefix, and the host->device copy of that prefix.
+
+    The suffix prefill is timed twice: unpatched (transformers' SDPA path, which materialises the
+    causal mask of a prefill over a cache) and under kvpatch's lossless `default` config (flash
+    attention with lower-right causality); the floor is the faster plus the copy."""
     if not cached:
-        return {"suffix_ms": full["ms"], "copy_ms": 0.0, "floor_ms": full["ms"]}
+        return {"suffix_hf_ms": full["ms"], "suffix_ms": full["ms"], "copy_ms": 0.0, "floor_ms": full["ms"]}
     with torch.no_grad():
         out = model(input_ids=base[:, :cached], use_cache=True)
     kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
     suffix = base[:, cached:]
-    suffix_t = timed(lambda cache: model(input_ids=suffix, past_key_values=cache, logits_to_keep=1),
-                     device, repeats, setup=lambda: prefix_cache(model, kv))
+
+    def suffix_prefill(cache: DynamicCache) -> None:
+        model(input_ids=suffix, past_key_values=cache, logits_to_keep=1)
+
+    hf = timed(suffix_prefill, device, repeats, setup=lambda: prefix_cache(model, kv))
+    kvpatch.apply(model, "default")
+    try:
+        patched = timed(suffix_prefill, device, repeats, setup=lambda: prefix_cache(model, kv))
+    finally:
+        kvpatch.unpatch(model)
     host = torch.stack([torch.stack([k[0], v[0]]) for k, v in kv]).cpu()
     host = host.pin_memory() if device.type == "cuda" else host
     copy = timed(lambda: host.to(device, non_blocking=True), device, repeats)
-    return {"suffix_ms": suffix_t["ms"], "copy_ms": copy["ms"], "floor_ms": suffix_t["ms"] + copy["ms"]}
+    best = min(hf["ms"], patched["ms"])
+    return {"suffix_hf_ms": hf["ms"], "suffix_ms": patched["ms"], "copy_ms": copy["ms"], "floor_ms": best + copy["ms"]}
 
 
 def measure_kvpatch(model, base: torch.Tensor, cached: int, repeats: int, device: torch.device,

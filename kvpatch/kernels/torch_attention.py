@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 def bottom_right_causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -32,8 +33,8 @@ def sdpa_attention(
     if mask is None and q_len > 1:
         if q_len == k_len:
             is_causal = True
-        else:
-            mask = bottom_right_causal_mask(q_len, k_len, query.device)
+        else:  # a prefill over a cache: flash attention handles bottom-right causality natively
+            mask = causal_lower_right(q_len, k_len)
     return F.scaled_dot_product_attention(
         query,
         key,

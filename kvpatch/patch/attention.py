@@ -22,6 +22,7 @@ from transformers.masking_utils import sdpa_mask
 
 from ..errors import UnsupportedModelError
 from ..kernels import math_attention, sdpa_attention
+from ..kernels.torch_attention import bottom_right_causal_mask
 from ..kernels.packed import PackedKV
 from ..kernels.triton_support import log_fallback, triton_unavailable_reason
 
@@ -134,7 +135,22 @@ def _triton_attention(query: torch.Tensor, key: torch.Tensor | PackedKV, value: 
     return None
 
 
+def kvpatch_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' SDPA mask, except that a plain bottom-right causal mask (a prefill over a
+    cache, without padding or windows) becomes None: the attention function then uses the
+    flash kernel's own lower-right causality instead of a materialised mask, which SDPA can only
+    serve with slower kernels. Replaced only after checking it equals that pattern exactly."""
+    mask = sdpa_mask(*args, **kwargs)
+    if mask is None or mask.dtype != torch.bool or mask.dim() != 4:
+        return mask
+    q_len, k_len = mask.shape[-2], mask.shape[-1]
+    if q_len <= 1 or q_len >= k_len:
+        return mask
+    causal = bottom_right_causal_mask(q_len, k_len, mask.device)
+    return None if torch.equal(mask, causal.expand_as(mask)) else mask
+
+
 def register_attention() -> None:
     """Register the attention and mask functions under ATTENTION_NAME (idempotent)."""
     AttentionInterface.register(ATTENTION_NAME, kvpatch_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, kvpatch_mask)
