@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -251,42 +252,50 @@ def test_every_single_byte_flip_is_refused() -> None:
     assert unseal(data, "ok").prefix_hash == make_chunk(4).prefix_hash
 
 
-def _write_forever(directory: str) -> None:
+def _write_forever(directory: str, kv: torch.Tensor, wrote: Any) -> None:
+    """Rewrite one key forever. No tensor math here: a forked child must not enter torch's
+    thread pool (OpenMP can deadlock after fork), so the parent made `kv`."""
     tier = DiskTier(directory, 10**9)
     for i in range(1, 10**9):
-        tier.write(StoredChunk("k", "c", torch.arange(512), i, {"kv": torch.full((8, 2, 4, 512, 64), float(i))}))
+        tier.write(StoredChunk("k", "c", torch.arange(512), i, {"kv": kv}))
+        wrote.set()
 
 
 def test_kill_during_writes_never_leaves_a_torn_chunk(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("fork")
     killed_mid_write = 0
-    for attempt in range(8):
-        writer = ctx.Process(target=_write_forever, args=(str(tmp_path),))
+    for attempt in range(40):  # at least 8 kills, and until one landed inside a write
+        if attempt >= 8 and killed_mid_write:
+            break
+        wrote = ctx.Event()
+        kv = torch.full((8, 2, 4, 512, 64), float(attempt))
+        writer = ctx.Process(target=_write_forever, args=(str(tmp_path), kv, wrote))
         writer.start()
-        time.sleep(0.05 + 0.04 * attempt)
+        assert wrote.wait(60)  # at least one whole write, then kill at some point of a later one
+        time.sleep(0.008 * (attempt % 10))  # spans a few write cycles (serialize, then the temp file)
         writer.kill()  # SIGKILL: no cleanup runs
         writer.join()
         killed_mid_write += any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
         tier = DiskTier(tmp_path, 10**9)  # opening collects the dead writer's temp file
-        chunk = tier.read("k")
-        if chunk is not None:  # one whole write, never a mix of two
-            assert chunk.tensors["kv"].shape == (8, 2, 4, 512, 64) and (chunk.tensors["kv"] == chunk.start).all()
+        chunk = tier.read("k")  # one whole write of this attempt, never a torn or mixed file
+        assert torch.equal(chunk.tensors["kv"], kv) and chunk.start >= 1
         assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    assert tier.read("k") is not None and killed_mid_write > 0
+    assert killed_mid_write > 0
 
 
-def _concurrent_writer(directory: str, worker: int, budget: int) -> None:
+def _concurrent_writer(directory: str, worker: int, budget: int, chunks: list[StoredChunk]) -> None:
     tier = DiskTier(directory, budget)
     for i in range(24):
-        key = (worker * 7 + i) % 16  # workers overlap on keys
-        tier.write(make_chunk(key))
-        tier.read(make_chunk((key + 3) % 16).prefix_hash)
+        key = (worker * 7 + i) % len(chunks)  # workers overlap on keys
+        tier.write(chunks[key])
+        tier.read(chunks[(key + 3) % len(chunks)].prefix_hash)
 
 
 def test_concurrent_writers_share_a_directory(tmp_path: Path) -> None:
     budget = 10 * len(seal(make_chunk(0)))
     ctx = multiprocessing.get_context("fork")
-    workers = [ctx.Process(target=_concurrent_writer, args=(str(tmp_path), w, budget)) for w in range(3)]
+    chunks = [make_chunk(i) for i in range(16)]  # made here: no tensor math in forked children
+    workers = [ctx.Process(target=_concurrent_writer, args=(str(tmp_path), w, budget, chunks)) for w in range(3)]
     for w in workers:
         w.start()
     for w in workers:
