@@ -74,13 +74,13 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 # batch, kv heads, q heads per kv head, queries, head dim, bits, group, sinks, blocks, residual, dtype
 CASES = [
-    (1, 1, 1, 1, 64, 4, 16, 0, 9, 5, torch.float32),
+    (1, 1, 1, 1, 64, 4, 8, 0, 9, 5, torch.float32),
     (2, 2, 4, 1, 128, 2, 32, 3, 3, 17, torch.bfloat16),
     (1, 2, 8, 1, 64, 4, 16, 4, 5, 1, torch.float16),
     (2, 1, 3, 2, 128, 8, 32, 1, 2, 31, torch.bfloat16),
     (1, 2, 2, 3, 64, 2, 16, 0, 7, 0, torch.float32),
     (3, 1, 5, 1, 64, 4, 64, 2, 2, 13, torch.bfloat16),
-    (2, 2, 2, 1, 64, 4, 16, 0, 0, 45, torch.float16),  # no codes: a dense cache
+    (2, 2, 2, 1, 64, 4, 8, 0, 0, 45, torch.float16),  # no codes: a dense cache
 ]
 
 
@@ -137,7 +137,7 @@ def _model_logits(kernel: str) -> tuple[torch.Tensor, list]:
         "fidelity": {"lossless": False},
         "kernels": {"attention": kernel},
         "stages": [
-            {"kind": "quantizer", "impl": "kivi", "params": {"bits": 4, "group_size": 16}},
+            {"kind": "quantizer", "impl": "kivi", "params": {"bits": 4, "group_size": 8}},
             {"kind": "storage", "impl": "quantized", "params": {"residual_length": 8, "sink_tokens": 2}},
         ],
     }

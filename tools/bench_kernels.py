@@ -3,7 +3,7 @@
 Parts (all by default):
 - copy: the device's copy bandwidth (bytes read + written by a large device-to-device copy), the
   ceiling every decode-attention figure is compared with.
-- sweep: warps / pipeline stages / split-count variants of the fused kernel at B=1 and B=8, T=32K.
+- sweep: tile / warps / pipeline stages / split-count variants of the fused kernel at B=1 and B=8, T=32K.
 - grid: decode attention time, Llama-3-8B heads (32 q / 8 kv, d=128, Tq=1), contexts 4K..128K,
   batch 1..32 (B*T <= 1M tokens): bf16 SDPA (flash, enable_gqa) on the original K/V, the fused
   kernel on KIVI int4 / int2 (group 32, fp16 scale+zero, 4 sinks + 124 residual tokens in bf16),
@@ -135,7 +135,7 @@ def sweep(points: list[tuple[int, int]], bits_list: list[int]) -> dict[str, Any]
     """Each knob combination on each point; the best (least total time) per bit width."""
     from kvpatch.kernels import triton_decode
 
-    variants = [{"num_warps": w, "num_stages": st} for w in (4, 8) for st in (2, 3, 4)]
+    variants = [{"block_n": bn, "num_warps": w, "num_stages": st} for bn in (64, 128) for w in (4, 8) for st in (2, 3)]
     results: dict[str, Any] = {"points": points, "variants": []}
     times: dict[tuple[int, int, int], list[float]] = {}
     for batch, tokens in points:
@@ -143,10 +143,10 @@ def sweep(points: list[tuple[int, int]], bits_list: list[int]) -> dict[str, Any]
         sets = [make_inputs(batch, tokens, bits_list, seed) for seed in range(copies)]
         for bits in bits_list:
             for index, variant in enumerate(variants):
-                blocks = (tokens - SINKS - RESIDUAL) // GROUP
-                auto = triton_decode._num_splits(blocks, batch * KV_HEADS, torch.device("cuda"))
+                tiles = math.ceil((tokens - SINKS - RESIDUAL) / variant["block_n"])
+                auto = triton_decode._num_splits(tiles, batch * KV_HEADS, torch.device("cuda"))
                 for split_scale in (0.5, 1, 2):
-                    knobs = dict(variant, num_splits=max(1, min(blocks, int(auto * split_scale))))
+                    knobs = dict(variant, num_splits=max(1, min(tiles, int(auto * split_scale))))
                     ms = bench(rotating(sets, lambda s, b=bits, k=knobs: triton_decode.decode_attention(
                         s["q"], s["packed"][b], DIM**-0.5, **k)))
                     times.setdefault((bits, index, split_scale), []).append(ms)

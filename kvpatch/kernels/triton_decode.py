@@ -46,15 +46,15 @@ def _unpack(b, BITS: tl.constexpr):
 
 
 @triton.jit
-def _softmax_step(s, v, valid, m_i, l_i, acc):
-    """One online-softmax step (base 2: scores carry scale * log2(e)) over scores s [rows, N]
-    and values v [N, D]."""
+def _attend(q, k, v, valid, m_i, l_i, acc):
+    """One online-softmax step (base 2; q carries scale * log2(e)) over a tile k [D, N], v [N, D]."""
+    s = tl.dot(q, k.to(q.dtype))
     s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
     return m_new, l_i, acc
 
 
@@ -81,8 +81,7 @@ def _dense_part(q, m_i, l_i, acc, K, V, bh, T, start, limit, qi, MASK, sm_b, sm_
         k = tl.load(K + base + tok[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
         v = tl.load(V + base + tok[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
         valid = _visible(start + tok, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK) & inside[None, :]
-        s = tl.dot(q, tl.trans(k).to(q.dtype))
-        m_i, l_i, acc = _softmax_step(s, v.to(q.dtype), valid, m_i, l_i, acc)
+        m_i, l_i, acc = _attend(q, tl.trans(k), v, valid, m_i, l_i, acc)
     return m_i, l_i, acc
 
 
@@ -97,42 +96,47 @@ def _dense_parts(q, m_i, l_i, acc, SK, SV, S, RK, RV, R, NQ, bh, limit, qi, MASK
 
 
 @triton.jit
-def _kivi_part(q32, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK, tile_lo, tile_hi, start, limit, qi,
-               MASK, sm_b, sm_t, b, HAS_MASK: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-               BITS: tl.constexpr, DOT: tl.constexpr):
-    """Online softmax over KIVI blocks [tile_lo, tile_hi) (G tokens each), read packed.
-
-    A key block shares one scale and zero per channel, so they fold into the query:
-    q . (c * s + z) = (q * s) . c + q . z; the codes go into the dot as they are (exact in
-    bf16). Values have per-token scales and are dequantized in the tile.
-    """
+def _kivi_part(q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK, tile_lo, tile_hi, start, limit, qi,
+               MASK, sm_b, sm_t, b, HAS_MASK: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+               G: tl.constexpr, BITS: tl.constexpr):
+    """Online softmax over tiles [tile_lo, tile_hi) of BN tokens of KIVI codes, read packed."""
     PB: tl.constexpr = 8 // BITS
     GB: tl.constexpr = G // PB
+    NG: tl.constexpr = BN // G
     NGV: tl.constexpr = D // G
     DB: tl.constexpr = D // PB
+    NQ = NBLK * G
     bh64 = bh.to(tl.int64)
-    kp = KP + bh64 * NBLK * (D * GB)
-    ks, kz = KS + bh64 * NBLK * D, KZ + bh64 * NBLK * D
-    vp = VP + bh64 * NBLK * (G * DB)
-    vs, vz = VS + bh64 * NBLK * (G * NGV), VZ + bh64 * NBLK * (G * NGV)
+    kp, ks = KP + bh64 * NBLK * D * GB, bh64 * NBLK * D
+    vp, vs = VP + bh64 * NQ * DB, bh64 * NQ * NGV
     d = tl.arange(0, D)
-    n = tl.arange(0, G)
-    k_off = d[:, None] * GB + tl.arange(0, GB)[None, :]
-    v_off = n[:, None] * DB + tl.arange(0, DB)[None, :]
-    vs_off = n[:, None] * NGV + tl.arange(0, NGV)[None, :]
+    g = tl.arange(0, NG)
+    j = tl.arange(0, GB)
+    n = tl.arange(0, BN)
+    c = tl.arange(0, DB)
+    gv = tl.arange(0, NGV)
     for t in range(tile_lo, tile_hi):
-        kc = tl.reshape(_unpack(tl.load(kp + t * (D * GB) + k_off), BITS), (D, G))
-        k_scale = tl.load(ks + t * D + d).to(tl.float32)
-        k_zero = tl.load(kz + t * D + d).to(tl.float32)
-        s = tl.dot((q32 * k_scale[None, :]).to(DOT), kc.to(DOT)) + tl.sum(q32 * k_zero[None, :], 1)[:, None]
+        blk = t * NG + g
+        has_blk = blk < NBLK
+        kb = tl.load(kp + blk[None, :, None] * (D * GB) + d[:, None, None] * GB + j[None, None, :],
+                     mask=has_blk[None, :, None], other=0)
+        kc = tl.reshape(_unpack(kb, BITS), (D, NG, G)).to(tl.float32)
+        sidx = ks + blk[None, :] * D + d[:, None]
+        k_scale = tl.load(KS + sidx, mask=has_blk[None, :], other=0.0).to(tl.float32)
+        k_zero = tl.load(KZ + sidx, mask=has_blk[None, :], other=0.0).to(tl.float32)
+        k = tl.reshape(kc * k_scale[:, :, None] + k_zero[:, :, None], (D, BN))
 
-        vc = tl.reshape(_unpack(tl.load(vp + t * (G * DB) + v_off), BITS), (G, NGV, G))
-        v_scale = tl.load(vs + t * (G * NGV) + vs_off).to(tl.float32)
-        v_zero = tl.load(vz + t * (G * NGV) + vs_off).to(tl.float32)
-        v = tl.reshape(vc.to(tl.float32) * v_scale[:, :, None] + v_zero[:, :, None], (G, D)).to(DOT)
+        tok = t * BN + n
+        has_tok = tok < NQ
+        vb = tl.load(vp + tok[:, None] * DB + c[None, :], mask=has_tok[:, None], other=0)
+        vc = tl.reshape(_unpack(vb, BITS), (BN, NGV, G)).to(tl.float32)
+        vidx = vs + tok[:, None] * NGV + gv[None, :]
+        v_scale = tl.load(VS + vidx, mask=has_tok[:, None], other=0.0).to(tl.float32)
+        v_zero = tl.load(VZ + vidx, mask=has_tok[:, None], other=0.0).to(tl.float32)
+        v = tl.reshape(vc * v_scale[:, :, None] + v_zero[:, :, None], (BN, D))
 
-        valid = _visible(start + t * G + n, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK)
-        m_i, l_i, acc = _softmax_step(s, v, valid, m_i, l_i, acc)
+        valid = _visible(start + tok, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK) & has_tok[None, :]
+        m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc)
     return m_i, l_i, acc
 
 
@@ -158,12 +162,9 @@ def _decode_partial(
     has_row = rows < GQA * TQ
     q = tl.load(Q + b.to(tl.int64) * sq_b + head[:, None] * sq_h + qi[:, None] * sq_t + d[None, :],
                 mask=has_row[:, None], other=0.0)
-    q32 = q.to(tl.float32) * qk_scale
-    if DOT_FP32:
-        DOT: tl.constexpr = tl.float32
-    else:
-        DOT: tl.constexpr = Q.dtype.element_ty
-    q = q32.to(DOT)
+    q = q.to(tl.float32) * qk_scale
+    if not DOT_FP32:
+        q = q.to(Q.dtype.element_ty)
     NQ = NBLK * G
     if HAS_LENGTHS:
         seq_len = tl.load(LENGTHS + b)
@@ -175,12 +176,13 @@ def _decode_partial(
     acc = tl.zeros([BM, D], tl.float32)
     if HAS_CODES:
         if split < NSPLIT:
-            per_split = tl.cdiv(NBLK, NSPLIT)
+            tiles = tl.cdiv(NQ, BN)
+            per_split = tl.cdiv(tiles, NSPLIT)
             lo = split * per_split
-            # blocks past this sequence's length are never read
-            hi = tl.minimum(tl.minimum(lo + per_split, NBLK), tl.cdiv(tl.maximum(seq_len - S, 0), G))
-            m_i, l_i, acc = _kivi_part(q32, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK, lo, hi, S, limit,
-                                       qi, MASK, sm_b, sm_t, b, HAS_MASK, D, G, BITS, DOT)
+            # tiles past this sequence's length are never read
+            hi = tl.minimum(tl.minimum(lo + per_split, tiles), tl.cdiv(tl.maximum(seq_len - S, 0), BN))
+            m_i, l_i, acc = _kivi_part(q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK, lo, hi, S, limit,
+                                       qi, MASK, sm_b, sm_t, b, HAS_MASK, D, BN, G, BITS)
         else:
             m_i, l_i, acc = _dense_parts(q, m_i, l_i, acc, SK, SV, S, RK, RV, R, NQ, bh, limit, qi,
                                          MASK, sm_b, sm_t, b, HAS_MASK, D, BN)
@@ -241,17 +243,17 @@ def unsupported_reason(query: torch.Tensor, kv: PackedKV, mask: torch.Tensor | N
         layout = kivi_layout(kv.quantizer)
         if layout is None:
             return f"codes of quantizer {getattr(kv.quantizer, 'name', kv.quantizer)!r} (only KIVI is fused)"
-        group = layout[1]
-        if group & (group - 1) or group < 16 or dim % group:
-            return f"KIVI group_size {group} (the kernel needs a power of two >= 16 dividing head_dim)"
+        bits, group = layout
+        if group & (group - 1) or group * bits < 8 or dim % group:
+            return f"KIVI group_size {group} (needs a power of two dividing head_dim, >= {8 // bits})"
     return None
 
 
-def _num_splits(blocks: int, programs: int, device: torch.device) -> int:
-    """Enough splits that the grid covers the device ~8 times over (best of 4x / 8x on an H100,
-    tools/bench_kernels.py sweep), at least one KIVI block each."""
+def _num_splits(tiles: int, programs: int, device: torch.device) -> int:
+    """Enough splits that the grid covers the device ~8 times over (better than 4x for int4 and
+    int2 in the H100 sweep, results/kernels-h100-v1-sweep.json), at least one tile each."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(blocks, triton.cdiv(8 * sms, programs)))
+    return max(1, min(tiles, triton.cdiv(8 * sms, programs)))
 
 
 def decode_attention(
@@ -263,14 +265,13 @@ def decode_attention(
     num_splits: int | None = None,
     block_n: int = 64,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Attention of query `[B, Hq, Tq, D]` over every token of `kv`; returns `[B, Hq, Tq, D]`.
 
     `mask` is boolean `[B or 1, 1, Tq or 1, >= Tk]` (True = attend); `lengths` (int `[B]`) limits
     sequence b to its first `lengths[b]` tokens, the last query seeing all of them.
-    `num_splits`, `block_n` (tokens per tile of the dense parts; a KIVI tile is one block),
-    `num_warps`, `num_stages` are tuning knobs
+    `num_splits`, `block_n` (tokens per tile), `num_warps`, `num_stages` are tuning knobs
     (tools/bench_kernels.py sweeps them); the defaults are the best measured on an H100.
     """
     reason = unsupported_reason(query, kv, mask)
@@ -290,9 +291,10 @@ def decode_attention(
         codes = [kt["packed"], kt["scale"], kt["zero"], vt["packed"], vt["scale"], vt["zero"]]
         codes = [t.contiguous() for t in codes]
         n_blocks = kv.key_codes.num_blocks
-        splits = num_splits or _num_splits(n_blocks, batch * kv_heads, query.device)
+        block_n = max(block_n, group)
+        splits = num_splits or _num_splits(triton.cdiv(n_blocks * group, block_n), batch * kv_heads, query.device)
     else:
-        bits, group, n_blocks, splits = 8, 16, 0, 0
+        bits, group, n_blocks, splits = 8, block_n, 0, 0
         codes = [residual_k] * 6
     if mask is not None:
         mask = mask[:, 0, :, : kv.num_tokens]
