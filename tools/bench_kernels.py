@@ -247,8 +247,8 @@ def compile_part(context: int) -> dict[str, Any]:
         step(token)
         return {"fullgraph": True, "compile_s": time.perf_counter() - start}
     except Exception as err:  # noqa: BLE001 - the failure is the measurement
-        return {"fullgraph": False, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:400]}",
-                "where": traceback.format_exc().splitlines()[-3:]}
+        return {"fullgraph": False, "error": f"{type(err).__name__}: {str(err)[:3000]}",
+                "kvpatch_frames": [line for line in traceback.format_exc().splitlines() if "kvpatch/" in line][-6:]}
 
 
 def table(results: dict[str, Any]) -> str:

@@ -15,6 +15,8 @@ import torch
 
 logger = logging.getLogger("kvpatch")
 _logged: set[str] = set()
+#: Looked up once: torch.compile'd code must not call importlib.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def interpreting() -> bool:
@@ -24,7 +26,7 @@ def interpreting() -> bool:
 
 def triton_unavailable_reason(tensor: torch.Tensor) -> str | None:
     """None if Triton kernels can run on `tensor`'s device, else why not."""
-    if importlib.util.find_spec("triton") is None:
+    if not _HAS_TRITON:
         return "triton is not installed"
     if tensor.device.type == "cuda" or (tensor.device.type == "cpu" and interpreting()):
         return None
