@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from ..errors import KVPatchError
 from .chunk import ChunkFormatError, StoredChunk
