@@ -12,17 +12,19 @@ reuse, with a config whose matcher is `approximate`).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
 from .config import ConfigSource
 from .errors import ConfigError
-from .patch import PatchHandle, apply
+from .patch import KVPatchCache, PatchHandle, apply
 from .reuse.controller import ReuseController
 
 Prompt = str | Sequence[str]
@@ -243,6 +245,26 @@ class Engine:
         return out.sequences[0, ids.shape[1]:].tolist(), out.logits[0][0]
 
     # -- persistence ------------------------------------------------------------------------------
+    def export_snapshot(self, path: str | os.PathLike[str], kind: Literal["chunk_store", "request"] = "chunk_store") -> Path:
+        """Write every stored chunk (default) or the last request's cache (`kind="request"`) to a
+        verified safetensors snapshot, atomically (docs/snapshot-format.md); returns its path."""
+        from .snapshot import export_store
+
+        self.reuse.writer.flush()
+        if kind == "request":
+            return self.handle.export_snapshot(path, tokenizer=self.tokenizer)
+        return export_store(path, self.reuse.store, self.model, self.handle.config, tokenizer=self.tokenizer)
+
+    def import_snapshot(self, path: str | os.PathLike[str]) -> int | KVPatchCache:
+        """Load a snapshot after checking it fits this model, config and tokenizer: a chunk-store
+        snapshot fills the store (returns how many chunks), a request snapshot returns a cache to
+        continue from (pass it as `cache=` to generate)."""
+        from .snapshot import import_store, read_metadata
+
+        if read_metadata(path).kind == "request":
+            return self.handle.import_snapshot(path, tokenizer=self.tokenizer)
+        return import_store(path, self.reuse.store, self.model, self.handle.config, tokenizer=self.tokenizer)
+
     def stats(self) -> dict[str, Any]:
         return {"last_request": asdict(self.reuse.last), **self.handle.stats()}
 

@@ -229,6 +229,19 @@ def test_engine_stream_yields_the_generated_text(engine: kvpatch.Engine) -> None
     assert streamed == engine.generate(prompt, max_new_tokens=10).output_text
 
 
+def test_engine_snapshot_round_trip_starts_a_new_engine_warm(engine: kvpatch.Engine, tmp_path) -> None:
+    engine.warm(SYSTEM)
+    path = engine.export_snapshot(tmp_path / "chunks.safetensors")
+    model, tokenizer = kvpatch.models.load("kvpatch-ref")
+    fresh = kvpatch.Engine(model, tokenizer, "prefix_reuse")
+    assert fresh.import_snapshot(path) > 0
+    prompt = SYSTEM + "def parse(text):\n"
+    result = fresh.generate(prompt, max_new_tokens=8)
+    assert result.kv_reuse_ratio > 0.4
+    with fresh.reuse.paused():
+        assert fresh.generate(prompt, max_new_tokens=8).tokens == result.tokens
+
+
 def test_engine_needs_a_reuse_config() -> None:
     model = tiny_model("llama")
     from kvpatch.testing import tiny_tokenizer
