@@ -51,17 +51,19 @@ class ChunkHasher:
     def content_hash(self, tokens: bytes) -> str:
         return self._digest(b"content\0" + self.namespace.encode() + b"\0" + tokens)
 
-    def hashes(self, token_ids: Sequence[int] | torch.Tensor | bytes, spans: Sequence[Span]) -> tuple[list[str], list[str]]:
+    def hashes(self, token_ids: Sequence[int] | torch.Tensor | bytes, spans: Sequence[Span],
+               content: bool = True) -> tuple[list[str], list[str]]:
         """(prefix hashes, content hashes) of the chunks at `spans`; token ids may be given as
-        `token_bytes` already (a prompt is converted once)."""
+        `token_bytes` already (a prompt is converted once). With `content=False` the content
+        hashes are "" (the exact-reuse lookup does not need them: it is on the TTFT path)."""
         data = token_ids if isinstance(token_ids, bytes) else token_bytes(token_ids)
-        parent, prefix, content = self.namespace, [], []
+        parent, prefixes, contents = self.namespace, [], []
         for start, end in spans:
             tokens = data[8 * start : 8 * end]
             parent = self._digest(b"prefix\0" + parent.encode() + b"\0" + tokens)
-            prefix.append(parent)
-            content.append(self.content_hash(tokens))
-        return prefix, content
+            prefixes.append(parent)
+            contents.append(self.content_hash(tokens) if content else "")
+        return prefixes, contents
 
     def prefix_hashes(self, token_ids: Sequence[int] | torch.Tensor, spans: Sequence[Span]) -> list[str]:
         """Hash of each chunk chained with its parent's (the first chains from the namespace)."""

@@ -71,8 +71,6 @@ class _Request:
 
     token_ids: torch.Tensor  # [B, L] on CPU
     spans: list[list[Span]]
-    prefix_hashes: list[list[str]]
-    content_hashes: list[list[str]]
     plans: list[MatchPlan]
     computed_from: int  # the forward computes positions [computed_from, L)
     exact_until: list[int]  # per row: chunks ending at or before this are exact when computed
@@ -171,19 +169,17 @@ class ReuseController:
     def _plan(self, input_ids: torch.Tensor, host_ids: torch.Tensor | None) -> _Request:
         usable = host_ids is not None and host_ids.device.type == "cpu" and host_ids.shape == input_ids.shape
         ids = host_ids if usable else input_ids.detach().cpu()
-        spans, prefix, content, plans = [], [], [], []
+        spans, plans = [], []
+        approximate = self.approximate and ids.shape[0] == 1
         p = self.chunker.params
         for row in ids:
             tokens = row.numpy()  # indexable without a Python list of 16K ints
             row_spans = chunk_spans(tokens, p.size, p.boundary_window, self.chunker.boundary_tokens, self._segment_starts)
-            row_prefix, row_content = self.hasher.hashes(token_bytes(row), row_spans)
+            row_prefix, row_content = self.hasher.hashes(token_bytes(row), row_spans, content=approximate)
             spans.append(row_spans)
-            prefix.append(row_prefix)
-            content.append(row_content)
-            plans.append(match_chunks(row_spans, row_prefix, row_content, self.store,
-                                      approximate=self.approximate and ids.shape[0] == 1))
+            plans.append(match_chunks(row_spans, row_prefix, row_content, self.store, approximate=approximate))
         self._segment_starts = []
-        return _Request(ids, spans, prefix, content, plans, computed_from=0, exact_until=[ids.shape[1]] * ids.shape[0])
+        return _Request(ids, spans, plans, computed_from=0, exact_until=[ids.shape[1]] * ids.shape[0])
 
     # -- assembly ---------------------------------------------------------------------------------
     def _assemble(self, request: _Request, cache: KVPatchCache, input_ids: torch.Tensor) -> int:
@@ -312,8 +308,9 @@ class ReuseController:
                     continue
                 kv = _slice_sources(sources, row, start, end)
                 if kv is not None:
-                    new.append(NewChunk(match.prefix_hash, match.content_hash,
-                                        request.token_ids[row, start:end].clone(), start, kv))
+                    tokens = request.token_ids[row, start:end].clone()
+                    content = match.content_hash or self.hasher.content_hash(token_bytes(tokens))
+                    new.append(NewChunk(match.prefix_hash, content, tokens, start, kv))
         self.writer.write(new, self._codec())
         return len(new)
 
