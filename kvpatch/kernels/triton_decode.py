@@ -297,10 +297,8 @@ def decode_attention(
         bits, group, n_blocks, splits = 8, block_n, 0, 0
         codes = [residual_k] * 6
     if mask is not None:
-        mask = mask[:, 0, :, : kv.num_tokens]
-        if mask.stride(-1) != 1:
-            mask = mask.contiguous()
-        mask = mask.view(torch.uint8)
+        # a contiguous byte copy of [B, Tq, Tk] (small; inductor cannot lower a bool -> uint8 view)
+        mask = mask[:, 0, :, : kv.num_tokens].to(torch.uint8, memory_format=torch.contiguous_format)
         mask_strides = (mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(1) if mask.shape[1] > 1 else 0)
     else:
         mask_strides = (0, 0)
