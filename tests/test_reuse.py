@@ -97,6 +97,22 @@ def test_exact_prefix_reuse_is_lossless(family: str) -> None:
     assert handle.reuse.last.reused_tokens == 2 * 16
 
 
+def test_beam_search_and_sampling_reuse_and_match_unpatched() -> None:
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    handle = kvpatch.apply(model, reuse_config())
+    ids = tokens(30, 8)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6)
+    greedy(model, ids)  # stores the prompt's chunks
+    with torch.no_grad():
+        beams = model.generate(ids, num_beams=3, do_sample=False, **kwargs)
+        assert handle.reuse.last.reused_tokens == 3 * 29  # every beam row reuses all but the last token
+        assert torch.equal(beams, reference.generate(ids, num_beams=3, do_sample=False, **kwargs))
+        torch.manual_seed(3)
+        sampled = model.generate(ids, do_sample=True, **kwargs)
+        torch.manual_seed(3)
+        assert torch.equal(sampled, reference.generate(ids, do_sample=True, **kwargs))
+
+
 def test_plain_forward_is_not_trimmed_but_feeds_the_store() -> None:
     model = tiny_model("llama")
     handle = kvpatch.apply(model, reuse_config())
