@@ -150,6 +150,10 @@ def test_missing_chunk_between_stored_ones_is_recomputed_exactly(family: str) ->
             handle.reuse.store.put(chunk)
     torch.testing.assert_close(last_logits(model, ids), last_logits(reference, ids), atol=1e-5, rtol=0)
     assert handle.reuse.last.recomputed_tokens == CHUNK and handle.reuse.last.reused_tokens == 36 - CHUNK
+    longer = torch.cat([ids, tokens(12, 6)], dim=1)  # chunks past the last stored one are new
+    torch.testing.assert_close(last_logits(model, longer), last_logits(reference, longer), atol=1e-5, rtol=0)
+    last_logits(model, longer)  # everything computed before was exact and written back: no hole now
+    assert handle.reuse.last.recomputed_tokens == 0 and handle.reuse.last.reused_tokens == 48
 
 
 # -- approximate reuse ----------------------------------------------------------------------------

@@ -24,13 +24,18 @@ import torch
 from ..errors import UnsupportedModelError
 from ..patch.cache import KVPatchCache
 from ..registry import first_stage_of
-from ..stages.reuse import ChainedHasher, FixedChunker, RecomputeStage
+from ..stages.reuse import (
+    CacheBlendRecompute,
+    ChainedHasher,
+    FixedChunker,
+    RecomputeStage,
+)
+from .blend import RepairPolicy, blend
 from .chunk import ChunkStore
 from .chunk_hash import ChunkHasher, token_bytes
 from .chunker import Span, chunk_spans
-from .codecs import dense_kv, kv_shape
+from .codecs import dense_kv
 from .matcher import MatchPlan, match_chunks
-from .recompute import most_deviated, recompute_positions
 from .rope import KeyRotator
 from .writeback import ChunkWriter, NewChunk
 
@@ -99,6 +104,7 @@ class ReuseController:
                 logger.warning("kvpatch: matcher/approximate: %s; reusing exact prefixes only", err)
                 self.approximate = False
         budget = getattr(getattr(self.store, "params", None), "budget_bytes", 0)
+        self.policy = repair_policy(self.matcher, self.recompute)
         self.writer = ChunkWriter(self.store, prewarm_bytes=min(int(budget), PREWARM_CAP_BYTES))
         self.last: RequestStats = RequestStats()
         self._request: _Request | None = None
@@ -210,86 +216,18 @@ class ReuseController:
         return torch.cat(parts, dim=3) if len(parts) > 1 else parts[0]
 
     def _assemble_blended(self, request: _Request, cache: KVPatchCache, input_ids: torch.Tensor) -> int:
-        """One row with chunks reused out of prefix order (approximate) or after a missing chunk:
-        place every reused chunk (re-rotated when it moved), then recompute what the strategy
-        says, plus every missing token, in place."""
-        plan, length = request.plans[0], input_ids.shape[1]
-        until = min(plan.last_reused_end(), length - 1)
-        device, dtype = input_ids.device, self.model.dtype
-        parts: list[torch.Tensor] = []
-        missing, approximate, seams = [], [], []
-        for match in plan.matches:
-            start, end = match.span
-            if start >= until:
-                break
-            end = min(end, until)
-            if match.kind == "miss":
-                layers_, two, heads, _, dim = self._kv_shape(plan)
-                parts.append(torch.zeros(layers_, two, heads, end - start, dim, device=device, dtype=dtype))
-                missing.append(torch.arange(start, end))
-                continue
-            kv = dense_kv(match.chunk, device, dtype)[..., : end - start, :]
-            if match.kind == "approximate":
-                kv = self.rotator.rotate(kv, start - match.chunk.start)
-                approximate.append(torch.arange(start, end))
-                seams.append(start)
-            parts.append(kv)
-        kv = torch.cat(parts, dim=3).unsqueeze(2)  # [L, 2, 1, H, until, D]
-        layers = [(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])]
-        ids = input_ids[:, :until]
-        exact_end = plan.leading_exact_tokens()
-        recompute = self._positions(missing, approximate, seams, exact_end, until)
-        candidates = torch.cat(approximate) if approximate else torch.zeros(0, dtype=torch.long)
-        if self._strategy(bool(approximate)) == "cacheblend" and candidates.numel():
-            params = self._cacheblend_params()
-            everything = torch.cat([recompute, candidates]).unique().sort().values.to(device)
-            chosen = most_deviated(self.model, ids, layers, candidates.to(device), everything,
-                                   min(params.check_layer, len(layers) - 1), params.ratio)
-            self.last.check_tokens = int(everything.numel())
-            recompute = torch.cat([recompute.to(device), chosen]).unique().sort().values
-        recompute = recompute.to(device)
-        recompute_positions(self.model, ids, layers, recompute)
-        for index, layer in enumerate(cache.layers):
-            layer.update(*layers[index])
-        self.last.reused_tokens = int(until - sum(len(m) for m in missing))
-        self.last.approximate_tokens = int(candidates.numel())
-        self.last.recomputed_tokens = int(recompute.numel())
-        first_approximate = min(seams, default=until)
-        request.exact_until = [first_approximate]
-        request.sources.append((0, layers))
-        return until
-
-    def _kv_shape(self, plan: MatchPlan) -> tuple[int, int, int, int, int]:
-        """`[L, 2, H, 0, D]` of this model's chunks, read from any matched chunk."""
-        reference = next(m.chunk for m in plan.matches if m.chunk is not None)
-        layers, heads, _, dim = kv_shape(reference)
-        return layers, 2, heads, 0, dim
-
-    def _positions(self, missing: list[torch.Tensor], approximate: list[torch.Tensor], seams: list[int],
-                   exact_end: int, until: int) -> torch.Tensor:
-        """Tokens recomputed in every layer: missing ones, sinks, and (selective) seam tokens."""
-        chosen = list(missing)
-        sinks = self.recompute.params.sink_tokens if self.recompute is not None else 0
-        if sinks > exact_end:
-            chosen.append(torch.arange(exact_end, min(sinks, until)))
-        if self._strategy(bool(approximate)) == "selective":
-            seam = self.recompute.params.seam_tokens
-            chosen.extend(torch.arange(s, min(s + seam, until)) for s in seams)
-        if not chosen:
-            return torch.zeros(0, dtype=torch.long)
-        return torch.cat(chosen).unique().sort().values
-
-    def _strategy(self, has_approximate: bool) -> str:
-        if has_approximate and getattr(self.matcher.params, "repair", None) == "cacheblend":
-            return "cacheblend"
-        return self.recompute.name if self.recompute is not None else "none"
-
-    def _cacheblend_params(self) -> Any:
-        from ..stages.reuse import CacheBlendRecompute
-
-        if isinstance(self.recompute, CacheBlendRecompute):
-            return self.recompute.params
-        return CacheBlendRecompute.Params()
+        """One row with chunks reused out of prefix order or after a missing chunk (blend.py)."""
+        result = blend(self.model, request.plans[0], input_ids, self.rotator, self.policy)
+        for layer, (keys, values) in zip(cache.layers, result.layers):
+            layer.update(keys, values)
+        self.last.reused_tokens = result.reused_tokens
+        self.last.approximate_tokens = result.approximate_tokens
+        self.last.recomputed_tokens = result.recomputed_tokens
+        self.last.check_tokens = result.check_tokens
+        if result.first_approximate is not None:  # later chunks were computed over stale K/V
+            request.exact_until = [result.first_approximate]
+        request.sources.append((0, result.layers))
+        return result.until
 
     # -- write-back -------------------------------------------------------------------------------
     def _record(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -316,6 +254,17 @@ class ReuseController:
 
     def _codec(self) -> str:
         return getattr(getattr(self.store, "params", None), "codec", "dense")
+
+
+def repair_policy(matcher: Any, recompute: RecomputeStage | None) -> RepairPolicy:
+    """The repair of approximate chunks that a config's matcher and recompute stages ask for."""
+    forced = getattr(matcher.params, "repair", None) == "cacheblend"
+    strategy = "cacheblend" if forced else (recompute.name if recompute is not None else "none")
+    params = recompute.params if recompute is not None else None
+    blend_params = params if isinstance(recompute, CacheBlendRecompute) else CacheBlendRecompute.Params()
+    return RepairPolicy(strategy=strategy, seam_tokens=getattr(params, "seam_tokens", 0),
+                        sink_tokens=getattr(params, "sink_tokens", 0), ratio=blend_params.ratio,
+                        check_layer=blend_params.check_layer)
 
 
 def reuse_namespace(model: torch.nn.Module) -> str:
