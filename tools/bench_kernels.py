@@ -131,11 +131,12 @@ def time_point(batch: int, tokens: int, bits_list: list[int], tuning: dict[int, 
     return row
 
 
-def sweep(points: list[tuple[int, int]], bits_list: list[int]) -> dict[str, Any]:
+def sweep(points: list[tuple[int, int]], bits_list: list[int], block_ns: list[int], warps: list[int],
+          stages: list[int]) -> dict[str, Any]:
     """Each knob combination on each point; the best (least total time) per bit width."""
     from kvpatch.kernels import triton_decode
 
-    variants = [{"block_n": bn, "num_warps": w, "num_stages": st} for bn in (64, 128) for w in (4, 8) for st in (2, 3)]
+    variants = [{"block_n": bn, "num_warps": w, "num_stages": st} for bn in block_ns for w in warps for st in stages]
     results: dict[str, Any] = {"points": points, "variants": []}
     times: dict[tuple[int, int, int], list[float]] = {}
     for batch, tokens in points:
@@ -304,6 +305,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=1 << 20, help="largest batch x context in the grid")
     parser.add_argument("--e2e-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--e2e-context", type=int, default=32768)
+    parser.add_argument("--sweep-block-n", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--sweep-warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--sweep-stages", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--plot-from", type=Path, help="only plot (and print) an existing results file")
@@ -327,7 +331,7 @@ def main() -> None:
     print(f"copy {results['copy']['tb_per_s']:.3f} TB/s", flush=True)
     tuning: dict[int, dict[str, int]] = {}
     if "sweep" in args.parts:
-        results["sweep"] = sweep([(1, 32768), (8, 32768)], [4, 2])
+        results["sweep"] = sweep([(1, 32768), (8, 32768)], [4, 2], args.sweep_block_n, args.sweep_warps, args.sweep_stages)
         tuning = {int(b): v for b, v in results["sweep"]["chosen"].items()}
         print("sweep best", {k: v for k, v in results["sweep"].items() if k.startswith("best")}, flush=True)
         save()
