@@ -262,6 +262,18 @@ def test_engine_snapshot_round_trip_starts_a_new_engine_warm(engine: kvpatch.Eng
         assert fresh.generate(prompt, max_new_tokens=8).tokens == result.tokens
 
 
+def test_engine_reuses_reordered_documents_approximately() -> None:
+    model, tokenizer = kvpatch.models.load("kvpatch-ref")
+    engine = kvpatch.Engine(model, tokenizer, "rag_reuse")
+    system = "# Snippets follow.\n"
+    docs = [SYSTEM, "def write_config(path, data):\n    with open(path, 'w') as f:\n        f.write(data)\n" * 10]
+    for doc in docs:
+        engine.warm([system, doc])
+    result = engine.generate([system, docs[1], docs[0], "def main():\n"], max_new_tokens=6)
+    assert result.approximate_ratio > 0.3 and result.kv_reuse_ratio > result.approximate_ratio
+    assert result.recomputed_tokens > 0  # CacheBlend repaired part of the moved chunks
+
+
 def test_engine_needs_a_reuse_config() -> None:
     model = tiny_model("llama")
     from kvpatch.testing import tiny_tokenizer
