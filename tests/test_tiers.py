@@ -234,3 +234,19 @@ def test_explicit_zero_cold_budget_drops() -> None:
         cache = output_cache(model(input_ids=prompt_ids(batch=1, length=40), use_cache=True))
     assert all(not layer.cold and layer.kept <= 16 for layer in tiered_layers(cache))
     assert handle.stats()["stages"]["evictor/tiered"]["blocks_dropped"] > 0
+
+
+def test_batched_scoring_gives_the_per_step_scores() -> None:
+    """`score_every` scores decode-step queries together, each masked to the keys it saw, and
+    scores before any demotion: H2O scores and tiers match scoring every step."""
+    ids = prompt_ids(batch=1, length=64)
+    layers = []
+    for every in (1, 5):
+        model = tiny_model("llama")
+        kvpatch.apply(model, tier_config(quantizer={"bits": 8, "group_size": 8}, hot={"max_tokens": 16},
+                                         sink_tokens=2, recent_tokens=4, score_every=every))
+        _, cache = _teacher_forced(model, ids, 14)
+        layers.append(tiered_layers(cache)[0])
+    per_step, batched = layers
+    assert torch.equal(batched.resident_positions(), per_step.resident_positions())
+    torch.testing.assert_close(batched.resident_scores(), per_step.resident_scores(), atol=1e-4, rtol=1e-4)

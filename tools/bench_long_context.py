@@ -3,7 +3,9 @@
 A random-init Llama-3-8B-shaped model (32 layers, 32 query / 8 KV heads, head dim 128; random
 weights are fine for memory and speed, never for quality) in bf16. For each config, each context
 is prefilled in chunks through the cache (`logits_to_keep=1`, so no full-vocabulary logits),
-then `--decode-steps` single-token steps are timed. A config that runs out of memory at one
+then `--decode-steps` single-token steps are timed. Each config first runs a short untimed
+warm-up (`--warmup` tokens in two chunks, four decode steps), so one-time costs (torch.compile
+of a config's decode, first CUDA calls) stay out of the numbers. A config that runs out of memory at one
 length is recorded as OOM and skipped for longer ones.
 
   python tools/bench_long_context.py --device cuda --out $OUT/long-context-h100.json
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--chunk", type=int, default=8192)
     parser.add_argument("--decode-steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2048, help="tokens of the untimed warm-up run (0: none)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -100,6 +103,8 @@ def main() -> None:
         report["gpu"] = torch.cuda.get_device_name()
     for config in args.configs:
         handle = kvpatch.apply(model, config)
+        if args.warmup:
+            run_one(model, handle, args.warmup, args.warmup // 2, 4, args.device)
         rows: list[dict[str, Any]] = []
         for context in tqdm(args.contexts, desc=config):
             try:

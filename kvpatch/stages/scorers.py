@@ -39,33 +39,42 @@ class ScoreContext:
 def attention_mass(query: torch.Tensor, key: torch.Tensor, scaling: float, last_queries: int | None = None) -> torch.Tensor:
     """Softmax attention of (the last `last_queries` of) the queries, summed over those queries
     and over the query heads sharing each KV head: `[B, Hkv, Tk]`, causal bottom-right aligned.
+
+    This is most of a long prefill's cost under an attention scorer, so each chunk of queries
+    costs three passes over its `[B, Hkv, G, c, Tk]` logits (matmul, softmax, sum): the scaling
+    is folded into the queries, only the chunk's last keys (the only ones its queries may not
+    see) are masked, and the logits are computed in the keys' dtype (tensor cores for a 16-bit
+    cache on a GPU; their 2^-8 relative rounding only reorders near-ties) with the softmax in
+    float32.
     """
-    batch, q_heads, q_len, dim = query.shape
-    kv_heads, k_len = key.shape[1], key.shape[2]
+    q_len = query.shape[2]
+    k_len = key.shape[2]
     if last_queries is not None:
         query = query[:, :, -last_queries:]
     first = q_len - query.shape[2]  # index (within this forward) of the first scored query
-    grouped = query.reshape(batch, kv_heads, q_heads // kv_heads, query.shape[2], dim).float()
-    keys_t = key.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, D, Tk]
-    mass = torch.zeros(batch, kv_heads, k_len, device=key.device, dtype=torch.float32)
-    key_index = torch.arange(k_len, device=key.device)
-    rows = max(1, min(QUERY_CHUNK, PROBS_BUDGET // (batch * q_heads * k_len)))
+    grouped = _key_chunks(query, key, scaling)[0].to(key.dtype)
+    keys_t = key.transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, D, Tk]
+    mass = torch.zeros(key.shape[:3], device=key.device, dtype=torch.float32)
+    rows = max(1, min(QUERY_CHUNK, PROBS_BUDGET // (query.shape[0] * query.shape[1] * k_len)))
     for start in range(0, grouped.shape[3], rows):
-        block = grouped[:, :, :, start : start + rows]
-        logits = (block @ keys_t) * scaling  # [B, Hkv, G, c, Tk]
-        # query i (of q_len) sees keys up to k_len - q_len + i
-        last_visible = k_len - q_len + first + start + torch.arange(block.shape[3], device=key.device)
-        hidden = key_index[None, :] > last_visible[:, None]
-        logits = logits.masked_fill(hidden, float("-inf"))
-        mass += logits.softmax(-1).sum(dim=(2, 3))
+        logits = grouped[:, :, :, start : start + rows] @ keys_t  # [B, Hkv, G, c, Tk]
+        # query i (of q_len) sees keys up to k_len - q_len + i: only keys past the chunk's first
+        # query's last one can be hidden
+        first_visible = k_len - q_len + first + start
+        if first_visible + 1 < k_len:
+            tail = torch.arange(first_visible + 1, k_len, device=key.device)
+            hidden = tail[None, :] > first_visible + torch.arange(logits.shape[3], device=key.device)[:, None]
+            logits[..., first_visible + 1 :].masked_fill_(hidden, float("-inf"))
+        mass += logits.softmax(-1, dtype=torch.float32).sum(dim=(2, 3))
     return mass
 
 
-def _key_chunks(query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Queries grouped by KV head `[B, Hkv, G, Q, D]` (float32) and a key-chunk size that keeps
-    the transient logits block under PROBS_BUDGET elements."""
+def _key_chunks(query: torch.Tensor, key: torch.Tensor, scaling: float) -> tuple[torch.Tensor, int]:
+    """Scaled queries grouped by KV head `[B, Hkv, G, Q, D]` (float32; scaling the queries is
+    one pass over Q x D instead of one over every logit) and a key-chunk size that keeps the
+    transient logits block under PROBS_BUDGET elements."""
     batch, q_heads, q_len, dim = query.shape
-    grouped = query.reshape(batch, key.shape[1], q_heads // key.shape[1], q_len, dim).float()
+    grouped = query.reshape(batch, key.shape[1], q_heads // key.shape[1], q_len, dim).float() * scaling
     return grouped, max(1, PROBS_BUDGET // max(1, batch * q_heads * q_len))
 
 
@@ -73,11 +82,11 @@ def key_logsumexp(query: torch.Tensor, key: torch.Tensor, scaling: float) -> tor
     """log sum_k exp(q·k * scaling) of each query over every key (no causal mask: for keys that
     all precede the queries), `[B, Hkv, G, Q]`. Two key sets on different devices share one
     softmax through `torch.logaddexp` of their results."""
-    grouped, rows = _key_chunks(query, key)
+    grouped, rows = _key_chunks(query, key, scaling)
     out = torch.full(grouped.shape[:-1], float("-inf"), device=key.device)
     for start in range(0, key.shape[2], rows):
         block = key[:, :, start : start + rows].float().transpose(-1, -2).unsqueeze(2)
-        out = torch.logaddexp(out, ((grouped @ block) * scaling).logsumexp(-1))
+        out = torch.logaddexp(out, (grouped @ block).logsumexp(-1))
     return out
 
 
@@ -85,11 +94,11 @@ def attention_mass_under(query: torch.Tensor, key: torch.Tensor, scaling: float,
     """Attention mass `[B, Hkv, Tk]` that keys that all precede the queries receive when the
     softmax normaliser is `log_normalizer` (from `key_logsumexp`, possibly over more keys than
     these): summed over queries and over the query heads of each KV head."""
-    grouped, rows = _key_chunks(query, key)
+    grouped, rows = _key_chunks(query, key, scaling)
     parts = []
     for start in range(0, key.shape[2], rows):
         block = key[:, :, start : start + rows].float().transpose(-1, -2).unsqueeze(2)
-        parts.append(((grouped @ block) * scaling - log_normalizer.unsqueeze(-1)).exp().sum(dim=(2, 3)))
+        parts.append(((grouped @ block) - log_normalizer.unsqueeze(-1)).exp().sum(dim=(2, 3)))
     if not parts:
         return key.new_zeros(key.shape[:3], dtype=torch.float32)
     return torch.cat(parts, dim=-1)

@@ -26,6 +26,7 @@ forward. Blocks are per KV head: each head keeps its own tokens in each tier, sa
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -66,6 +67,21 @@ class FullPrecision:
         return codes.tensors["x"].to(dtype)
 
 
+def _resident_kv(codec: Codec, layout: dict[str, tuple[int, int]], warm: dict[str, torch.Tensor],
+                 hot_k: torch.Tensor, hot_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded warm codes (`warm`: the tier's `key.*` / `value.*` tensors) followed by hot, keys
+    and values, in hot's dtype."""
+    keys = codec.decode(_role_codes(warm, "key", layout["key"]), "key", hot_k.dtype)
+    values = codec.decode(_role_codes(warm, "value", layout["value"]), "value", hot_v.dtype)
+    return torch.cat([keys, hot_k], dim=-2), torch.cat([values, hot_v], dim=-2)
+
+
+def _role_codes(tensors: dict[str, torch.Tensor], role: Role, layout: tuple[int, int]) -> Codes:
+    """The `Codes` of one role from a tier's tensors (named `key.*` / `value.*`)."""
+    prefix = f"{role}."
+    return Codes({n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}, *layout)
+
+
 def _unit_index(index: torch.Tensor, units: int, like: torch.Tensor) -> torch.Tensor:
     """Block indices `[B, H, n]` -> indices of their units along axis 2 of `like`, expanded to
     its trailing dims (for gather / scatter)."""
@@ -101,8 +117,7 @@ class TierBlocks:
         return TierBlocks({name: fn(t) for name, t in self.tensors.items()}, self.per_block)
 
     def codes(self, role: Role, layout: tuple[int, int]) -> Codes:
-        prefix = f"{role}."
-        return Codes({n[len(prefix):]: t for n, t in self.tensors.items() if n.startswith(prefix)}, *layout)
+        return _role_codes(self.tensors, role, layout)
 
     def kv_tensors(self) -> list[torch.Tensor]:
         return [t for n, t in self.tensors.items() if n.startswith(("key.", "value."))]
@@ -161,7 +176,10 @@ class TieredLayer(EvictingLayer):
         self.warm: TierBlocks | None = None
         #: Chunks in the order they went cold; merged into one when a promotion needs them.
         self.cold: list[TierBlocks] = []
+        #: The last queries: the promotion window, and every query not scored yet.
         self.recent_queries: torch.Tensor | None = None
+        #: Queries (at the end of `recent_queries`) that the scorer has not seen yet.
+        self.pending_queries = 0
         self.forwards_since_promotion = 0
         self._layout: dict[str, tuple[int, int]] = {}
 
@@ -201,8 +219,7 @@ class TieredLayer(EvictingLayer):
         hot_k, hot_v = super().update(key_states, value_states)
         if not self.warm_tokens:
             return hot_k, hot_v
-        warm_k, warm_v = self._decode(self.warm)
-        return torch.cat([warm_k, hot_k], dim=-2), torch.cat([warm_v, hot_v], dim=-2)
+        return self.stage.resident_kv(self.warm, self._layout, hot_k, hot_v)
 
     def resident_positions(self) -> torch.Tensor:
         if not self.warm_tokens:
@@ -220,16 +237,40 @@ class TieredLayer(EvictingLayer):
         self.scores = scores[..., self.warm_tokens :]
 
     def observe_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> None:
-        """Promote first (this forward's attention then reads the promoted blocks), then score."""
-        window = self.stage.params.promote_window
-        if self.stage.params.promote_every is not None and key.shape[-2] == self.kept:
-            recent = query if self.recent_queries is None or query.shape[2] >= window else torch.cat([self.recent_queries, query], dim=2)
-            self.recent_queries = recent[:, :, -window:]
+        """Keep the queries; promote when due (this forward's attention then reads the promoted
+        blocks), then score the pending queries when due: on multi-token forwards, every
+        `score_every` decode steps, and before any demotion (which ranks by the scores)."""
+        if key.shape[-2] != self.kept:
+            return
+        params = self.stage.params
+        self._remember(query)
+        multi_token = query.shape[2] > 1
+        if params.promote_every is not None:
             self.forwards_since_promotion += 1
-            if query.shape[2] > 1 or self.forwards_since_promotion >= self.stage.params.promote_every:
+            if multi_token or self.forwards_since_promotion >= params.promote_every:
                 self.forwards_since_promotion = 0
                 self._promote(key, value, scaling)
-        super().observe_attention(query, key, value, scaling)
+        if multi_token or self.pending_queries >= params.score_every or self._hot_excess() > 0:
+            super().observe_attention(self.recent_queries[:, :, -self.pending_queries :], key, value, scaling)
+            self.pending_queries = 0
+            self._remember(None)
+
+    def _remember(self, query: torch.Tensor | None) -> None:
+        """Append `query` (if any) to the recent queries and keep the promotion window and every
+        pending query; a trimmed view that would keep a much larger storage alive (a prefill
+        chunk's queries) is copied."""
+        window = self.stage.params.promote_window
+        queries = self.recent_queries
+        if query is not None:
+            replaces = queries is None or (self.pending_queries == 0 and query.shape[2] >= window)
+            queries = query if replaces else torch.cat([queries, query], dim=2)
+            self.pending_queries += query.shape[2]
+        keep = max(window, self.pending_queries)
+        if queries is not None and queries.shape[2] > keep:
+            queries = queries[:, :, -keep:]
+            if queries.untyped_storage().nbytes() > 2 * queries.nbytes:
+                queries = queries.clone()
+        self.recent_queries = queries
 
     # -- moving tokens between tiers ----------------------------------------------------------------
 
@@ -240,11 +281,19 @@ class TieredLayer(EvictingLayer):
         self._demote_warm()
         self._trim_cold()
 
-    def _demote_hot(self) -> None:
-        """Quantize the lowest-scored hot tokens into warm, whole blocks at a time."""
+    def _hot_excess(self) -> int:
+        """Hot tokens over budget that the next `after_forward` demotes (0: none; a decode step
+        waits for a whole block of excess)."""
         budget = self.stage.params.hot.tokens(self.seen)
         excess = self.hot_tokens - budget if budget is not None else 0
         if excess <= 0 or (self.last_forward_tokens == 1 and excess < self.block):
+            return 0
+        return excess
+
+    def _demote_hot(self) -> None:
+        """Quantize the lowest-scored hot tokens into warm, whole blocks at a time."""
+        excess = self._hot_excess()
+        if excess == 0:
             return
         protected = self.stage.protected(self.positions, self.seen, 0)
         movable = int((~protected).sum(-1).min()) // self.block * self.block
@@ -293,7 +342,7 @@ class TieredLayer(EvictingLayer):
             return
         cold = self._merged_cold()
         host = next(iter(cold.tensors.values())).device
-        queries = self.recent_queries
+        queries = self.recent_queries[:, :, -self.stage.params.promote_window :]
         old = key[..., : key.shape[-2] - self.last_forward_tokens, :]
         # cold keys are scored on the accelerator: their codes are small to copy, host math is slow
         cold_key_codes = TierBlocks({n: t for n, t in cold.tensors.items() if n.startswith("key.")}, cold.per_block)
@@ -387,7 +436,7 @@ class TieredLayer(EvictingLayer):
 
     def reset(self) -> None:
         self.warm, self.cold, self.recent_queries = None, [], None
-        self.forwards_since_promotion = 0
+        self.forwards_since_promotion = self.pending_queries = 0
         super().reset()
 
 
@@ -418,6 +467,15 @@ class TieredEvictor(Stage):
         promote_window: int = Field(default=32, ge=1)
         #: Most blocks per head swapped in one round.
         promote_blocks: int = Field(default=4, ge=1)
+        #: Decode steps whose queries are scored together, in one pass, instead of one pass per
+        #: step (the scorer's kernels are most of a step's overhead). H2O's sums come out the
+        #: same (each query is causally masked to the keys it saw, no token moves tier while
+        #: queries are pending); a decaying scorer decays once per pass instead of per step.
+        score_every: int = Field(default=1, ge=1)
+        #: Decode warm codes and join them to hot through torch.compile on an accelerator: eager,
+        #: that is a dozen kernels per layer and forward, most of a decode step's overhead. Eager
+        #: on the CPU, where a compile costs more than it saves.
+        compile_decode: bool = False
 
         @model_validator(mode="after")
         def _hot_holds_protected(self) -> "TieredEvictor.Params":
@@ -433,6 +491,7 @@ class TieredEvictor(Stage):
         self.scorer: ScorerStage | None = None
         self.codec: Codec = FullPrecision()
         self.offloader: CpuOffloader | None = None
+        self._compiled: dict[tuple, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
         self.counters = {"tokens_to_warm": 0, "blocks_to_cold": 0, "blocks_promoted": 0, "blocks_dropped": 0}
 
     @property
@@ -449,6 +508,19 @@ class TieredEvictor(Stage):
 
     def protected(self, positions: torch.Tensor, seen: int, budget: int) -> torch.Tensor:
         return protected_tokens(positions, seen, self.params.sink_tokens, self.params.recent_tokens)
+
+    def resident_kv(self, warm: TierBlocks, layout: dict[str, tuple[int, int]], hot_k: torch.Tensor,
+                    hot_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Warm decoded, then hot: the K/V attention reads. Runs every forward of every layer, so
+        with `compile_decode` on an accelerator it is one compiled function (decode and
+        concatenation fuse into a few kernels instead of a dozen per layer)."""
+        tensors = {name: t for name, t in warm.tensors.items() if name.startswith(("key.", "value."))}
+        if not self.params.compile_decode or hot_k.device.type == "cpu":
+            return _resident_kv(self.codec, layout, tensors, hot_k, hot_v)
+        key = tuple(sorted(layout.items()))
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(functools.partial(_resident_kv, self.codec, layout))
+        return self._compiled[key](tensors, hot_k, hot_v)
 
     def make_layer(self, layout: LayerLayout) -> CacheLayerMixin:
         if layout.sliding_window is not None:
