@@ -33,7 +33,7 @@ from ..stages.reuse import (
 from .blend import RepairPolicy, blend
 from .chunk import ChunkStore
 from .chunk_hash import ChunkHasher, token_bytes
-from .chunker import Span, chunk_spans
+from .chunker import chunk_spans
 from .codecs import dense_kv
 from .matcher import MatchPlan, match_chunks
 from .rope import KeyRotator
@@ -75,7 +75,6 @@ class _Request:
     """Per-prefill state between the pre-forward and post-forward hooks."""
 
     token_ids: torch.Tensor  # [B, L] on CPU
-    spans: list[list[Span]]
     plans: list[MatchPlan]
     computed_from: int  # the forward computes positions [computed_from, L)
     exact_until: list[int]  # per row: chunks ending at or before this are exact when computed
@@ -175,17 +174,16 @@ class ReuseController:
     def _plan(self, input_ids: torch.Tensor, host_ids: torch.Tensor | None) -> _Request:
         usable = host_ids is not None and host_ids.device.type == "cpu" and host_ids.shape == input_ids.shape
         ids = host_ids if usable else input_ids.detach().cpu()
-        spans, plans = [], []
+        plans = []
         approximate = self.approximate and ids.shape[0] == 1
         p = self.chunker.params
         for row in ids:
             tokens = row.numpy()  # indexable without a Python list of 16K ints
             row_spans = chunk_spans(tokens, p.size, p.boundary_window, self.chunker.boundary_tokens, self._segment_starts)
             row_prefix, row_content = self.hasher.hashes(token_bytes(row), row_spans, content=approximate)
-            spans.append(row_spans)
             plans.append(match_chunks(row_spans, row_prefix, row_content, self.store, approximate=approximate))
         self._segment_starts = []
-        return _Request(ids, spans, plans, computed_from=0, exact_until=[ids.shape[1]] * ids.shape[0])
+        return _Request(ids, plans, computed_from=0, exact_until=[ids.shape[1]] * ids.shape[0])
 
     # -- assembly ---------------------------------------------------------------------------------
     def _assemble(self, request: _Request, cache: KVPatchCache, input_ids: torch.Tensor) -> int:
