@@ -8,6 +8,7 @@ requested tokens and pick them out, so a quantizer only writes `encode` and `dec
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar, Literal
 
 import torch
@@ -18,18 +19,18 @@ from .codes import Codes
 Role = Literal["key", "value"]
 
 
-class QuantizerStage(Stage):
+class QuantizerStage(Stage, ABC):
     lossless: ClassVar[bool] = False
 
     def block_tokens(self, role: Role) -> int:
         """Tokens that must be encoded together (encode lengths are multiples of it)."""
         return 1
 
-    def encode(self, x: torch.Tensor, role: Role) -> Codes:
-        raise NotImplementedError
+    @abstractmethod
+    def encode(self, x: torch.Tensor, role: Role) -> Codes: ...
 
-    def decode(self, codes: Codes, role: Role, dtype: torch.dtype) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def decode(self, codes: Codes, role: Role, dtype: torch.dtype) -> torch.Tensor: ...
 
     def compiled_decode(self, codes: Codes, role: Role, dtype: torch.dtype) -> torch.Tensor:
         """`decode` through torch.compile, one compiled function per (role, layout, dtype):

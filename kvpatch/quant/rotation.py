@@ -14,6 +14,7 @@ of one token equals the same row of a full decode, bit for bit.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Literal
 
 import torch
@@ -25,17 +26,17 @@ RotationKind = Literal["hadamard", "orthogonal", "none"]
 EXACT_BITS = 20
 
 
-class Rotation:
+class Rotation(ABC):
     """An orthogonal map of the last dimension; `forward` before quantizing, `inverse` after."""
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, u: torch.Tensor) -> torch.Tensor: ...
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def inverse(self, y: torch.Tensor) -> torch.Tensor: ...
 
-    def to(self, device: torch.device | str) -> "Rotation":
-        raise NotImplementedError
+    @abstractmethod
+    def to(self, device: torch.device | str) -> "Rotation": ...
 
 
 class IdentityRotation(Rotation):

@@ -11,6 +11,7 @@ Scorers see raw `q·k` logits: Gemma-2 style soft-capping is not applied to scor
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -104,14 +105,14 @@ def attention_mass_under(query: torch.Tensor, key: torch.Tensor, scaling: float,
     return torch.cat(parts, dim=-1)
 
 
-class ScorerStage(Stage):
+class ScorerStage(Stage, ABC):
     """Base of scorers: `score` gives this forward's evidence, `combine` merges it with history."""
 
     #: Whether `score` needs this forward's queries (attention-based) or only keys/positions.
     needs_attention: ClassVar[bool] = True
 
-    def score(self, ctx: ScoreContext) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def score(self, ctx: ScoreContext) -> torch.Tensor: ...
 
     def combine(self, previous: torch.Tensor | None, current: torch.Tensor, ctx: ScoreContext) -> torch.Tensor:
         """`previous` is aligned to `current` (zeros for tokens it never scored). Default: the
