@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from .config import ConfigSource
+from .data.needle import newline_ids
 from .errors import ConfigError
 from .patch import KVPatchCache, PatchHandle, apply
 from .reuse.controller import ReuseController
@@ -114,7 +115,7 @@ class Engine:
         if self.handle.reuse is None:
             raise ConfigError(f"config {self.handle.config.name!r} has no chunk reuse stages (chunker, matcher, store)")
         self.reuse: ReuseController = self.handle.reuse
-        self.reuse.chunker.add_boundary_tokens(_newline_tokens(tokenizer))
+        self.reuse.chunker.add_boundary_tokens(set(newline_ids(tokenizer)))
 
     @classmethod
     def from_pretrained(cls, path_or_model: str | torch.nn.Module, config: ConfigSource = "prefix_reuse",
@@ -267,11 +268,3 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         return {"last_request": asdict(self.reuse.last), **self.handle.stats()}
-
-
-def _newline_tokens(tokenizer: Any) -> set[int]:
-    """Ids of every token whose text contains a newline (chunk cuts prefer to follow them)."""
-    vocab = tokenizer.get_vocab()
-    ids = list(vocab.values())
-    texts = tokenizer.batch_decode([[i] for i in ids])
-    return {i for i, text in zip(ids, texts) if "\n" in text}

@@ -110,7 +110,7 @@ def _cached(tokenizer: Any, name: str, compute: Callable[[Any], Any]) -> Any:
     return table[name]
 
 
-def _newline_ids(tokenizer: Any) -> frozenset[int]:
+def newline_ids(tokenizer: Any) -> frozenset[int]:
     """Ids of the tokens whose text holds a newline. Byte-level BPE keeps whitespace runs apart
     from code, so these are newline(+indentation) tokens."""
 
@@ -168,7 +168,7 @@ def make_needle_example(
     if n_filler < 4:
         raise ValueError(f"context_tokens={context_tokens} is too short for a needle row")
     window = _filler_window(filler_ids, n_filler, rng)
-    cut = _snap_to_line_end(window, round(depth * n_filler), _newline_ids(tokenizer))
+    cut = _snap_to_line_end(window, round(depth * n_filler), newline_ids(tokenizer))
     if cut is None:  # no line end nearby: close the definition's line itself, at the exact depth
         cut = round(depth * n_filler)
         line_ids = encode(tokenizer, definition + "\n")
