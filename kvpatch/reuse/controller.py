@@ -197,7 +197,7 @@ class ReuseController:
         if reused == 0:
             return 0
         rows = [self._gather(plan, reused, device, dtype) for plan in request.plans]
-        kv = torch.stack(rows, dim=2)  # [L, 2, B, H, T, D]
+        kv = rows[0].unsqueeze(2) if len(rows) == 1 else torch.stack(rows, dim=2)  # [L, 2, B, H, T, D]
         for index, layer in enumerate(cache.layers):
             layer.update(kv[index, 0], kv[index, 1])
         self.last.reused_tokens = reused * len(rows)

@@ -146,6 +146,5 @@ def most_deviated(model: torch.nn.Module, input_ids: torch.Tensor, kv: list[tupl
     count = round(ratio * candidates.numel())
     if count == 0 or "score" not in deviation:
         return candidates[:0]
-    index = {int(p): i for i, p in enumerate(recompute.tolist())}
-    scores = deviation["score"][[index[int(p)] for p in candidates.tolist()]]
+    scores = deviation["score"][torch.searchsorted(recompute, candidates)]  # `recompute` is sorted
     return candidates[scores.topk(count).indices].sort().values
