@@ -235,14 +235,13 @@ class ReuseController:
     def _write_back(self, request: _Request) -> int:
         """Store every chunk not matched exactly whose K/V were computed exactly (all its
         history exact), from whichever computed range covers it."""
-        sources = [(offset, _stack_layers(layers)) for offset, layers in request.sources]
         new = []
         for row, plan in enumerate(request.plans):
             for match in plan.matches:
                 start, end = match.span
                 if match.kind == "exact" or end > request.exact_until[row]:
                     continue
-                kv = _slice_sources(sources, row, start, end)
+                kv = _slice_sources(request.sources, row, start, end)
                 if kv is not None:
                     tokens = request.token_ids[row, start:end].clone()
                     content = match.content_hash or self.hasher.content_hash(token_bytes(tokens))
@@ -272,16 +271,15 @@ def reuse_namespace(model: torch.nn.Module) -> str:
     return model_fingerprint(model).model_dump_json()
 
 
-def _stack_layers(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Per-layer `[B, H, T, D]` K/V pairs as one `[L, 2, B, H, T, D]` tensor (one copy)."""
-    return torch.stack([torch.stack([k, v]) for k, v in layers])
-
-
-def _slice_sources(sources: list[tuple[int, torch.Tensor]], row: int, start: int, end: int) -> torch.Tensor | None:
-    """`[L, 2, H, end-start, D]` K/V (a view) of one row from the computed range covering it."""
-    for offset, kv in sources:
-        if offset <= start and end <= offset + kv.shape[-2]:
-            return kv[:, :, row, :, start - offset : end - offset]
+def _slice_sources(sources: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]], row: int,
+                   start: int, end: int) -> torch.Tensor | None:
+    """`[L, 2, H, end-start, D]` K/V of one row from the computed range covering it, gathered in
+    one copy (a chunk's own contiguous tensor; the prompt's K/V are never stacked whole)."""
+    for offset, layers in sources:
+        if offset <= start and end <= offset + layers[0][0].shape[-2]:
+            a, b = start - offset, end - offset
+            parts = [t[row, :, a:b] for pair in layers for t in pair]
+            return torch.stack(parts).unflatten(0, (len(layers), 2))
     return None
 
 

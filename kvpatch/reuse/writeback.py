@@ -27,7 +27,7 @@ class NewChunk:
     content_hash: str
     token_ids: torch.Tensor
     start: int
-    kv: torch.Tensor  # [L, 2, H, T, D], any device, may be a view
+    kv: torch.Tensor  # [L, 2, H, T, D], any device, owned by the chunk (not a view of the cache)
 
 
 class ChunkWriter:
@@ -45,8 +45,7 @@ class ChunkWriter:
         encoded = [encode_chunk(c.kv, codec) for c in chunks]
         if not chunks[0].kv.is_cuda:
             for c, tensors in zip(chunks, encoded):
-                self.store.put(StoredChunk(c.prefix_hash, c.content_hash, c.token_ids, c.start,
-                                           {k: v.contiguous() for k, v in tensors.items()}, codec))
+                self.store.put(StoredChunk(c.prefix_hash, c.content_hash, c.token_ids, c.start, tensors, codec))
             return
         device = chunks[0].kv.device
         if self._stream is None:
