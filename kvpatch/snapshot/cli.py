@@ -91,12 +91,19 @@ def _non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
     return parse
 
 
+def _missing(path: Path) -> bool:
+    """True (after saying so) when there is no snapshot file at `path`."""
+    if path.is_file():
+        return False
+    print(f"kvpatch: error: no snapshot at {path}", file=sys.stderr)
+    return True
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.is_dir():
         return _inspect_directory(path)
-    if not path.is_file():
-        print(f"kvpatch: error: no snapshot at {path}", file=sys.stderr)
+    if _missing(path):
         return EXIT_BAD_INPUT
     try:
         metadata = read_metadata(path)
@@ -173,8 +180,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from ..models import load_named
 
     path = Path(args.path)
-    if not path.is_file():
-        print(f"kvpatch: error: no snapshot at {path}", file=sys.stderr)
+    if _missing(path):
         return EXIT_BAD_INPUT
     config = load_config(args.config) if args.config else None
     model, tokenizer = load_named(args.model, args.device) if args.model else (None, None)
@@ -258,8 +264,7 @@ def _export_store(args: argparse.Namespace) -> int:
 
 def _cmd_import(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    if not path.is_file():
-        print(f"kvpatch: error: no snapshot at {path}", file=sys.stderr)
+    if _missing(path):
         return EXIT_BAD_INPUT
     try:
         kind = read_metadata(path).kind
