@@ -9,6 +9,7 @@ from .config import PipelineConfig, bundled_configs, load_config
 from .engine import Engine, GenerationResult
 from .errors import ConfigError, KVPatchError, PatchStateError, UnknownStageError, UnsupportedModelError
 from .families import supported_families
+from .graph_decode import CudaGraphDecoder
 from .patch import KVPatchCache, PatchHandle, apply, get_handle, unpatch
 from .registry import Stage, StageParams, available_stages, register_stage
 
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "CudaGraphDecoder",
     "Engine",
     "GenerationResult",
     "KVPatchCache",

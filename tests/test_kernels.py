@@ -117,6 +117,66 @@ def test_per_sequence_lengths_and_mask() -> None:
     assert relative_error(out, reference(query, kv, 0.125, mask=mask)) < 1e-2
 
 
+@pytest.mark.parametrize(("first", "count", "blocks"), [(0, 7, 3), (13, 9, 0), (5, 16, 5)])
+def test_static_buffers_with_device_counts(first: int, count: int, blocks: int) -> None:
+    """A static layer's parts: code buffers valid up to a device counter and a residual ring
+    that wraps around (`PackedKV.counts`): the kernel reads only the valid tokens, in ring order."""
+    dtype = torch.bfloat16
+    kv = random_packed(2, 2, 64, 4, 16, 2, 6, 17, dtype)
+    kv.counts = torch.tensor([blocks, first, count], device=DEVICE)
+    kv.host_counts = (blocks, first, count)
+    assert kv.num_tokens == 2 + blocks * 16 + count
+    query = torch.randn(2, 8, 1, 64, device=DEVICE, dtype=dtype)
+    out = decode_attention(query, kv, 0.125)
+    assert not out.isnan().any()
+    assert relative_error(out, reference(query, kv, 0.125)) < 1e-2
+
+
+def _static_logits(capacity: int | None) -> torch.Tensor:
+    model = tiny_model("llama").to(DEVICE)
+    storage = {"residual_length": 8, "sink_tokens": 2, **({"capacity_tokens": capacity} if capacity else {})}
+    kvpatch.apply(model, {"name": "kivi-static", "fidelity": {"lossless": False}, "kernels": {"attention": "triton"},
+                          "stages": [{"kind": "quantizer", "impl": "kivi", "params": {"bits": 4, "group_size": 8}},
+                                     {"kind": "storage", "impl": "quantized", "params": storage}]})
+    ids = prompt_ids(batch=2, length=36).to(DEVICE)
+    steps = []
+    with torch.no_grad():
+        out = model(ids[:, :20], use_cache=True)
+        for i in range(20, 36):
+            out = model(ids[:, i : i + 1], use_cache=True, **{cache_kwarg(model): output_cache(out)})
+            steps.append(out.logits[:, -1])
+    layers = output_cache(out).layers
+    assert all(layer._encode is not None for layer in layers)  # the fused path ran
+    return torch.stack(steps, 1)
+
+
+def test_static_layer_through_the_fused_kernel() -> None:
+    """capacity_tokens + kernels: triton gives the dynamic layer's logits (the split count may
+    differ: float tolerance, not bits)."""
+    torch.testing.assert_close(_static_logits(48), _static_logits(None), atol=1e-4 if DEVICE.type == "cpu" else 5e-2,
+                               rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graph_decode_equals_eager_decode() -> None:
+    """A decode step over the static quantized cache with the fused kernel captures into one CUDA
+    graph, and its replays give the eager step's greedy tokens."""
+    tokens = {}
+    for use_graph in (False, True):
+        model = tiny_model("llama").to(DEVICE)
+        config = kvpatch.load_config("kivi4_triton").model_dump()
+        config["stages"][1]["params"]["capacity_tokens"] = 512
+        kvpatch.apply(model, config)
+        ids = prompt_ids(batch=2, length=200).to(DEVICE)
+        with torch.no_grad():
+            out = model(ids[:, :-1], use_cache=True)
+        cache = output_cache(out)
+        decoder = kvpatch.CudaGraphDecoder(model, cache)
+        tokens[use_graph] = decoder.generate(ids[:, -1], ids.shape[1] - 1, 100, use_graph=use_graph)
+        assert cache.layers[0].get_seq_length() == ids.shape[1] - 1 + 100
+    assert torch.equal(tokens[True], tokens[False])
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize(("group", "dim", "dtype"), [(8, 64, torch.float32), (32, 128, torch.bfloat16), (16, 64, torch.float16)])
 def test_encode_is_bitwise_the_torch_encode(bits: int, group: int, dim: int, dtype: torch.dtype) -> None:

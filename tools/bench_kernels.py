@@ -13,6 +13,8 @@ Parts (all by default):
 - encode: KIVI quantize-and-pack, Triton vs torch, for an appended block and a prefill.
 - e2e: decode tokens/s of a 1B-shaped Llama (bf16, random init) at long context: full cache vs
   kivi4 (torch path) vs kivi4/kivi2 with the fused kernel; and torch.compile(fullgraph=True).
+- graph: the same model, eager decode vs one CUDA-graph replay per step (kvpatch.CudaGraphDecoder):
+  full cache in transformers' StaticCache vs the static KIVI layer (`capacity_tokens`) + fused kernel.
 
   python tools/bench_kernels.py --out $OUT/kernels-h100.json
   python tools/bench_kernels.py --plot-from results/kernels-h100.json --plot docs/kernels.png
@@ -252,6 +254,80 @@ def compile_part(context: int) -> dict[str, Any]:
                 "kvpatch_frames": [line for line in traceback.format_exc().splitlines() if "kvpatch/" in line][-6:]}
 
 
+def _static_config(bits: int, capacity: int) -> dict[str, Any]:
+    return {"name": f"kivi{bits}-graph", "fidelity": {"lossless": False}, "kernels": {"attention": "triton"},
+            "stages": [{"kind": "quantizer", "impl": "kivi", "params": {"bits": bits, "group_size": GROUP}},
+                       {"kind": "storage", "impl": "quantized",
+                        "params": {"residual_length": 128, "sink_tokens": 4, "capacity_tokens": capacity}}]}
+
+
+@torch.no_grad()
+def graph_part(batches: list[int], context: int, steps: int) -> list[dict[str, Any]]:
+    """Decode step time, eager vs one CUDA-graph replay per token (kvpatch.CudaGraphDecoder), for
+    the full cache (transformers' StaticCache, unpatched model) and the static KIVI layer with the
+    fused kernel; graph and eager greedy tokens compared from two identical prefills."""
+    from transformers import StaticCache
+
+    import kvpatch
+    from kvpatch.compat import cache_kwarg
+    from kvpatch.testing import bench_model
+
+    model = bench_model("llama-1b", device="cuda", dtype=torch.bfloat16)
+    kwarg = cache_kwarg(model)
+    capacity = context + 3 * steps + 64
+    configs: dict[str, Any] = {"full (StaticCache, sdpa)": None, "kivi4 static, fused": _static_config(4, capacity),
+                               "kivi2 static, fused": _static_config(2, capacity)}
+    rows = []
+    for name, config in configs.items():
+        handle = kvpatch.apply(model, config) if config is not None else None
+        for batch in batches:
+            ids = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda")
+
+            def prefilled() -> Any:
+                cache = handle.new_cache() if handle else StaticCache(config=model.config, max_cache_len=capacity)
+                for begin in range(0, context - 1, 4096):
+                    model(input_ids=ids[:, begin : min(begin + 4096, context - 1)], use_cache=True, logits_to_keep=1,
+                          **{kwarg: cache})
+                return cache
+
+            row: dict[str, Any] = {"config": name, "batch": batch, "context": context}
+            try:
+                tokens, timing = {}, {}
+                for use_graph in (False, True):
+                    cache = prefilled()
+                    decoder = kvpatch.CudaGraphDecoder(model, cache)
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    tokens[use_graph] = decoder.generate(ids[:, -1], context - 1, steps, use_graph=use_graph)
+                    torch.cuda.synchronize()
+                    timing[use_graph] = 1e3 * (time.perf_counter() - start) / steps
+                    if use_graph:  # steady state: replays only
+                        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        begin.record()
+                        for _ in range(steps):
+                            decoder.graph.replay()
+                        end.record()
+                        torch.cuda.synchronize()
+                        timing["replay"] = begin.elapsed_time(end) / steps
+                    del decoder, cache
+                    torch.cuda.empty_cache()
+                agree = (tokens[True] == tokens[False]).float().mean().item()
+                row.update(eager_ms=timing[False], graph_ms=timing["replay"], graph_first_call_ms=timing[True],
+                           tokens_per_s_eager=batch * 1e3 / timing[False], tokens_per_s_graph=batch * 1e3 / timing["replay"],
+                           graph_equals_eager=bool(torch.equal(tokens[True], tokens[False])), token_agreement=agree)
+                print(f"graph {name:26s} B={batch:2d} T={context}: eager {timing[False]:7.2f} ms/step, graph "
+                      f"{timing['replay']:7.2f} ms/step ({batch * 1e3 / timing['replay']:8.1f} tok/s), tokens equal "
+                      f"{row['graph_equals_eager']} ({agree:.3f})", flush=True)
+            except Exception as err:  # noqa: BLE001 - a failure to capture is the measurement
+                row["error"] = f"{type(err).__name__}: {str(err)[:2000]}"
+                row["frames"] = traceback.format_exc().splitlines()[-12:]
+                print(f"graph {name} B={batch}: {row['error'][:400]}", flush=True)
+            rows.append(row)
+        if handle:
+            kvpatch.unpatch(model)
+    return rows
+
+
 def table(results: dict[str, Any]) -> str:
     copy = results["copy"]["tb_per_s"]
     header = "".join(f" | {f'int{b} ms':>8} {'TB/s':>5} {'%copy':>5} {'x':>5} {'deq':>7}" for b in (4, 2))
@@ -299,7 +375,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["copy", "sweep", "grid", "encode", "e2e", "compile"])
+    parser.add_argument("--parts", nargs="+", default=["copy", "sweep", "grid", "encode", "e2e", "compile", "graph"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--max-tokens", type=int, default=1 << 20, help="largest batch x context in the grid")
@@ -355,6 +431,9 @@ def main() -> None:
     if "compile" in args.parts:
         results["compile"] = compile_part(4096)
         print("compile", results["compile"], flush=True)
+        save()
+    if "graph" in args.parts:
+        results["graph"] = graph_part(args.e2e_batches, args.e2e_context, steps=48)
         save()
     if args.plot:
         plot(results, args.plot)

@@ -33,6 +33,11 @@ class PackedKV:
     decode: Decoder | None = None
     #: The cache layer the parts belong to, so a kernel can tell it to encode on the GPU too.
     layer: Any = None
+    #: Static layers (fixed-capacity buffers, CUDA-graph capturable): device int64 `[3]` =
+    #: (valid code blocks, first residual slot, residual tokens); `keys`/`values` are then a ring
+    #: and the codes' block axis is the capacity. `host_counts` is the same on the host.
+    counts: torch.Tensor | None = None
+    host_counts: tuple[int, int, int] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -46,25 +51,51 @@ class PackedKV:
 
     @property
     def quantized_tokens(self) -> int:
-        return self.key_codes.num_tokens if self.key_codes is not None else 0
+        if self.key_codes is None:
+            return 0
+        if self.host_counts is not None:
+            return self.host_counts[0] * self.key_codes.block_tokens
+        return self.key_codes.num_tokens
+
+    @property
+    def residual_tokens(self) -> int:
+        return self.host_counts[2] if self.host_counts is not None else self.keys.shape[-2]
 
     @property
     def num_tokens(self) -> int:
-        return self.sink_length + self.quantized_tokens + self.keys.shape[-2]
+        return self.sink_length + self.quantized_tokens + self.residual_tokens
+
+    def residual(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual tokens in order (a static layer's ring unrolled)."""
+        if self.host_counts is None:
+            return self.keys, self.values
+        _, start, count = self.host_counts
+        slots = (torch.arange(count, device=self.keys.device) + start) % self.keys.shape[-2]
+        return self.keys.index_select(-2, slots), self.values.index_select(-2, slots)
+
+    def valid_codes(self) -> tuple[Codes | None, Codes | None]:
+        """The codes of the stored tokens (a static layer's buffers cut to their valid blocks)."""
+        if self.key_codes is None or self.host_counts is None:
+            return self.key_codes, self.value_codes
+        tokens = self.quantized_tokens
+        return (self.key_codes.slice_blocks(0, tokens // self.key_codes.block_tokens),
+                self.value_codes.slice_blocks(0, tokens // self.value_codes.block_tokens))
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All tokens in order (sinks, decoded codes, residual) in the residual's dtype."""
-        keys, values = [self.keys], [self.values]
-        if self.key_codes is not None:
+        residual_k, residual_v = self.residual()
+        keys, values = [residual_k], [residual_v]
+        key_codes, value_codes = self.valid_codes()
+        if key_codes is not None and key_codes.num_blocks:
             if self.decode is None:
                 raise ValueError("PackedKV with codes needs a decode function")
-            keys.insert(0, self.decode(self.key_codes, "key", self.keys.dtype))
-            values.insert(0, self.decode(self.value_codes, "value", self.keys.dtype))
+            keys.insert(0, self.decode(key_codes, "key", self.keys.dtype))
+            values.insert(0, self.decode(value_codes, "value", self.keys.dtype))
         if self.sink_keys is not None:
             keys.insert(0, self.sink_keys)
             values.insert(0, self.sink_values)
         if len(keys) == 1:
-            return self.keys, self.values
+            return residual_k, residual_v
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
 
 

@@ -14,6 +14,9 @@ Decode attention is memory-bound, so the kernel's job is to read each stored byt
 - Masking: bottom-right causal per sequence length (`lengths`, else the cache length), and an
   optional boolean mask [B, Tq, Tk] (transformers' padding mask). A row that sees no key
   returns zeros, never NaN.
+- Static layers (CUDA graphs): the buffers have a fixed capacity and the kernel reads how much of
+  them is valid from device memory (`PackedKV.counts`: code blocks, first residual slot,
+  residual tokens; the residual is a ring), so one captured launch serves every decode step.
 """
 
 from __future__ import annotations
@@ -69,37 +72,40 @@ def _visible(pos, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _dense_part(q, m_i, l_i, acc, K, V, bh, T, start, limit, qi, MASK, sm_b, sm_t, b,
+def _dense_part(q, m_i, l_i, acc, K, V, bh, T, first, count, start, limit, qi, MASK, sm_b, sm_t, b,
                 HAS_MASK: tl.constexpr, D: tl.constexpr, BN: tl.constexpr):
-    """Online softmax over a contiguous [B, Hkv, T, D] K/V pair whose first token is at `start`."""
+    """Online softmax over `count` tokens of a [B, Hkv, T, D] K/V ring starting at slot `first`
+    (a plain buffer: first 0, count T); token i is at sequence position `start + i`."""
     n = tl.arange(0, BN)
     d = tl.arange(0, D)
     base = bh.to(tl.int64) * T * D
-    for t in range(tl.cdiv(T, BN)):
+    for t in range(tl.cdiv(count, BN)):
         tok = t * BN + n
-        inside = tok < T
-        k = tl.load(K + base + tok[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
-        v = tl.load(V + base + tok[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
+        inside = tok < count
+        slot = (first + tok) % T
+        k = tl.load(K + base + slot[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
+        v = tl.load(V + base + slot[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
         valid = _visible(start + tok, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK) & inside[None, :]
         m_i, l_i, acc = _attend(q, tl.trans(k), v, valid, m_i, l_i, acc)
     return m_i, l_i, acc
 
 
 @triton.jit
-def _dense_parts(q, m_i, l_i, acc, SK, SV, S, RK, RV, R, NQ, bh, limit, qi, MASK, sm_b, sm_t, b,
-                 HAS_MASK: tl.constexpr, D: tl.constexpr, BN: tl.constexpr):
+def _dense_parts(q, m_i, l_i, acc, SK, SV, S, RK, RV, R, r_first, r_count, NQ, bh, limit, qi, MASK, sm_b,
+                 sm_t, b, HAS_MASK: tl.constexpr, D: tl.constexpr, BN: tl.constexpr):
     """The sinks (tokens [0, S)) and the residual (after the NQ quantized tokens)."""
-    m_i, l_i, acc = _dense_part(q, m_i, l_i, acc, SK, SV, bh, S, 0, limit, qi, MASK, sm_b, sm_t, b,
+    m_i, l_i, acc = _dense_part(q, m_i, l_i, acc, SK, SV, bh, S, 0, S, 0, limit, qi, MASK, sm_b, sm_t, b,
                                 HAS_MASK, D, BN)
-    return _dense_part(q, m_i, l_i, acc, RK, RV, bh, R, S + NQ, limit, qi, MASK, sm_b, sm_t, b,
-                       HAS_MASK, D, BN)
+    return _dense_part(q, m_i, l_i, acc, RK, RV, bh, R, r_first, r_count, S + NQ, limit, qi, MASK, sm_b,
+                       sm_t, b, HAS_MASK, D, BN)
 
 
 @triton.jit
-def _kivi_part(q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK, tile_lo, tile_hi, start, limit, qi,
-               MASK, sm_b, sm_t, b, HAS_MASK: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+def _kivi_part(q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK_CAP, NBLK, tile_lo, tile_hi, start, limit,
+               qi, MASK, sm_b, sm_t, b, HAS_MASK: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
                G: tl.constexpr, BITS: tl.constexpr):
-    """Online softmax over tiles [tile_lo, tile_hi) of BN tokens of KIVI codes, read packed."""
+    """Online softmax over tiles [tile_lo, tile_hi) of BN tokens of KIVI codes, read packed: the
+    first NBLK of buffers holding NBLK_CAP blocks per (batch, kv head)."""
     PB: tl.constexpr = 8 // BITS
     GB: tl.constexpr = G // PB
     NG: tl.constexpr = BN // G
@@ -107,8 +113,8 @@ def _kivi_part(q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK, tile_lo, tile
     DB: tl.constexpr = D // PB
     NQ = NBLK * G
     bh64 = bh.to(tl.int64)
-    kp, ks = KP + bh64 * NBLK * D * GB, bh64 * NBLK * D
-    vp, vs = VP + bh64 * NQ * DB, bh64 * NQ * NGV
+    kp, ks = KP + bh64 * NBLK_CAP * D * GB, bh64 * NBLK_CAP * D
+    vp, vs = VP + bh64 * NBLK_CAP * G * DB, bh64 * NBLK_CAP * G * NGV
     d = tl.arange(0, D)
     g = tl.arange(0, NG)
     j = tl.arange(0, GB)
@@ -144,12 +150,13 @@ def _kivi_part(q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK, tile_lo, tile
 def _decode_partial(
     Q, sq_b, sq_h, sq_t, qk_scale,
     SK, SV, S, RK, RV, R,
-    KP, KS, KZ, VP, VS, VZ, NBLK, NSPLIT,
+    KP, KS, KZ, VP, VS, VZ, NBLK_CAP, NSPLIT, COUNTS,
     MASK, sm_b, sm_t, LENGTHS,
     O_PART, M_PART, L_PART,
     HKV: tl.constexpr, GQA: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
-    HAS_CODES: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_CODES: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_COUNTS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -165,11 +172,19 @@ def _decode_partial(
     q = q.to(tl.float32) * qk_scale
     if not DOT_FP32:
         q = q.to(Q.dtype.element_ty)
+    if HAS_COUNTS:
+        NBLK = tl.load(COUNTS).to(tl.int32)
+        r_first = tl.load(COUNTS + 1).to(tl.int32)
+        r_count = tl.load(COUNTS + 2).to(tl.int32)
+    else:
+        NBLK = NBLK_CAP
+        r_first = 0
+        r_count = R
     NQ = NBLK * G
     if HAS_LENGTHS:
         seq_len = tl.load(LENGTHS + b)
     else:
-        seq_len = S + NQ + R
+        seq_len = S + NQ + r_count
     limit = seq_len - TQ + 1 + qi
     m_i = tl.full([BM], NEG, tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -181,14 +196,14 @@ def _decode_partial(
             lo = split * per_split
             # tiles past this sequence's length are never read
             hi = tl.minimum(tl.minimum(lo + per_split, tiles), tl.cdiv(tl.maximum(seq_len - S, 0), BN))
-            m_i, l_i, acc = _kivi_part(q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK, lo, hi, S, limit,
-                                       qi, MASK, sm_b, sm_t, b, HAS_MASK, D, BN, G, BITS)
+            m_i, l_i, acc = _kivi_part(q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK_CAP, NBLK, lo, hi, S,
+                                       limit, qi, MASK, sm_b, sm_t, b, HAS_MASK, D, BN, G, BITS)
         else:
-            m_i, l_i, acc = _dense_parts(q, m_i, l_i, acc, SK, SV, S, RK, RV, R, NQ, bh, limit, qi,
-                                         MASK, sm_b, sm_t, b, HAS_MASK, D, BN)
+            m_i, l_i, acc = _dense_parts(q, m_i, l_i, acc, SK, SV, S, RK, RV, R, r_first, r_count, NQ, bh,
+                                         limit, qi, MASK, sm_b, sm_t, b, HAS_MASK, D, BN)
     else:
-        m_i, l_i, acc = _dense_parts(q, m_i, l_i, acc, SK, SV, S, RK, RV, R, NQ, bh, limit, qi,
-                                     MASK, sm_b, sm_t, b, HAS_MASK, D, BN)
+        m_i, l_i, acc = _dense_parts(q, m_i, l_i, acc, SK, SV, S, RK, RV, R, r_first, r_count, NQ, bh,
+                                     limit, qi, MASK, sm_b, sm_t, b, HAS_MASK, D, BN)
     rows_out = (bh * (NSPLIT + 1) + split) * (GQA * TQ) + rows
     tl.store(M_PART + rows_out, m_i, mask=has_row)
     tl.store(L_PART + rows_out, l_i, mask=has_row)
@@ -311,12 +326,12 @@ def decode_attention(
     _decode_partial[(splits + 1, batch * kv_heads)](
         query, *query.stride()[:3], scaling * LOG2E,
         sink_k, sink_v, kv.sink_length, residual_k, residual_v, residual_k.shape[-2],
-        *codes, n_blocks, splits,
+        *codes, n_blocks, splits, kv.counts if kv.counts is not None else residual_k,
         mask if mask is not None else residual_k, *mask_strides,
         lengths.to(torch.int32) if lengths is not None else residual_k,
         o_part, m_part, l_part,
         BN=block_n, G=group, BITS=bits, HAS_CODES=kv.key_codes is not None,
-        HAS_MASK=mask is not None, HAS_LENGTHS=lengths is not None,
+        HAS_MASK=mask is not None, HAS_LENGTHS=lengths is not None, HAS_COUNTS=kv.counts is not None,
         DOT_FP32=interpreting() or query.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages, **flags,
     )
     _decode_reduce[(batch * kv_heads,)](o_part, m_part, l_part, out, *out.stride()[:3], splits + 1, **flags)

@@ -59,6 +59,10 @@ class Codes:
     def repeat_batch(self, repeats: int) -> "Codes":
         return self._map(lambda t: t.repeat_interleave(repeats, dim=0))
 
+    def clone(self) -> "Codes":
+        """Own storage (a slice of a larger buffer would keep the whole buffer alive)."""
+        return self._map(torch.clone)
+
     def to(self, device: torch.device | str) -> "Codes":
         return self._map(lambda t: t.to(device))
 

@@ -48,6 +48,8 @@ def encode_cache(cache: KVPatchCache) -> tuple[list[LayerRecord], dict[str, torc
 
 def encode_layer(layer: CacheLayerMixin) -> tuple[LayerRecord, dict[str, torch.Tensor]]:
     kind = layer_kind(layer)
+    if isinstance(layer, QuantizedLayer):
+        layer.materialize()
     window = getattr(layer, "sliding_window", None)
     if not layer.is_initialized or layer.get_seq_length() == 0:
         return LayerRecord(kind=kind, sliding_window=window, seq_length=0, residual_tokens=0, tensors={}), {}

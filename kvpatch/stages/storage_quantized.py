@@ -115,6 +115,10 @@ class QuantizedLayer(DynamicLayer):
         self.keys = self.keys[..., count:, :].clone()
         self.values = self.values[..., count:, :].clone()
 
+    def materialize(self) -> None:
+        """Plain tensors cut to the stored tokens (what snapshots read): already so here;
+        the static layer (`capacity_tokens`) moves its buffers back into this form."""
+
     def get_seq_length(self) -> int:
         if not self.is_initialized:
             return 0
@@ -203,6 +207,10 @@ class QuantizedStorage(Stage):
         #: Decode the codes through torch.compile (6-10x faster decode on a GPU; the first calls
         #: pay for compiling).
         compile_decode: bool = False
+        #: Preallocate buffers for this many tokens per sequence and keep the layer's counters on
+        #: the device: decode steps then have fixed shapes and never sync with the host, so they
+        #: can be captured in a CUDA graph (`kvpatch.CudaGraphDecoder`). None: grow as needed.
+        capacity_tokens: int | None = Field(default=None, ge=1)
 
     params: Params
 
@@ -218,5 +226,10 @@ class QuantizedStorage(Stage):
             return DynamicSlidingWindowLayer(sliding_window=layout.sliding_window)
         if self.quantizer is None:
             raise RuntimeError("storage/quantized was not connected to its pipeline's quantizer")
+        if self.params.capacity_tokens is not None:
+            from .storage_quantized_static import StaticQuantizedLayer
+
+            return StaticQuantizedLayer(self.quantizer, self.params.residual_length, self.params.sink_tokens,
+                                        self.params.compile_decode, self.params.capacity_tokens)
         return QuantizedLayer(self.quantizer, self.params.residual_length, self.params.sink_tokens,
                               self.params.compile_decode)
