@@ -165,7 +165,8 @@ def test_cuda_graph_decode_equals_eager_decode() -> None:
     for use_graph in (False, True):
         model = tiny_model("llama").to(DEVICE)
         config = kvpatch.load_config("kivi4_triton").model_dump()
-        config["stages"][1]["params"]["capacity_tokens"] = 512
+        config["stages"][0]["params"]["group_size"] = 8  # the tiny model's head_dim is 16
+        config["stages"][1]["params"].update(capacity_tokens=512, residual_length=32)
         kvpatch.apply(model, config)
         ids = prompt_ids(batch=2, length=200).to(DEVICE)
         with torch.no_grad():
