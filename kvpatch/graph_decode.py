@@ -38,7 +38,7 @@ class CudaGraphDecoder:
             tokens.index_copy_(1, index, nxt)
             ids.copy_(nxt)
             positions.add_(1)
-            index.add_(1)
+            index.add_(1).remainder_(tokens.shape[1])
 
         return step
 
@@ -51,7 +51,8 @@ class CudaGraphDecoder:
         ids = last_tokens.view(batch, 1).clone()
         positions = torch.full((batch, 1), position, dtype=torch.long, device=device)
         tokens = torch.zeros(batch, steps, dtype=torch.long, device=device)
-        index = torch.zeros(1, dtype=torch.long, device=device)
+        #: device index of the next token column; `replay` wraps it so extra replays stay in bounds
+        self.index = index = torch.zeros(1, dtype=torch.long, device=device)
         step = self._step_fn(ids, positions, tokens, index)
         eager = steps if not use_graph else min(self.warmup_steps, steps)
         stream = torch.cuda.Stream()
