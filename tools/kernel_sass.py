@@ -65,8 +65,8 @@ def _kernel():
     return triton_decode._decode_partial
 
 
-def compile_sass(consts: dict, num_warps: int, num_stages: int, qdtype: str = "bf16") -> tuple[str, str, str]:
-    """(SASS text, `cuobjdump -res-usage` text, PTX) of `_decode_partial` for sm_90."""
+def compile_sass(consts: dict, num_warps: int, num_stages: int, qdtype: str = "bf16") -> tuple[str, str, str, str]:
+    """(SASS text, `cuobjdump -res-usage` text, PTX, TTGIR) of `_decode_partial` for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -101,7 +101,7 @@ def compile_sass(consts: dict, num_warps: int, num_stages: int, qdtype: str = "b
         f.flush()
         sass = subprocess.run([str(bindir / "cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
         res = subprocess.run([str(bindir / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    return sass, res, kernel.asm.get("ptx", "")
+    return sass, res, kernel.asm.get("ptx", ""), kernel.asm.get("ttgir", "")
 
 
 INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
@@ -147,10 +147,11 @@ def base_op(op: str) -> str:
 
 def analyse(consts: dict, num_warps: int, num_stages: int, loop: int | None = None, qdtype: str = "bf16",
             sass_out: str | None = None) -> dict:
-    sass, res, ptx = compile_sass(consts, num_warps, num_stages, qdtype)
+    sass, res, ptx, ttgir = compile_sass(consts, num_warps, num_stages, qdtype)
     if sass_out:
         Path(sass_out).write_text(sass)
         Path(sass_out).with_suffix(".ptx").write_text(ptx)
+        Path(sass_out).with_suffix(".ttgir").write_text(ttgir)
     instrs = parse(sass)
     m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)", res)
     regs, stack, shared = (int(x) for x in m.groups()) if m else (-1, -1, -1)
@@ -207,7 +208,7 @@ def main() -> None:
     p.add_argument("--const", action="append", default=[], metavar="NAME=VALUE",
                    help="set / override a constexpr of _decode_partial (repeatable)")
     p.add_argument("--loop", type=int, default=None, help="analyse this loop (index in the list, largest first)")
-    p.add_argument("--sass", help="write the full SASS here (and the PTX next to it)")
+    p.add_argument("--sass", help="write the full SASS here (and the PTX and TTGIR next to it)")
     p.add_argument("--top", type=int, default=24, help="histogram entries to print")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--sweep", action="store_true", help="table over bits 4/2 x BN 64/128/256 x warps 2/4/8")
