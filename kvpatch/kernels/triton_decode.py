@@ -7,10 +7,10 @@ Decode attention is memory-bound, so the kernel's job is to read each stored byt
   parts (sinks + residual). A second kernel merges the splits' partial (max, sum, output).
 - GQA: the rows of a program are all the query heads of one kv head times the Tq queries, so one
   read of K/V serves the whole group (rows padded to 16 for the tensor-core dot).
-- KIVI keys are stored per block of G tokens channel-major (`quantizer/kivi`'s layout, unchanged):
-  a tile of NG blocks loads as [D, NG, G/per_byte] bytes, unpacks with shifts and `tl.join`
-  into natural token order, and dequantizes with the block's per-channel scale and zero
-  (fp32, `code * scale + zero`, the torch decode's formula) before the dot.
+- KIVI codes are read in `quantizer/kivi`'s packed layout (unchanged) and never unpacked into
+  natural order: each bit field of a byte tile is a dot operand of its own (keys: one QK dot per
+  field = tokens j*per_byte + f; values: one accumulator per field = channels c*per_byte + f),
+  see `_kivi_part`. On the GPU the codes are dequantized in fp16 by inline PTX (`_field`).
 - Masking: bottom-right causal per sequence length (`lengths`, else the cache length), and an
   optional boolean mask [B, Tq, Tk] (transformers' padding mask). A row that sees no key
   returns zeros, never NaN.
@@ -30,19 +30,6 @@ LOG2E = 1.4426950408889634
 NEG = tl.constexpr(-1.0e30)
 #: Decode only: more query rows per kv head than this go to SDPA (prefill).
 MAX_QUERY_ROWS = 64
-
-
-@triton.jit
-def _unpack(b, BITS: tl.constexpr):
-    """uint8 [..., n] -> codes [..., n, 8 // BITS], field r (bits r*BITS..) at index r."""
-    if BITS == 4:
-        x = tl.join(b & 15, b >> 4)
-    elif BITS == 2:
-        # join(join(f0, f2), join(f1, f3))[..., y, x] = f[2y + x]
-        x = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6))
-    else:
-        x = b
-    return x
 
 
 @triton.jit
@@ -371,7 +358,7 @@ def decode_attention(
     mask: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
     num_splits: int | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
     fast_cvt: bool | None = None,
@@ -382,7 +369,7 @@ def decode_attention(
     sequence b to its first `lengths[b]` tokens, the last query seeing all of them.
     `num_splits`, `block_n` (tokens per tile), `num_warps`, `num_stages` are tuning knobs
     (tools/bench_kernels.py sweeps them); the defaults are the best measured on an H100.
-    `fast_cvt` (default: on the GPU for bf16/fp16 queries) dequantizes the codes in fp16 with
+    `block_n` defaults to 128 with `fast_cvt`, else 64. `fast_cvt` (default: on the GPU for bf16/fp16 queries) dequantizes the codes in fp16 with
     inline PTX (magic-number conversion, fp16 dots); off, in fp32 with the query's dot dtype.
     """
     reason = unsupported_reason(query, kv, mask)
@@ -390,6 +377,12 @@ def decode_attention(
         raise ValueError(f"decode_attention: {reason}")
     batch, q_heads, q_len, dim = query.shape
     kv_heads = kv.keys.shape[1]
+    if fast_cvt is None:
+        fast_cvt = not interpreting() and query.dtype != torch.float32
+    if block_n is None:
+        # fp16 dequant: 128-token tiles (4.1 SASS instr per int4 element at 4 warps, no spills);
+        # the fp32 path spills at 128 (tools/kernel_sass.py)
+        block_n = 128 if fast_cvt else 64
     gqa = q_heads // kv_heads
     rows = gqa * q_len
     block_m = max(16, triton.next_power_of_2(rows))
@@ -429,7 +422,7 @@ def decode_attention(
         BN=block_n, G=group, BITS=bits, HAS_CODES=kv.key_codes is not None,
         HAS_MASK=mask is not None, HAS_LENGTHS=lengths is not None,
         DOT_FP32=interpreting() or query.dtype == torch.float32,
-        FAST_CVT=(not interpreting() and query.dtype != torch.float32) if fast_cvt is None else fast_cvt,
+        FAST_CVT=fast_cvt,
         num_warps=num_warps, num_stages=num_stages, **flags,
     )
     _decode_reduce[(batch * kv_heads,)](o_part, m_part, l_part, out, *out.stride()[:3], splits + 1, **flags)
