@@ -7,10 +7,10 @@ Decode attention is memory-bound, so the kernel's job is to read each stored byt
   parts (sinks + residual). A second kernel merges the splits' partial (max, sum, output).
 - GQA: the rows of a program are all the query heads of one kv head times the Tq queries, so one
   read of K/V serves the whole group (rows padded to 16 for the tensor-core dot).
-- KIVI keys are stored per block of G tokens channel-major (`quantizer/kivi`'s layout, unchanged):
-  a tile of NG blocks loads as [D, NG, G/per_byte] bytes, unpacks with shifts and `tl.join`
-  into natural token order, and dequantizes with the block's per-channel scale and zero
-  (fp32, `code * scale + zero`, the torch decode's formula) before the dot.
+- KIVI codes are read in `quantizer/kivi`'s packed layout (unchanged) and never unpacked into
+  natural order: each bit field of a byte tile is a dot operand of its own (keys: one QK dot per
+  field = tokens j*per_byte + f; values: one accumulator per field = channels c*per_byte + f),
+  see `_kivi_part`. On the GPU the codes are dequantized in fp16 by inline PTX (`_field`).
 - Masking: bottom-right causal per sequence length (`lengths`, else the cache length), and an
   optional boolean mask [B, Tq, Tk] (transformers' padding mask). A row that sees no key
   returns zeros, never NaN.
@@ -33,19 +33,6 @@ LOG2E = 1.4426950408889634
 NEG = tl.constexpr(-1.0e30)
 #: Decode only: more query rows per kv head than this go to SDPA (prefill).
 MAX_QUERY_ROWS = 64
-
-
-@triton.jit
-def _unpack(b, BITS: tl.constexpr):
-    """uint8 [..., n] -> codes [..., n, 8 // BITS], field r (bits r*BITS..) at index r."""
-    if BITS == 4:
-        x = tl.join(b & 15, b >> 4)
-    elif BITS == 2:
-        # join(join(f0, f2), join(f1, f3))[..., y, x] = f[2y + x]
-        x = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6))
-    else:
-        x = b
-    return x
 
 
 @triton.jit
@@ -101,48 +88,155 @@ def _dense_parts(q, m_i, l_i, acc, SK, SV, S, RK, RV, R, r_first, r_count, NQ, b
 
 
 @triton.jit
+def _field(b, scale, zero, F: tl.constexpr, BITS: tl.constexpr, FAST_CVT: tl.constexpr, DT: tl.constexpr):
+    """Bit field F of packed codes `b` (uint8) dequantized: `code * scale + zero`, as DT.
+
+    FAST_CVT (GPU only, DT fp16): inline PTX per 4 bytes: one AND keeps the field in place, two
+    PRMT put each byte under the fp16 exponent of 2^(10 - F*BITS) (so the field's lowest bit has
+    weight 1: the half is exactly magic + code), one HSUB2 removes the magic (exact), one HFMA2
+    applies the fp16 scale/zero: 7 instructions per 4 codes, no I2F, no fp32. Otherwise: shift,
+    mask, fp32 `code * scale + zero` (the torch decode's formula), rounded to DT."""
+    P: tl.constexpr = F * BITS
+    if FAST_CVT:
+        MASK: tl.constexpr = ((1 << BITS) - 1) << P
+        HI: tl.constexpr = (25 - P) << 2  # high byte of fp16 2^(10 - P)
+        out = tl.inline_asm_elementwise(
+            asm=f"""{{
+            .reg .b32 t, h0, h1, m;
+            and.b32 t, $2, {MASK * 0x01010101};
+            prmt.b32 h0, t, {HI * 0x01010101}, 0x4140;
+            prmt.b32 h1, t, {HI * 0x01010101}, 0x4342;
+            mov.b32 m, {(HI << 8) * 0x00010001};
+            sub.f16x2 h0, h0, m;
+            sub.f16x2 h1, h1, m;
+            fma.rn.f16x2 $0, h0, $3, $5;
+            fma.rn.f16x2 $1, h1, $4, $6;
+            }}""",
+            constraints="=r,=r,r,r,r,r,r",
+            args=[b, scale, zero], dtype=tl.float16, is_pure=False, pack=4)
+    else:
+        code = ((b >> P) & ((1 << BITS) - 1)).to(tl.float32)
+        out = (code * scale.to(tl.float32) + zero.to(tl.float32)).to(DT)
+    return out
+
+
+@triton.jit
+def _spread(x, R: tl.constexpr):
+    """[M, N] -> [M, N * R], each column repeated R times (a per-group value over its columns)."""
+    M: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    return tl.reshape(tl.broadcast_to(x[:, :, None], (M, N, R)), (M, N * R))
+
+
+@triton.jit
 def _kivi_part(q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK_CAP, NBLK, tile_lo, tile_hi, start, limit,
                qi, MASK, sm_b, sm_t, b, HAS_MASK: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-               G: tl.constexpr, BITS: tl.constexpr):
+               G: tl.constexpr, BITS: tl.constexpr, FAST_CVT: tl.constexpr):
     """Online softmax over tiles [tile_lo, tile_hi) of BN tokens of KIVI codes, read packed: the
-    first NBLK of buffers holding NBLK_CAP blocks per (batch, kv head)."""
+    first NBLK of buffers holding NBLK_CAP blocks per (batch, kv head).
+
+    No unpacking shuffles: the codes stay in their packed order and each bit field is its own
+    operand. Keys pack tokens along a byte (byte j of a block's channel holds tokens j*PB + f in
+    field f), so field f of the [D, BN/PB] byte tile is the key tile of tokens {j*PB + f}: one
+    QK dot per field. Values pack channels along a byte, so field fc of a [BN/PB, D/PB] byte tile
+    is channels {c*PB + fc}: the PV side loads, per key field f, the value rows of exactly those
+    tokens (row stride PB, pure addressing) and keeps PB accumulators of D/PB channels each, split
+    from `acc` on entry and interleaved back on exit (once per call)."""
     PB: tl.constexpr = 8 // BITS
-    GB: tl.constexpr = G // PB
+    GB: tl.constexpr = G // PB  # bytes per channel per block (keys) = bytes per group (values)
     NG: tl.constexpr = BN // G
+    NB: tl.constexpr = BN // PB  # tokens per field per tile
     NGV: tl.constexpr = D // G
     DB: tl.constexpr = D // PB
+    BM: tl.constexpr = q.shape[0]
+    if FAST_CVT:
+        DT: tl.constexpr = tl.float16
+    else:
+        DT: tl.constexpr = q.dtype
+    q = q.to(DT)
     NQ = NBLK * G
     bh64 = bh.to(tl.int64)
     kp, ks = KP + bh64 * NBLK_CAP * D * GB, bh64 * NBLK_CAP * D
     vp, vs = VP + bh64 * NBLK_CAP * G * DB, bh64 * NBLK_CAP * G * NGV
     d = tl.arange(0, D)
-    g = tl.arange(0, NG)
-    j = tl.arange(0, GB)
-    n = tl.arange(0, BN)
+    jj = tl.arange(0, NB)
+    r = tl.arange(0, NB)
     c = tl.arange(0, DB)
+    # tile-relative offsets, computed once
+    k_off = (jj // GB)[None, :] * (D * GB) + d[:, None] * GB + (jj % GB)[None, :]
+    g = tl.arange(0, NG)
     gv = tl.arange(0, NGV)
+    ks_off = g[None, :] * D + d[:, None]
+    v_off = r[:, None] * (PB * DB) + c[None, :]
+    vs_off = r[:, None] * (PB * NGV) + gv[None, :]
+    if PB == 1:
+        a0 = acc
+    elif PB == 2:
+        a0, a1 = tl.split(tl.reshape(acc, (BM, DB, 2)))
+    else:
+        ev, od = tl.split(tl.reshape(acc, (BM, DB, 2, 2)))
+        a0, a2 = tl.split(ev)
+        a1, a3 = tl.split(od)
     for t in range(tile_lo, tile_hi):
-        blk = t * NG + g
-        has_blk = blk < NBLK
-        kb = tl.load(kp + blk[None, :, None] * (D * GB) + d[:, None, None] * GB + j[None, None, :],
-                     mask=has_blk[None, :, None], other=0)
-        kc = tl.reshape(_unpack(kb, BITS), (D, NG, G)).to(tl.float32)
-        sidx = ks + blk[None, :] * D + d[:, None]
-        k_scale = tl.load(KS + sidx, mask=has_blk[None, :], other=0.0).to(tl.float32)
-        k_zero = tl.load(KZ + sidx, mask=has_blk[None, :], other=0.0).to(tl.float32)
-        k = tl.reshape(kc * k_scale[:, :, None] + k_zero[:, :, None], (D, BN))
-
-        tok = t * BN + n
-        has_tok = tok < NQ
-        vb = tl.load(vp + tok[:, None] * DB + c[None, :], mask=has_tok[:, None], other=0)
-        vc = tl.reshape(_unpack(vb, BITS), (BN, NGV, G)).to(tl.float32)
-        vidx = vs + tok[:, None] * NGV + gv[None, :]
-        v_scale = tl.load(VS + vidx, mask=has_tok[:, None], other=0.0).to(tl.float32)
-        v_zero = tl.load(VZ + vidx, mask=has_tok[:, None], other=0.0).to(tl.float32)
-        v = tl.reshape(vc * v_scale[:, :, None] + v_zero[:, :, None], (BN, D))
-
-        valid = _visible(start + tok, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK) & has_tok[None, :]
-        m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc)
+        has_blk = (t * NG + jj // GB) < NBLK
+        kb = tl.load(kp + t * (NG * D * GB) + k_off, mask=has_blk[None, :], other=0)
+        # per (channel, block): loaded once, broadcast over the block's byte columns in registers
+        has_g = (t * NG + g) < NBLK
+        k_scale = _spread(tl.load(KS + ks + t * (NG * D) + ks_off, mask=has_g[None, :], other=0.0), GB)
+        k_zero = _spread(tl.load(KZ + ks + t * (NG * D) + ks_off, mask=has_g[None, :], other=0.0), GB)
+        tok0 = t * BN + r * PB
+        s0 = tl.dot(q, _field(kb, k_scale, k_zero, 0, BITS, FAST_CVT, DT))
+        s0 = tl.where(_visible(start + tok0, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK) & (tok0 < NQ)[None, :], s0, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s0, 1))
+        if PB > 1:
+            s1 = tl.dot(q, _field(kb, k_scale, k_zero, 1, BITS, FAST_CVT, DT))
+            s1 = tl.where(_visible(start + tok0 + 1, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK) & (tok0 + 1 < NQ)[None, :], s1, float("-inf"))
+            m_new = tl.maximum(m_new, tl.max(s1, 1))
+        if PB > 2:
+            s2 = tl.dot(q, _field(kb, k_scale, k_zero, 2, BITS, FAST_CVT, DT))
+            s2 = tl.where(_visible(start + tok0 + 2, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK) & (tok0 + 2 < NQ)[None, :], s2, float("-inf"))
+            m_new = tl.maximum(m_new, tl.max(s2, 1))
+            s3 = tl.dot(q, _field(kb, k_scale, k_zero, 3, BITS, FAST_CVT, DT))
+            s3 = tl.where(_visible(start + tok0 + 3, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK) & (tok0 + 3 < NQ)[None, :], s3, float("-inf"))
+            m_new = tl.maximum(m_new, tl.max(s3, 1))
+        alpha = tl.exp2(m_i - m_new)
+        m_i = m_new
+        a0 = a0 * alpha[:, None]
+        if PB > 1:
+            a1 = a1 * alpha[:, None]
+        if PB > 2:
+            a2 = a2 * alpha[:, None]
+            a3 = a3 * alpha[:, None]
+        l_i = l_i * alpha
+        for f in tl.static_range(PB):
+            if f == 0:
+                p = tl.exp2(s0 - m_new[:, None])
+            elif f == 1:
+                p = tl.exp2(s1 - m_new[:, None])
+            elif f == 2:
+                p = tl.exp2(s2 - m_new[:, None])
+            else:
+                p = tl.exp2(s3 - m_new[:, None])
+            l_i += tl.sum(p, 1)
+            p = p.to(DT)
+            has_tok = (tok0 + f < NQ)[:, None]
+            vrow = vp + (t * BN + f) * DB + v_off
+            srow = vs + (t * BN + f) * NGV + vs_off
+            vb = tl.load(vrow, mask=has_tok, other=0)
+            v_scale = _spread(tl.load(VS + srow, mask=has_tok, other=0.0), GB)
+            v_zero = _spread(tl.load(VZ + srow, mask=has_tok, other=0.0), GB)
+            a0 += tl.dot(p, _field(vb, v_scale, v_zero, 0, BITS, FAST_CVT, DT))
+            if PB > 1:
+                a1 += tl.dot(p, _field(vb, v_scale, v_zero, 1, BITS, FAST_CVT, DT))
+            if PB > 2:
+                a2 += tl.dot(p, _field(vb, v_scale, v_zero, 2, BITS, FAST_CVT, DT))
+                a3 += tl.dot(p, _field(vb, v_scale, v_zero, 3, BITS, FAST_CVT, DT))
+    if PB == 1:
+        acc = a0
+    elif PB == 2:
+        acc = tl.reshape(tl.join(a0, a1), (BM, D))
+    else:
+        acc = tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), (BM, D))
     return m_i, l_i, acc
 
 
@@ -157,6 +251,7 @@ def _decode_partial(
     BN: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
     HAS_CODES: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_COUNTS: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    FAST_CVT: tl.constexpr,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -197,7 +292,8 @@ def _decode_partial(
             # tiles past this sequence's length are never read
             hi = tl.minimum(tl.minimum(lo + per_split, tiles), tl.cdiv(tl.maximum(seq_len - S, 0), BN))
             m_i, l_i, acc = _kivi_part(q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK_CAP, NBLK, lo, hi, S,
-                                       limit, qi, MASK, sm_b, sm_t, b, HAS_MASK, D, BN, G, BITS)
+                                       limit, qi, MASK, sm_b, sm_t, b, HAS_MASK, D, BN, G, BITS,
+                                       FAST_CVT)
         else:
             m_i, l_i, acc = _dense_parts(q, m_i, l_i, acc, SK, SV, S, RK, RV, R, r_first, r_count, NQ, bh,
                                          limit, qi, MASK, sm_b, sm_t, b, HAS_MASK, D, BN)
@@ -278,9 +374,10 @@ def decode_attention(
     mask: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
     num_splits: int | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    fast_cvt: bool | None = None,
 ) -> torch.Tensor:
     """Attention of query `[B, Hq, Tq, D]` over every token of `kv`; returns `[B, Hq, Tq, D]`.
 
@@ -288,12 +385,20 @@ def decode_attention(
     sequence b to its first `lengths[b]` tokens, the last query seeing all of them.
     `num_splits`, `block_n` (tokens per tile), `num_warps`, `num_stages` are tuning knobs
     (tools/bench_kernels.py sweeps them); the defaults are the best measured on an H100.
+    `block_n` defaults to 128 with `fast_cvt`, else 64. `fast_cvt` (default: on the GPU for bf16/fp16 queries) dequantizes the codes in fp16 with
+    inline PTX (magic-number conversion, fp16 dots); off, in fp32 with the query's dot dtype.
     """
     reason = unsupported_reason(query, kv, mask)
     if reason is not None:
         raise ValueError(f"decode_attention: {reason}")
     batch, q_heads, q_len, dim = query.shape
     kv_heads = kv.keys.shape[1]
+    if fast_cvt is None:
+        fast_cvt = not interpreting() and query.dtype != torch.float32
+    if block_n is None:
+        # fp16 dequant: 128-token tiles (4.1 SASS instr per int4 element at 4 warps, no spills);
+        # the fp32 path spills at 128 (tools/kernel_sass.py)
+        block_n = 128 if fast_cvt else 64
     gqa = q_heads // kv_heads
     rows = gqa * q_len
     block_m = max(16, triton.next_power_of_2(rows))
@@ -332,7 +437,8 @@ def decode_attention(
         o_part, m_part, l_part,
         BN=block_n, G=group, BITS=bits, HAS_CODES=kv.key_codes is not None,
         HAS_MASK=mask is not None, HAS_LENGTHS=lengths is not None, HAS_COUNTS=kv.counts is not None,
-        DOT_FP32=interpreting() or query.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages, **flags,
+        DOT_FP32=interpreting() or query.dtype == torch.float32, FAST_CVT=fast_cvt,
+        num_warps=num_warps, num_stages=num_stages, **flags,
     )
     _decode_reduce[(batch * kv_heads,)](o_part, m_part, l_part, out, *out.stride()[:3], splits + 1, **flags)
     return out
