@@ -150,8 +150,12 @@ def sweep(points: list[tuple[int, int]], bits_list: list[int], block_ns: list[in
                 auto = triton_decode._num_splits(tiles, batch * KV_HEADS, torch.device("cuda"))
                 for split_scale in (0.5, 1, 2):
                     knobs = dict(variant, num_splits=max(1, min(tiles, int(auto * split_scale))))
-                    ms = bench(rotating(sets, lambda s, b=bits, k=knobs: triton_decode.decode_attention(
-                        s["q"], s["packed"][b], DIM**-0.5, **k)))
+                    try:
+                        ms = bench(rotating(sets, lambda s, b=bits, k=knobs: triton_decode.decode_attention(
+                            s["q"], s["packed"][b], DIM**-0.5, **k)))
+                    except Exception as err:  # noqa: BLE001 - e.g. too much shared memory: not a candidate
+                        print(f"sweep: {knobs} int{bits} skipped: {str(err)[:120]}", flush=True)
+                        ms = math.inf
                     times.setdefault((bits, index, split_scale), []).append(ms)
         del sets
         torch.cuda.empty_cache()
