@@ -303,7 +303,7 @@ def graph_part(batches: list[int], context: int, steps: int) -> list[dict[str, A
                     decoder = kvpatch.CudaGraphDecoder(model, cache)
                     torch.cuda.synchronize()
                     start = time.perf_counter()
-                    tokens[use_graph] = decoder.generate(ids[:, -1], context - 1, steps, use_graph=use_graph)
+                    tokens[use_graph] = decoder.generate(ids[:, -1], context - 1, steps, use_graph=use_graph).clone()
                     torch.cuda.synchronize()
                     timing[use_graph] = 1e3 * (time.perf_counter() - start) / steps
                     if use_graph:  # steady state: replays only
