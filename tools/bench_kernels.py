@@ -258,6 +258,43 @@ def compile_part(context: int) -> dict[str, Any]:
                 "kvpatch_frames": [line for line in traceback.format_exc().splitlines() if "kvpatch/" in line][-6:]}
 
 
+@torch.no_grad()
+def profile_part(context: int, batch: int = 1) -> dict[str, str]:
+    """Where an eager decode step's time goes (torch.profiler, 3 steps after a 32K prefill): the
+    full cache's eager step costs ~60 ms at any batch, far above its bytes; this names the ops."""
+    import kvpatch
+    from kvpatch.compat import cache_kwarg
+    from kvpatch.testing import bench_model
+    from torch.profiler import ProfilerActivity, profile
+
+    model = bench_model("llama-1b", device="cuda", dtype=torch.bfloat16)
+    kwarg = cache_kwarg(model)
+    tables = {}
+    for name in ("full (default, sdpa)", "kivi4 fused triton"):
+        handle = kvpatch.apply(model, e2e_configs()[name])
+        ids = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda")
+        cache = handle.new_cache()
+        for begin in range(0, context, 4096):
+            out = model(input_ids=ids[:, begin : begin + 4096], use_cache=True, logits_to_keep=1, **{kwarg: cache})
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(3):
+            model(input_ids=token, use_cache=True, logits_to_keep=1, **{kwarg: cache})
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                model(input_ids=token, use_cache=True, logits_to_keep=1, **{kwarg: cache})
+            torch.cuda.synchronize()
+        averages = prof.key_averages()
+        tables[name] = {"by_device_time": averages.table(sort_by="cuda_time_total", row_limit=15),
+                        "by_cpu_time": averages.table(sort_by="cpu_time_total", row_limit=15)}
+        print(f"profile {name}\n{tables[name]['by_device_time']}", flush=True)
+        del cache, out
+        handle.release_cache()
+        kvpatch.unpatch(model)
+        torch.cuda.empty_cache()
+    return tables
+
+
 def _static_config(bits: int, capacity: int) -> dict[str, Any]:
     return {"name": f"kivi{bits}-graph", "fidelity": {"lossless": False}, "kernels": {"attention": "triton"},
             "stages": [{"kind": "quantizer", "impl": "kivi", "params": {"bits": bits, "group_size": GROUP}},
@@ -417,6 +454,7 @@ def main() -> None:
         print("sweep best", {k: v for k, v in results["sweep"].items() if k.startswith("best")}, flush=True)
         save()
     if "grid" in args.parts:
+        time_point(1, 4096, [4, 2], tuning, with_dequant=False)  # warm-up: the first point ran slow (clocks)
         results["tuning"] = {str(b): v for b, v in tuning.items()}
         results["grid"] = []
         for batch in args.batches:
@@ -436,6 +474,9 @@ def main() -> None:
     if "compile" in args.parts:
         results["compile"] = compile_part(4096)
         print("compile", results["compile"], flush=True)
+        save()
+    if "profile" in args.parts:
+        results["profile"] = profile_part(args.e2e_context)
         save()
     if "graph" in args.parts:
         results["graph"] = graph_part(args.e2e_batches, args.e2e_context, steps=48)
