@@ -186,9 +186,11 @@ def test_encode_is_bitwise_the_torch_encode(bits: int, group: int, dim: int, dty
     quantizer = kivi(bits, group)
     for role in ("key", "value"):
         expected, got = quantizer.encode(x, role), kivi_encode(x, role, bits, group)
+        enabled = kivi_encode(x, role, bits, group, enabled=torch.ones((), dtype=torch.int64, device=DEVICE))
         assert (got.block_tokens, got.dim) == (expected.block_tokens, expected.dim)
         for name, tensor in expected.tensors.items():
             assert torch.equal(got.tensors[name], tensor), f"{role} {name}"
+            assert torch.equal(enabled.tensors[name], tensor), f"{role} {name} (enabled flag)"
 
 
 def _model_logits(kernel: str) -> tuple[torch.Tensor, list]:

@@ -25,8 +25,9 @@ _ROUND_MAGIC = tl.constexpr(12582912.0)
 
 @triton.jit
 def _kivi_encode(
-    X, sx_b, sx_h, s_outer, s_inner, s_elem, P, SCALE, ZERO, GROUPS,
+    X, sx_b, sx_h, s_outer, s_inner, s_elem, P, SCALE, ZERO, GROUPS, ENABLED,
     HEADS: tl.constexpr, INNER: tl.constexpr, BR: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
+    HAS_ENABLED: tl.constexpr,
 ):
     PB: tl.constexpr = 8 // BITS
     GB: tl.constexpr = G // PB
@@ -36,6 +37,8 @@ def _kivi_encode(
     h = bh % HEADS
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     has = r < GROUPS
+    if HAS_ENABLED:  # a device flag: off, nothing is read or written (CUDA-graph friendly skip)
+        has = has & (tl.load(ENABLED + tl.zeros([BR], tl.int32)) != 0)
     j = tl.arange(0, GB)
     f = tl.arange(0, PB)
     elem = j[None, :, None] * PB + f[None, None, :]
@@ -56,9 +59,11 @@ def _kivi_encode(
     tl.store(ZERO + out, low, mask=has)
 
 
-def kivi_encode(x: torch.Tensor, role: str, bits: int, group: int) -> Codes:
+def kivi_encode(x: torch.Tensor, role: str, bits: int, group: int, enabled: torch.Tensor | None = None) -> Codes:
     """`quantizer/kivi`'s `encode(x, role)` in one launch: x `[B, H, T, D]`, T a multiple of
-    `group` for keys, D a multiple of it for values; returns the same `Codes`, bitwise."""
+    `group` for keys, D a multiple of it for values; returns the same `Codes`, bitwise.
+    `enabled` (a device scalar): when 0 the kernel reads and writes nothing and the returned
+    tensors are uninitialised (the static layer's every-step flush, decided on the device)."""
     batch, heads, tokens, dim = x.shape
     per_byte = 8 // bits
     s_b, s_h, s_t, s_d = x.stride()
@@ -78,6 +83,7 @@ def kivi_encode(x: torch.Tensor, role: str, bits: int, group: int) -> Codes:
     if groups:
         _kivi_encode[(triton.cdiv(groups, rows), batch * heads)](
             x, s_b, s_h, s_outer, s_inner, s_elem, packed, scale, zero, groups,
-            HEADS=heads, INNER=inner, BR=rows, G=group, BITS=bits,
+            enabled if enabled is not None else scale,
+            HEADS=heads, INNER=inner, BR=rows, G=group, BITS=bits, HAS_ENABLED=enabled is not None,
         )
     return Codes({"packed": packed, "scale": scale, "zero": zero}, group if role == "key" else 1, dim)

@@ -56,8 +56,9 @@ class QuantizedLayer(DynamicLayer):
         self.flush_block = math.lcm(quantizer.block_tokens("key"), quantizer.block_tokens("value"))
         self.key_codes: Codes | None = None
         self.value_codes: Codes | None = None
-        #: encode(x, role) -> Codes in place of the quantizer's (`use_triton_encode`).
-        self._encode: Callable[[torch.Tensor, str], Codes] | None = None
+        #: encode(x, role, enabled=None) -> Codes in place of the quantizer's (`use_triton_encode`);
+        #: `enabled` is a device flag that skips the work when 0.
+        self._encode: Callable[..., Codes] | None = None
 
     @property
     def quantized_tokens(self) -> int:
@@ -98,7 +99,7 @@ class QuantizedLayer(DynamicLayer):
 
         layout = kivi_layout(self.quantizer)
         if layout is not None and self._encode is None:
-            self._encode = lambda x, role: kivi_encode(x, role, *layout)
+            self._encode = lambda x, role, enabled=None: kivi_encode(x, role, *layout, enabled=enabled)
 
     def _flush(self) -> None:
         """Quantize the oldest residual tokens beyond the window, in whole blocks."""

@@ -8,9 +8,10 @@ does both (it concatenates, and decides on the host when to flush a block). This
 - `counts` = (code blocks, first residual slot, residual tokens) as one device int64 tensor,
   mirrored on the host (`host_counts`) while it runs eagerly; `sync_counts()` re-reads it after
   graph replays.
-Each decode step flushes unconditionally: the oldest residual block is encoded and written to the
-first unused code block every step, and the counters only advance when the residual is full, so
-the same kernels run at every step. What attention sees is exactly what the dynamic layer shows
+Each decode step runs the same flush kernels: the oldest residual block is encoded (the Triton
+encoder skips the work on the device unless the residual is full; the torch encoder always works)
+and written to the first unused code block, and the counters only advance when the residual is
+full, so the same kernels run at every step. What attention sees is exactly what the dynamic layer shows
 (the flush that the dynamic layer does at the end of a step happens here at the start of the next),
 so the two give the same tokens.
 
@@ -126,14 +127,15 @@ class StaticQuantizedLayer(QuantizedLayer):
         only if the residual holds `residual_length + block` tokens (the dynamic layer's flush)."""
         block = self.flush_block
         slots = self.counts[1] + self._slot_range
-        encode = self._encode or self.quantizer.encode
+        full = (self.counts[2] >= self.residual_length + block).to(torch.int64)
         for role, ring, codes in (("key", self.keys, self.key_codes), ("value", self.values, self.value_codes)):
-            new = encode(ring.index_select(2, slots), role)
+            x = ring.index_select(2, slots)
+            # the Triton encoder skips its work on the device when the block is not full
+            new = self._encode(x, role, enabled=full) if self._encode else self.quantizer.encode(x, role)
             rows = block // codes.block_tokens
             target = self.counts[0] * rows + self._slot_range[:rows]
             for name, t in new.tensors.items():
                 codes.tensors[name].index_copy_(2, target, t)
-        full = (self.counts[2] >= self.residual_length + block).to(torch.int64)
         self.counts.add_(full * self._advance)
         self.counts[1:2].remainder_(self.ring_slots)
         blocks, first, count = self.host_counts
