@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .compat import cache_kwarg
+
 
 class CudaGraphDecoder:
     """Greedy decode of `model` over an already prefilled `cache`, one graph replay per token.
@@ -29,11 +31,13 @@ class CudaGraphDecoder:
         if not torch.cuda.is_available():
             raise RuntimeError("CudaGraphDecoder needs a CUDA device")
         self.model, self.cache, self.warmup_steps = model, cache, max(1, warmup_steps)
+        self._cache_arg = {cache_kwarg(model): cache}
+        self.graph: torch.cuda.CUDAGraph | None = None
 
     def _step_fn(self, ids: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor,
                  index: torch.Tensor) -> Callable[[], None]:
         def step() -> None:
-            logits = self.model(input_ids=ids, position_ids=positions, past_key_values=self.cache, use_cache=True).logits
+            logits = self.model(input_ids=ids, position_ids=positions, use_cache=True, **self._cache_arg).logits
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             tokens.index_copy_(1, index, nxt)
             ids.copy_(nxt)
@@ -43,10 +47,22 @@ class CudaGraphDecoder:
         return step
 
     @torch.no_grad()
-    def generate(self, last_tokens: torch.Tensor, position: int, steps: int,
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, prefill_chunk: int = 4096,
                  use_graph: bool = True) -> torch.Tensor:
-        """Greedy tokens `[B, steps]` after the prompt whose last token is `last_tokens` `[B]`
-        (its logits not consumed yet: it is fed as the first decode input) at `position`."""
+        """Prefill all but the last prompt token into the cache (in chunks), then `decode`:
+        the greedy continuation `[B, max_new_tokens]` (unpadded prompts of equal length)."""
+        prompt = input_ids.shape[1]
+        for begin in range(0, prompt - 1, prefill_chunk):
+            self.model(input_ids=input_ids[:, begin : min(begin + prefill_chunk, prompt - 1)], use_cache=True,
+                       logits_to_keep=1, **self._cache_arg)
+        return self.decode(input_ids[:, -1], prompt - 1, max_new_tokens, use_graph=use_graph)
+
+    @torch.no_grad()
+    def decode(self, last_tokens: torch.Tensor, position: int, steps: int, use_graph: bool = True) -> torch.Tensor:
+        """Greedy tokens `[B, steps]` after a prefilled cache: `last_tokens` `[B]` is the prompt's
+        last token (not in the cache yet: it is the first decode input), at `position`. With
+        `use_graph`, the first `warmup_steps` run eagerly, then one step is captured and replayed;
+        `self.graph.replay()` afterwards decodes further (token columns wrap around)."""
         batch, device = last_tokens.shape[0], last_tokens.device
         ids = last_tokens.view(batch, 1).clone()
         positions = torch.full((batch, 1), position, dtype=torch.long, device=device)

@@ -169,13 +169,13 @@ def test_cuda_graph_decode_equals_eager_decode() -> None:
         config["stages"][1]["params"].update(capacity_tokens=512, residual_length=32)
         kvpatch.apply(model, config)
         ids = prompt_ids(batch=2, length=200).to(DEVICE)
-        with torch.no_grad():
-            out = model(ids[:, :-1], use_cache=True)
-        cache = output_cache(out)
+        cache = kvpatch.get_handle(model).new_cache()
         decoder = kvpatch.CudaGraphDecoder(model, cache)
-        tokens[use_graph] = decoder.generate(ids[:, -1], ids.shape[1] - 1, 100, use_graph=use_graph)
+        tokens[use_graph] = decoder.generate(ids, 100, prefill_chunk=64, use_graph=use_graph)
         assert cache.layers[0].get_seq_length() == ids.shape[1] - 1 + 100
+        assert cache.layers[0].static
     assert torch.equal(tokens[True], tokens[False])
+
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

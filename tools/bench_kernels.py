@@ -262,10 +262,11 @@ def compile_part(context: int) -> dict[str, Any]:
 def profile_part(context: int, batch: int = 1) -> dict[str, str]:
     """Where an eager decode step's time goes (torch.profiler, 3 steps after a 32K prefill): the
     full cache's eager step costs ~60 ms at any batch, far above its bytes; this names the ops."""
+    from torch.profiler import ProfilerActivity, profile
+
     import kvpatch
     from kvpatch.compat import cache_kwarg
     from kvpatch.testing import bench_model
-    from torch.profiler import ProfilerActivity, profile
 
     model = bench_model("llama-1b", device="cuda", dtype=torch.bfloat16)
     kwarg = cache_kwarg(model)
@@ -340,7 +341,7 @@ def graph_part(batches: list[int], context: int, steps: int) -> list[dict[str, A
                     decoder = kvpatch.CudaGraphDecoder(model, cache)
                     torch.cuda.synchronize()
                     start = time.perf_counter()
-                    tokens[use_graph] = decoder.generate(ids[:, -1], context - 1, steps, use_graph=use_graph).clone()
+                    tokens[use_graph] = decoder.decode(ids[:, -1], context - 1, steps, use_graph=use_graph).clone()
                     torch.cuda.synchronize()
                     timing[use_graph] = 1e3 * (time.perf_counter() - start) / steps
                     if use_graph:  # steady state: replays only
