@@ -35,10 +35,16 @@ def kivi(bits: int, group: int):
     return StageConfig(kind="quantizer", impl="kivi", params={"bits": bits, "group_size": group}).build()
 
 
+def fibquant(block_dim: int):
+    params = {"block_dim": block_dim, "code_bits": 8, "source_lloyd_iters": 0}
+    return StageConfig(kind="quantizer", impl="fibquant", params=params).build()
+
+
 def random_packed(batch: int, kv_heads: int, dim: int, bits: int, group: int, sinks: int, blocks: int,
-                  residual: int, dtype: torch.dtype) -> PackedKV:
-    """Sinks + `blocks` KIVI blocks + residual of fresh random K/V (with a few outlier channels)."""
-    quantizer = kivi(bits, group)
+                  residual: int, dtype: torch.dtype, quantizer=None) -> PackedKV:
+    """Sinks + `blocks` KIVI blocks (or `quantizer`'s codes of blocks * group tokens) + residual of
+    fresh random K/V (with a few outlier channels)."""
+    quantizer = quantizer or kivi(bits, group)
 
     def draw(tokens: int) -> torch.Tensor:
         x = torch.randn(batch, kv_heads, tokens, dim, device=DEVICE)
@@ -99,6 +105,19 @@ def test_decode_matches_float64(case: tuple) -> None:
     assert relative_error(out, reference(query, kv, dim**-0.5)) < _tolerance(dtype)
 
 
+@pytest.mark.parametrize(("batch", "kv_heads", "groups", "q_len", "dim", "block_dim", "dtype"), [
+    (1, 1, 4, 1, 64, 4, torch.float32), (2, 2, 3, 2, 128, 8, torch.bfloat16), (3, 1, 1, 1, 64, 4, torch.float16)])
+def test_fibquant_codes_match_float64(batch: int, kv_heads: int, groups: int, q_len: int, dim: int, block_dim: int,
+                                      dtype: torch.dtype) -> None:
+    """FibQuant codes fused (rotated space, codebook gathers): same as float64 attention over the
+    torch decode of the same codes."""
+    kv = random_packed(batch, kv_heads, dim, 8, 8, 3, 9, 11, dtype, quantizer=fibquant(block_dim))
+    query = torch.randn(batch, kv_heads * groups, q_len, dim, device=DEVICE).to(dtype)
+    out = decode_attention(query, kv, dim**-0.5)
+    assert out.shape == query.shape and not out.isnan().any()
+    assert relative_error(out, reference(query, kv, dim**-0.5)) < _tolerance(dtype)
+
+
 def test_per_sequence_lengths_and_mask() -> None:
     """Batch rows of different lengths (one empty), and a boolean padding mask: same as float64,
     rows with nothing visible are zero, not NaN."""
@@ -122,14 +141,15 @@ def test_static_buffers_with_device_counts(first: int, count: int, blocks: int) 
     """A static layer's parts: code buffers valid up to a device counter and a residual ring
     that wraps around (`PackedKV.counts`): the kernel reads only the valid tokens, in ring order."""
     dtype = torch.bfloat16
-    kv = random_packed(2, 2, 64, 4, 16, 2, 6, 17, dtype)
-    kv.counts = torch.tensor([blocks, first, count], device=DEVICE)
-    kv.host_counts = (blocks, first, count)
-    assert kv.num_tokens == 2 + blocks * 16 + count
-    query = torch.randn(2, 8, 1, 64, device=DEVICE, dtype=dtype)
-    out = decode_attention(query, kv, 0.125)
-    assert not out.isnan().any()
-    assert relative_error(out, reference(query, kv, 0.125)) < 1e-2
+    for kv, valid in ((random_packed(2, 2, 64, 4, 16, 2, 6, 17, dtype), blocks),
+                      (random_packed(2, 2, 64, 8, 16, 2, 6, 17, dtype, quantizer=fibquant(4)), 16 * blocks + 5)):
+        kv.counts = torch.tensor([valid, first, count], device=DEVICE)
+        kv.host_counts = (valid, first, count)
+        assert kv.num_tokens == 2 + 16 * blocks + (5 if kv.key_codes.block_tokens == 1 else 0) + count
+        query = torch.randn(2, 8, 1, 64, device=DEVICE, dtype=dtype)
+        out = decode_attention(query, kv, 0.125)
+        assert not out.isnan().any()
+        assert relative_error(out, reference(query, kv, 0.125)) < 1e-2
 
 
 def _static_logits(capacity: int | None) -> torch.Tensor:
@@ -193,14 +213,14 @@ def test_encode_is_bitwise_the_torch_encode(bits: int, group: int, dim: int, dty
             assert torch.equal(enabled.tensors[name], tensor), f"{role} {name} (enabled flag)"
 
 
-def _model_logits(kernel: str) -> tuple[torch.Tensor, list]:
+def _model_logits(kernel: str, quantizer: tuple[str, dict] = ("kivi", {"bits": 4, "group_size": 8})) -> tuple[torch.Tensor, list]:
     model = tiny_model("llama").to(DEVICE)
     config = {
-        "name": f"kivi-{kernel}",
+        "name": f"quantized-{kernel}",
         "fidelity": {"lossless": False},
         "kernels": {"attention": kernel},
         "stages": [
-            {"kind": "quantizer", "impl": "kivi", "params": {"bits": 4, "group_size": 8}},
+            {"kind": "quantizer", "impl": quantizer[0], "params": quantizer[1]},
             {"kind": "storage", "impl": "quantized", "params": {"residual_length": 8, "sink_tokens": 2}},
         ],
     }
@@ -223,6 +243,19 @@ def test_patched_model_decodes_through_the_fused_kernel() -> None:
     assert all(isinstance(layer, QuantizedLayer) and layer._encode is not None for layer in layers)
     assert layers[0].quantized_tokens == 16
     # float32 dots are tf32 on a GPU
+    torch.testing.assert_close(logits, reference_logits, atol=2e-3 if DEVICE.type == "cpu" else 5e-2, rtol=0)
+
+
+def test_patched_model_decodes_fibquant_through_the_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvpatch.kernels import triton_decode
+
+    fib = ("fibquant", {"block_dim": 4, "code_bits": 8, "source_lloyd_iters": 0})
+    reference_logits, _ = _model_logits("torch", fib)
+    calls = []
+    fused = triton_decode.decode_attention
+    monkeypatch.setattr(triton_decode, "decode_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    logits, layers = _model_logits("triton", fib)
+    assert len(calls) >= 10 * len(layers)  # every decode step of every layer (+ the probe of apply)
     torch.testing.assert_close(logits, reference_logits, atol=2e-3 if DEVICE.type == "cpu" else 5e-2, rtol=0)
 
 

@@ -105,3 +105,10 @@ def kivi_layout(quantizer: Any) -> tuple[int, int] | None:
     if getattr(quantizer, "kind", None) != "quantizer" or getattr(quantizer, "name", None) != "kivi":
         return None
     return int(quantizer.params.bits), int(quantizer.params.group_size)
+
+
+def fibquant_layout(quantizer: Any) -> tuple[int, int] | None:
+    """(block_dim, code_bits) if `quantizer` is the FibQuant stage, else None (duck typing)."""
+    if getattr(quantizer, "kind", None) != "quantizer" or getattr(quantizer, "name", None) != "fibquant":
+        return None
+    return int(quantizer.params.block_dim), int(quantizer.params.code_bits)

@@ -11,6 +11,9 @@ Decode attention is memory-bound, so the kernel's job is to read each stored byt
   natural order: each bit field of a byte tile is a dot operand of its own (keys: one QK dot per
   field = tokens j*per_byte + f; values: one accumulator per field = channels c*per_byte + f),
   see `_kivi_part`. On the GPU the codes are dequantized in fp16 by inline PTX (`_field`).
+- FibQuant codes (one byte per block of coordinates + a norm per token) are attended in the codes'
+  rotated space: q and the dense parts are rotated once per call, each tile gathers codebook rows
+  by index (`_fibquant_part`), and the merged output is rotated back.
 - Masking: bottom-right causal per sequence length (`lengths`, else the cache length), and an
   optional boolean mask [B, Tq, Tk] (transformers' padding mask). A row that sees no key
   returns zeros, never NaN.
@@ -21,11 +24,13 @@ Decode attention is memory-bound, so the kernel's job is to read each stored byt
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
 
-from .packed import PackedKV, kivi_layout
+from .packed import PackedKV, fibquant_layout, kivi_layout
 from .triton_support import interpreting
 
 LOG2E = 1.4426950408889634
@@ -241,6 +246,34 @@ def _kivi_part(q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK_CAP, NBLK, til
 
 
 @triton.jit
+def _fibquant_part(q, m_i, l_i, acc, KI, KN, KC, VI, VN, VC, bh, T_CAP, NQ, tile_lo, tile_hi, start, limit, qi,
+                   MASK, sm_b, sm_t, b, HAS_MASK: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+                   BD: tl.constexpr):
+    """Online softmax over tiles [tile_lo, tile_hi) of BN tokens of FibQuant codes, in the rotated
+    space (the caller rotates q and the dense parts, and rotates the output back): a token is its
+    norm times the codebook rows its D/BD one-byte indices name, gathered from the small (cache-
+    resident) codebook; the first NQ of T_CAP tokens per (batch, kv head) are valid."""
+    NI: tl.constexpr = D // BD
+    n = tl.arange(0, BN)
+    j = tl.arange(0, NI)
+    e = tl.arange(0, BD)
+    base = bh.to(tl.int64) * T_CAP
+    for t in range(tile_lo, tile_hi):
+        tok = t * BN + n
+        has_tok = tok < NQ
+        row = base + tok
+        k_index = tl.load(KI + row[:, None] * NI + j[None, :], mask=has_tok[:, None], other=0).to(tl.int32)
+        v_index = tl.load(VI + row[:, None] * NI + j[None, :], mask=has_tok[:, None], other=0).to(tl.int32)
+        k_norm = tl.load(KN + row, mask=has_tok, other=0.0).to(tl.float32)
+        v_norm = tl.load(VN + row, mask=has_tok, other=0.0).to(tl.float32)
+        k = tl.reshape(tl.load(KC + k_index[:, :, None] * BD + e[None, None, :]), (BN, D)) * k_norm[:, None]
+        v = tl.reshape(tl.load(VC + v_index[:, :, None] * BD + e[None, None, :]), (BN, D)) * v_norm[:, None]
+        valid = _visible(start + tok, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK) & has_tok[None, :]
+        m_i, l_i, acc = _attend(q, tl.trans(k), v, valid, m_i, l_i, acc)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _decode_partial(
     Q, sq_b, sq_h, sq_t, qk_scale,
     SK, SV, S, RK, RV, R,
@@ -251,8 +284,10 @@ def _decode_partial(
     BN: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
     HAS_CODES: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_COUNTS: tl.constexpr,
     DOT_FP32: tl.constexpr,
-    FAST_CVT: tl.constexpr,
+    FAST_CVT: tl.constexpr, FIBQUANT: tl.constexpr, BD: tl.constexpr,
 ):
+    """One split of one (batch, kv head). Code operands: KIVI (KP, KS, KZ / VP, VS, VZ) = packed
+    codes, scales, zeros; FibQuant (FIBQUANT, G = 1) = indices, norms, codebook."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
@@ -291,9 +326,13 @@ def _decode_partial(
             lo = split * per_split
             # tiles past this sequence's length are never read
             hi = tl.minimum(tl.minimum(lo + per_split, tiles), tl.cdiv(tl.maximum(seq_len - S, 0), BN))
-            m_i, l_i, acc = _kivi_part(q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK_CAP, NBLK, lo, hi, S,
-                                       limit, qi, MASK, sm_b, sm_t, b, HAS_MASK, D, BN, G, BITS,
-                                       FAST_CVT)
+            if FIBQUANT:
+                m_i, l_i, acc = _fibquant_part(q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK_CAP, NQ, lo, hi,
+                                               S, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK, D, BN, BD)
+            else:
+                m_i, l_i, acc = _kivi_part(q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK_CAP, NBLK, lo, hi, S,
+                                           limit, qi, MASK, sm_b, sm_t, b, HAS_MASK, D, BN, G, BITS,
+                                           FAST_CVT)
         else:
             m_i, l_i, acc = _dense_parts(q, m_i, l_i, acc, SK, SV, S, RK, RV, R, r_first, r_count, NQ, bh,
                                          limit, qi, MASK, sm_b, sm_t, b, HAS_MASK, D, BN)
@@ -351,9 +390,16 @@ def unsupported_reason(query: torch.Tensor, kv: PackedKV, mask: torch.Tensor | N
     if mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1):
         return "only boolean masks of shape [B, 1, Tq, Tk] are supported"
     if kv.key_codes is not None:
+        fibquant = fibquant_layout(kv.quantizer)
+        if fibquant is not None:
+            block_dim, code_bits = fibquant
+            if code_bits != 8 or block_dim & (block_dim - 1) or dim % block_dim:
+                return (f"FibQuant code_bits {code_bits} / block_dim {block_dim} (fused: 8-bit indices, a "
+                        "power-of-two block dividing head_dim)")
+            return None
         layout = kivi_layout(kv.quantizer)
         if layout is None:
-            return f"codes of quantizer {getattr(kv.quantizer, 'name', kv.quantizer)!r} (only KIVI is fused)"
+            return f"codes of quantizer {getattr(kv.quantizer, 'name', kv.quantizer)!r} (KIVI and FibQuant are fused)"
         bits, group = layout
         if group & (group - 1) or group * bits < 8 or dim % group:
             return f"KIVI group_size {group} (needs a power of two dividing head_dim, >= {8 // bits})"
@@ -402,10 +448,26 @@ def decode_attention(
     gqa = q_heads // kv_heads
     rows = gqa * q_len
     block_m = max(16, triton.next_power_of_2(rows))
-    residual_k, residual_v = kv.keys.contiguous(), kv.values.contiguous()
-    sink_k = kv.sink_keys.contiguous() if kv.sink_keys is not None else residual_k
-    sink_v = kv.sink_values.contiguous() if kv.sink_values is not None else residual_v
-    if kv.key_codes is not None:
+    fibquant = fibquant_layout(kv.quantizer) if kv.key_codes is not None else None
+    rotate: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # noqa: E731
+    if fibquant is not None:  # everything in the codes' rotated space: q.k and sum(p v) are invariant
+        rotation = kv.quantizer.rotation(dim, query.device)
+        rotate = lambda t: rotation.forward(t.float()).to(t.dtype)  # noqa: E731
+        query = rotate(query)
+    residual_k, residual_v = rotate(kv.keys).contiguous(), rotate(kv.values).contiguous()
+    sink_k = rotate(kv.sink_keys).contiguous() if kv.sink_keys is not None else residual_k
+    sink_v = rotate(kv.sink_values).contiguous() if kv.sink_values is not None else residual_v
+    if fibquant is not None:
+        block_dim, bits = fibquant
+        kt, vt = kv.key_codes.tensors, kv.value_codes.tensors
+        codes = [kt["index"], kt["norm"], kv.quantizer.codebook("key", dim, query.device),
+                 vt["index"], vt["norm"], kv.quantizer.codebook("value", dim, query.device)]
+        codes = [t.contiguous() for t in codes]
+        n_blocks, group = kv.key_codes.num_blocks, 1
+        block_n = 64
+        splits = num_splits or _num_splits(triton.cdiv(n_blocks, block_n), batch * kv_heads, query.device)
+    elif kv.key_codes is not None:
+        block_dim = 1
         bits, group = kivi_layout(kv.quantizer)
         kt, vt = kv.key_codes.tensors, kv.value_codes.tensors
         codes = [kt["packed"], kt["scale"], kt["zero"], vt["packed"], vt["scale"], vt["zero"]]
@@ -414,7 +476,7 @@ def decode_attention(
         block_n = max(block_n, group)
         splits = num_splits or _num_splits(triton.cdiv(n_blocks * group, block_n), batch * kv_heads, query.device)
     else:
-        bits, group, n_blocks, splits = 8, block_n, 0, 0
+        bits, group, n_blocks, splits, block_dim = 8, block_n, 0, 0, 1
         codes = [residual_k] * 6
     if mask is not None:
         # a contiguous byte copy of [B, Tq, Tk] (small; inductor cannot lower a bool -> uint8 view)
@@ -426,7 +488,8 @@ def decode_attention(
     o_part = torch.empty(batch * kv_heads * (splits + 1) * rows, dim, **f32)
     m_part = torch.empty(batch * kv_heads * (splits + 1) * rows, **f32)
     l_part = torch.empty_like(m_part)
-    out = torch.empty(batch, q_heads, q_len, dim, device=query.device, dtype=query.dtype)
+    out = torch.empty(batch, q_heads, q_len, dim, device=query.device,
+                      dtype=torch.float32 if fibquant is not None else query.dtype)
     flags = {"HKV": kv_heads, "GQA": gqa, "TQ": q_len, "D": dim, "BM": block_m}
     _decode_partial[(splits + 1, batch * kv_heads)](
         query, *query.stride()[:3], scaling * LOG2E,
@@ -437,8 +500,11 @@ def decode_attention(
         o_part, m_part, l_part,
         BN=block_n, G=group, BITS=bits, HAS_CODES=kv.key_codes is not None,
         HAS_MASK=mask is not None, HAS_LENGTHS=lengths is not None, HAS_COUNTS=kv.counts is not None,
-        DOT_FP32=interpreting() or query.dtype == torch.float32, FAST_CVT=fast_cvt,
+        DOT_FP32=interpreting() or query.dtype == torch.float32, FAST_CVT=fast_cvt and fibquant is None,
+        FIBQUANT=fibquant is not None, BD=block_dim,
         num_warps=num_warps, num_stages=num_stages, **flags,
     )
     _decode_reduce[(batch * kv_heads,)](o_part, m_part, l_part, out, *out.stride()[:3], splits + 1, **flags)
+    if fibquant is not None:
+        return rotation.inverse(out).to(query.dtype)
     return out

@@ -89,14 +89,14 @@ class FibQuantizer(QuantizerStage):
         if self.params.calibration == "first_encode" and unused and x.shape[2] >= FIRST_ENCODE_MIN_TOKENS:
             self.calibrate(x, role)
         p = self.params
-        norm, index = encode_vectors(x, self._rotation(dim, x.device), self._codebook(role, dim, x.device),
+        norm, index = encode_vectors(x, self.rotation(dim, x.device), self.codebook(role, dim, x.device),
                                      p.block_dim, p.code_bits, NORM_DTYPES[p.norm_dtype])
         return Codes({"norm": norm, "index": index}, 1, dim)
 
     def decode(self, codes: Codes, role: Role, dtype: torch.dtype) -> torch.Tensor:
         norm, index = codes.tensors["norm"], codes.tensors["index"]
         device = index.device
-        return decode_vectors(norm, index, self._rotation(codes.dim, device), self._codebook(role, codes.dim, device),
+        return decode_vectors(norm, index, self.rotation(codes.dim, device), self.codebook(role, codes.dim, device),
                               codes.dim, self.params.code_bits, dtype)
 
     def calibrate(self, x: torch.Tensor, role: Role, iters: int | None = None) -> None:
@@ -108,7 +108,7 @@ class FibQuantizer(QuantizerStage):
         dim = x.shape[-1]
         self._check_dim(dim)
         u, norm = unit_vectors(x)
-        blocks = self._rotation(dim, x.device).forward(u)[norm[..., 0] > 0].reshape(-1, self.params.block_dim)
+        blocks = self.rotation(dim, x.device).forward(u)[norm[..., 0] > 0].reshape(-1, self.params.block_dim)
         steps = self.params.lloyd_iters if iters is None else iters
         refined = lloyd_refine(self._master_codebook(role, dim), blocks.cpu(), steps)
         self._set_codebook(role, dim, refined)
@@ -140,7 +140,8 @@ class FibQuantizer(QuantizerStage):
             raise ValueError(f"{self.name}: block_dim={k} must divide head_dim={dim}")
         check_rotation_dim(self.params.rotation, dim)
 
-    def _rotation(self, dim: int, device: torch.device) -> Rotation:
+    def rotation(self, dim: int, device: torch.device) -> Rotation:
+        """The rotation applied before quantizing (the fused kernel rotates queries by it)."""
         key = (dim, device)
         if key not in self._rotations:
             self._rotations[key] = make_rotation(self.params.rotation, dim, self.params.seed).to(device)
@@ -158,7 +159,8 @@ class FibQuantizer(QuantizerStage):
             )
         return self._codebooks[(role, dim)]
 
-    def _codebook(self, role: Role, dim: int, device: torch.device) -> torch.Tensor:
+    def codebook(self, role: Role, dim: int, device: torch.device) -> torch.Tensor:
+        """`role`'s codebook in use, float32 `[entries, block_dim]` on `device`."""
         key = (role, dim, device)
         if key not in self._device_codebooks:
             self._device_codebooks[key] = self._master_codebook(role, dim).to(device)
