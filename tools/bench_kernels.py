@@ -13,6 +13,8 @@ Parts (all by default):
 - encode: KIVI quantize-and-pack, Triton vs torch, for an appended block and a prefill.
 - e2e: decode tokens/s of a 1B-shaped Llama (bf16, random init) at long context: full cache vs
   kivi4 (torch path) vs kivi4/kivi2 with the fused kernel; and torch.compile(fullgraph=True).
+- fibquant: the fused kernel over FibQuant codes (config `fibquant`) vs bf16 SDPA and decode + SDPA.
+- profile: torch.profiler of an eager decode step, full cache vs kivi4 fused (where the time goes).
 - graph: the same model, eager decode vs one CUDA-graph replay per step (kvpatch.CudaGraphDecoder):
   full cache in transformers' StaticCache vs the static KIVI layer (`capacity_tokens`) + fused kernel.
 
@@ -259,6 +261,53 @@ def compile_part(context: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def fibquant_part(points: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """Fused decode over FibQuant codes (the `fibquant` config: 4-dim blocks, 8-bit indices,
+    2.125 bits/element with the norm) vs bf16 SDPA and vs decode-then-SDPA, same data."""
+    from kvpatch.config import StageConfig, load_config
+    from kvpatch.kernels import math_attention
+    from kvpatch.kernels.packed import PackedKV
+    from kvpatch.kernels.triton_decode import decode_attention
+
+    params = load_config("fibquant").stages[0].params
+    quantizer = StageConfig(kind="quantizer", impl="fibquant", params=params).build()
+    rows = []
+    for batch, tokens in points:
+        kv_bytes = 2 * batch * KV_HEADS * tokens * DIM * 2
+        sets = []
+        for seed in range(max(1, min(4, math.ceil(ROTATE_BYTES / kv_bytes)))):
+            data = make_inputs(batch, tokens, [], seed)
+            k, v, quantized = data["k"], data["v"], tokens - SINKS - RESIDUAL
+            part = slice(SINKS, SINKS + quantized)
+            codes = [quantizer.encode(x[:, :, part], role) for x, role in ((k, "key"), (v, "value"))]
+            data["packed"] = PackedKV(k[:, :, SINKS + quantized:].contiguous(), v[:, :, SINKS + quantized:].contiguous(),
+                                      k[:, :, :SINKS].contiguous(), v[:, :, :SINKS].contiguous(), *codes, quantizer,
+                                      quantizer.decode)
+            sets.append(data)
+        qo_bytes = 2 * sets[0]["q"].nbytes
+        nbytes = packed_bytes(sets[0]["packed"]) + qo_bytes
+        row: dict[str, Any] = {"batch": batch, "tokens": tokens, "bytes": nbytes,
+                               "bits_per_element": sets[0]["packed"].key_codes.bits_per_element()}
+        row["sdpa_bf16_ms"] = bench(rotating(sets, lambda s: sdpa(s["q"], s["k"], s["v"])))
+        row["fused_ms"] = bench(rotating(sets, lambda s: decode_attention(s["q"], s["packed"], DIM**-0.5)))
+        row["decode_sdpa_ms"] = bench(rotating(sets, lambda s: sdpa(s["q"], *s["packed"].dense())))
+        row["tb_per_s"] = nbytes / row["fused_ms"] / 1e9
+        row["speedup_vs_sdpa"] = row["sdpa_bf16_ms"] / row["fused_ms"]
+        s = sets[0]
+        fused = decode_attention(s["q"], s["packed"], DIM**-0.5)[:2].double()
+        keys, values = (t[:2].double() for t in s["packed"].dense())
+        ref = math_attention(s["q"][:2].double(), keys, values, None, DIM**-0.5)[0]
+        row["rel_error_vs_fp64_decoded"] = ((fused - ref).norm() / ref.norm()).item()
+        print(f"fibquant B={batch} T={tokens}: sdpa {row['sdpa_bf16_ms']:.4f} ms, fused {row['fused_ms']:.4f} ms "
+              f"({row['tb_per_s']:.2f} TB/s, {row['speedup_vs_sdpa']:.2f}x), decode+sdpa {row['decode_sdpa_ms']:.3f} ms, "
+              f"rel err {row['rel_error_vs_fp64_decoded']:.1e}", flush=True)
+        rows.append(row)
+        del sets, keys, values, ref
+        torch.cuda.empty_cache()
+    return rows
+
+
+@torch.no_grad()
 def profile_part(context: int, batch: int = 1) -> dict[str, str]:
     """Where an eager decode step's time goes (torch.profiler, 3 steps after a 32K prefill): the
     full cache's eager step costs ~60 ms at any batch, far above its bytes; this names the ops."""
@@ -475,6 +524,9 @@ def main() -> None:
     if "compile" in args.parts:
         results["compile"] = compile_part(4096)
         print("compile", results["compile"], flush=True)
+        save()
+    if "fibquant" in args.parts:
+        results["fibquant"] = fibquant_part([(1, 32768), (8, 32768), (1, 131072)])
         save()
     if "profile" in args.parts:
         results["profile"] = profile_part(args.e2e_context)
