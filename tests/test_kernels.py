@@ -118,6 +118,22 @@ def test_fibquant_codes_match_float64(batch: int, kv_heads: int, groups: int, q_
     assert relative_error(out, reference(query, kv, dim**-0.5)) < _tolerance(dtype)
 
 
+@pytest.mark.parametrize("score_join", [False, True])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_kivi_loop_variants(bits: int, score_join: bool) -> None:
+    """Both KIVI loops (per-field softmax / joined score tile), with lengths and a padding mask,
+    a partial last block and more than one tile per split."""
+    kv = random_packed(2, 2, 64, bits, 16, 1, 11, 7, torch.bfloat16)
+    total = kv.num_tokens
+    query = torch.randn(2, 6, 1, 64, device=DEVICE, dtype=torch.bfloat16)
+    lengths = torch.tensor([total, total - 40], device=DEVICE)
+    mask = torch.rand(2, 1, 1, total, device=DEVICE) > 0.3
+    knobs = {"score_join": score_join, "block_n": 64, "num_splits": 2}
+    out = decode_attention(query, kv, 0.125, lengths=lengths, mask=mask, **knobs)
+    assert not out.isnan().any()
+    assert relative_error(out, reference(query, kv, 0.125, lengths=lengths, mask=mask)) < 1e-2
+
+
 def test_per_sequence_lengths_and_mask() -> None:
     """Batch rows of different lengths (one empty), and a boolean padding mask: same as float64,
     rows with nothing visible are zero, not NaN."""

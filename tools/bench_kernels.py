@@ -136,11 +136,14 @@ def time_point(batch: int, tokens: int, bits_list: list[int], tuning: dict[int, 
 
 
 def sweep(points: list[tuple[int, int]], bits_list: list[int], block_ns: list[int], warps: list[int],
-          stages: list[int]) -> dict[str, Any]:
-    """Each knob combination on each point; the best (least total time) per bit width."""
+          stages: list[int], score_joins: list[int | None] = (None,), maxnregs: list[int | None] = (None,)) -> dict[str, Any]:
+    """Each knob combination on each point; the best (least total time) per bit width.
+    `score_joins` / `maxnregs`: None = decode_attention's default (the knob is left out)."""
     from kvpatch.kernels import triton_decode
 
     variants = [{"block_n": bn, "num_warps": w, "num_stages": st} for bn in block_ns for w in warps for st in stages]
+    variants = [{**v, **({"score_join": bool(j)} if j is not None else {}), **({"maxnreg": r} if r is not None else {})}
+                for v in variants for j in score_joins for r in maxnregs]
     results: dict[str, Any] = {"points": points, "variants": []}
     times: dict[tuple[int, int, int], list[float]] = {}
     for batch, tokens in points:
@@ -404,6 +407,9 @@ def graph_part(batches: list[int], context: int, steps: int) -> list[dict[str, A
                     del decoder, cache
                     torch.cuda.empty_cache()
                 agree = (tokens[True] == tokens[False]).float().mean().item()
+                differs = (tokens[True] != tokens[False]).any(0).nonzero()
+                # random-init bf16 logits are near-ties: one flipped argmax changes everything after it
+                row["first_divergent_step"] = int(differs[0]) if len(differs) else None
                 row.update(eager_ms=timing[False], graph_ms=timing["replay"], graph_first_call_ms=timing[True],
                            tokens_per_s_eager=batch * 1e3 / timing[False], tokens_per_s_graph=batch * 1e3 / timing["replay"],
                            graph_equals_eager=bool(torch.equal(tokens[True], tokens[False])), token_agreement=agree)
@@ -476,6 +482,10 @@ def main() -> None:
     parser.add_argument("--sweep-block-n", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--sweep-warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--sweep-stages", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--sweep-score-join", type=int, nargs="+", default=[None], choices=[0, 1],
+                        help="KIVI loop variant(s): 0 per-field softmax, 1 joined score tile (default: the kernel's)")
+    parser.add_argument("--sweep-maxnreg", type=int, nargs="+", default=[None],
+                        help="register caps per thread (0 = none; default: the kernel's, 168 at 4 warps)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--plot-from", type=Path, help="only plot (and print) an existing results file")
@@ -499,7 +509,8 @@ def main() -> None:
     print(f"copy {results['copy']['tb_per_s']:.3f} TB/s", flush=True)
     tuning: dict[int, dict[str, int]] = {}
     if "sweep" in args.parts:
-        results["sweep"] = sweep([(1, 32768), (8, 32768)], [4, 2], args.sweep_block_n, args.sweep_warps, args.sweep_stages)
+        results["sweep"] = sweep([(1, 32768), (8, 32768)], [4, 2], args.sweep_block_n, args.sweep_warps, args.sweep_stages,
+                                 args.sweep_score_join, args.sweep_maxnreg)
         tuning = {int(b): v for b, v in results["sweep"]["chosen"].items()}
         print("sweep best", {k: v for k, v in results["sweep"].items() if k.startswith("best")}, flush=True)
         save()

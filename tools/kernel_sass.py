@@ -15,11 +15,15 @@ reports:
   = that / (32 * num_warps).
 
 The default shape is the benchmark that matters: Llama-3-8B heads (8 kv heads, GQA 4, Tq 1 ->
-BM 16, D 128), bf16 queries, KIVI group 32, 4 bits, BN 64, 4 warps, 3 stages. Any constexpr of
+BM 16, D 128), bf16 queries, KIVI group 32, 4 bits, BN 128, 4 warps, 2 stages, FAST_CVT (the
+H100 sweep's best for v4). It also estimates resident programs per SM (registers, warps, shared
+memory) and accepts a register cap (`--maxnreg`, Triton's launch option; decode_attention uses 168
+at 4 warps). Any constexpr of
 `_decode_partial` (including tuning knobs that are added later) can be set with `--const
 NAME=VALUE`.
 
-    python tools/kernel_sass.py                       # v1-style default point, int4
+    python tools/kernel_sass.py                       # default point, int4
+    python tools/kernel_sass.py --maxnreg 128         # register cap (spills show as LDL/STL)
     python tools/kernel_sass.py --bits 2 --block-n 128 --warps 8
     python tools/kernel_sass.py --sass /tmp/k.sass    # also write the full SASS
     python tools/kernel_sass.py --sweep               # a table over bits x BN x warps
@@ -65,8 +69,10 @@ def _kernel():
     return triton_decode._decode_partial
 
 
-def compile_sass(consts: dict, num_warps: int, num_stages: int, qdtype: str = "bf16") -> tuple[str, str, str, str]:
-    """(SASS text, `cuobjdump -res-usage` text, PTX, TTGIR) of `_decode_partial` for sm_90."""
+def compile_sass(consts: dict, num_warps: int, num_stages: int, qdtype: str = "bf16",
+                 maxnreg: int | None = None) -> tuple[str, str, str, str, int]:
+    """(SASS text, `cuobjdump -res-usage` text, PTX, TTGIR, shared bytes incl. dynamic) of
+    `_decode_partial` for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -92,8 +98,10 @@ def compile_sass(consts: dict, num_warps: int, num_stages: int, qdtype: str = "b
     if missing:
         raise SystemExit(f"kernel_sass: {sorted(missing)} are not arguments of {fn.__name__}")
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     cubin = kernel.asm["cubin"]
     bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -101,7 +109,18 @@ def compile_sass(consts: dict, num_warps: int, num_stages: int, qdtype: str = "b
         f.flush()
         sass = subprocess.run([str(bindir / "cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
         res = subprocess.run([str(bindir / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    return sass, res, kernel.asm.get("ptx", ""), kernel.asm.get("ttgir", "")
+    return sass, res, kernel.asm.get("ptx", ""), kernel.asm.get("ttgir", ""), int(kernel.metadata.shared)
+
+
+def programs_per_sm(regs: int, num_warps: int, shared: int) -> int:
+    """Resident programs per H100 SM: registers are allocated per warp in units of 256 (64K per
+    SM), at most 64 warps and 32 blocks per SM, 227 KB of shared memory per SM (1 KB reserved
+    per block)."""
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = (65536 // per_warp) // num_warps
+    by_warps = 64 // num_warps
+    by_smem = (227 * 1024) // (shared + 1024)
+    return max(0, min(by_regs, by_warps, by_smem, 32))
 
 
 INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
@@ -146,8 +165,8 @@ def base_op(op: str) -> str:
 
 
 def analyse(consts: dict, num_warps: int, num_stages: int, loop: int | None = None, qdtype: str = "bf16",
-            sass_out: str | None = None) -> dict:
-    sass, res, ptx, ttgir = compile_sass(consts, num_warps, num_stages, qdtype)
+            sass_out: str | None = None, maxnreg: int | None = None) -> dict:
+    sass, res, ptx, ttgir, shared_total = compile_sass(consts, num_warps, num_stages, qdtype, maxnreg)
     if sass_out:
         Path(sass_out).write_text(sass)
         Path(sass_out).with_suffix(".ptx").write_text(ptx)
@@ -156,7 +175,8 @@ def analyse(consts: dict, num_warps: int, num_stages: int, loop: int | None = No
     m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)", res)
     regs, stack, shared = (int(x) for x in m.groups()) if m else (-1, -1, -1)
     all_loops = loops(instrs)
-    stats = {"regs": regs, "stack": stack, "shared": shared, "total_instrs": len(instrs),
+    stats = {"regs": regs, "stack": stack, "shared": shared_total, "total_instrs": len(instrs),
+             "programs_per_sm": programs_per_sm(regs, num_warps, shared_total),
              "spill_ldl_stl": sum(opcode(t).startswith(("LDL", "STL")) for _, t in instrs),
              "loops": [{"start": hex(a), "end": hex(b), "instrs": sum(a <= x <= b for x, _ in instrs)} for a, b in all_loops]}
     if not all_loops:
@@ -175,7 +195,8 @@ def analyse(consts: dict, num_warps: int, num_stages: int, loop: int | None = No
 
 def defaults(args) -> dict:
     consts = {"HKV": 8, "GQA": 4, "TQ": 1, "D": 128, "BM": 16, "BN": args.block_n, "G": args.group,
-              "BITS": args.bits, "HAS_CODES": True, "HAS_MASK": False, "HAS_LENGTHS": False, "DOT_FP32": False}
+              "BITS": args.bits, "HAS_CODES": True, "HAS_MASK": False, "HAS_LENGTHS": False, "HAS_COUNTS": False, "DOT_FP32": False,
+              "FAST_CVT": True, "SCORE_JOIN": args.bits == 2, "DENSE_BN": 64}
     for item in args.const:
         name, value = item.split("=", 1)
         consts[name] = int(value) if value.lstrip("-").isdigit() else {"True": True, "False": False}.get(value, value)
@@ -186,7 +207,7 @@ def report(stats: dict, consts: dict, warps: int, stages: int, top: int) -> str:
     lp = stats["loop"]
     lines = [f"BITS={consts['BITS']} BN={consts['BN']} warps={warps} stages={stages} "
              f"regs={stats['regs']} stack={stats['stack']} LDL/STL={stats['spill_ldl_stl']} "
-             f"shared={stats['shared']} total={stats['total_instrs']}"]
+             f"shared={stats['shared']} programs/SM={stats['programs_per_sm']} total={stats['total_instrs']}"]
     lines.append("loops: " + ", ".join(f"{x['start']}-{x['end']} ({x['instrs']})" for x in stats["loops"]))
     if lp:
         lines.append(f"main loop {lp['start']}-{lp['end']}: {lp['instrs']} instrs/thread/tile, "
@@ -201,9 +222,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group", type=int, default=32)
-    p.add_argument("--block-n", type=int, default=64)
+    p.add_argument("--block-n", type=int, default=128)
     p.add_argument("--warps", type=int, default=4)
-    p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--maxnreg", type=int, default=None, help="register cap (Triton's `maxnreg` option)")
     p.add_argument("--qdtype", default="bf16", help="query / dense-part element type (bf16, fp16, fp32)")
     p.add_argument("--const", action="append", default=[], metavar="NAME=VALUE",
                    help="set / override a constexpr of _decode_partial (repeatable)")
@@ -217,24 +239,24 @@ def main() -> None:
 
     print(f"triton {triton.__version__}", file=sys.stderr)
     if args.sweep:
-        print("| bits | BN | warps | regs | LDL/STL | instr/tile/thread | instr/element |")
-        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("| bits | BN | warps | regs | LDL/STL | programs/SM | instr/tile/thread | instr/element |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for bits in (4, 2):
             for bn in (64, 128, 256):
                 for w in (2, 4, 8):
                     args.bits, args.block_n = bits, bn
                     consts = defaults(args)
                     try:
-                        st = analyse(consts, w, args.stages, args.loop, args.qdtype)
+                        st = analyse(consts, w, args.stages, args.loop, args.qdtype, maxnreg=args.maxnreg)
                     except Exception as e:  # a variant that does not compile is a row too
                         print(f"| {bits} | {bn} | {w} | error: {type(e).__name__}: {str(e)[:80]} |||||")
                         continue
                     lp = st["loop"] or {}
-                    print(f"| {bits} | {bn} | {w} | {st['regs']} | {st['spill_ldl_stl']} | {lp.get('instrs')} | "
+                    print(f"| {bits} | {bn} | {w} | {st['regs']} | {st['spill_ldl_stl']} | {st['programs_per_sm']} | {lp.get('instrs')} | "
                           f"{lp.get('instr_per_element')} |", flush=True)
         return
     consts = defaults(args)
-    stats = analyse(consts, args.warps, args.stages, args.loop, args.qdtype, args.sass)
+    stats = analyse(consts, args.warps, args.stages, args.loop, args.qdtype, args.sass, args.maxnreg)
     if args.json:
         print(json.dumps({"consts": consts, "warps": args.warps, "stages": args.stages, **stats}, indent=1))
     else:

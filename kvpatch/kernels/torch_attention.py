@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
+
+#: The SDPA backends kvpatch lets torch choose from. cuDNN attention is left out: it builds a new
+#: execution plan for every new key length, i.e. at every decode step; on the H100 (torch 2.11)
+#: that was 5.6 ms of CPU per call and made an eager 1B-model decode step ~60 ms at any batch
+#: (results/kernels-h100-fib-graph.json, `profile`). Flash handles the same calls.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def bottom_right_causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -35,16 +42,17 @@ def sdpa_attention(
             is_causal = True
         else:  # a prefill over a cache: flash attention handles bottom-right causality natively
             mask = causal_lower_right(q_len, k_len)
-    return F.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=mask,
-        dropout_p=dropout,
-        is_causal=is_causal,
-        scale=scaling,
-        enable_gqa=query.shape[1] != key.shape[1],
-    )
+    with sdpa_kernel(SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=is_causal,
+            scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
 
 
 def math_attention(

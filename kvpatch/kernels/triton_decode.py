@@ -136,7 +136,7 @@ def _spread(x, R: tl.constexpr):
 @triton.jit
 def _kivi_part(q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK_CAP, NBLK, tile_lo, tile_hi, start, limit,
                qi, MASK, sm_b, sm_t, b, HAS_MASK: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-               G: tl.constexpr, BITS: tl.constexpr, FAST_CVT: tl.constexpr):
+               G: tl.constexpr, BITS: tl.constexpr, FAST_CVT: tl.constexpr, SCORE_JOIN: tl.constexpr):
     """Online softmax over tiles [tile_lo, tile_hi) of BN tokens of KIVI codes, read packed: the
     first NBLK of buffers holding NBLK_CAP blocks per (batch, kv head).
 
@@ -146,7 +146,13 @@ def _kivi_part(q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK_CAP, NBLK, til
     QK dot per field. Values pack channels along a byte, so field fc of a [BN/PB, D/PB] byte tile
     is channels {c*PB + fc}: the PV side loads, per key field f, the value rows of exactly those
     tokens (row stride PB, pure addressing) and keeps PB accumulators of D/PB channels each, split
-    from `acc` on entry and interleaved back on exit (once per call)."""
+    from `acc` on entry and interleaved back on exit (once per call).
+
+    SCORE_JOIN (v5): the PB small score tiles [BM, BN/PB] are interleaved (tl.join) into one
+    [BM, BN] tile in natural token order right after the QK dots, so the softmax runs once per
+    tile (one max and one sum across warps instead of PB each) and the PV side is PB dots with
+    K = BN over the tile's contiguous value rows (instead of PB * PB dots with K = BN/PB over rows
+    of stride PB): fewer, larger dots and fewer shared-memory round trips (barriers)."""
     PB: tl.constexpr = 8 // BITS
     GB: tl.constexpr = G // PB  # bytes per channel per block (keys) = bytes per group (values)
     NG: tl.constexpr = BN // G
@@ -174,6 +180,9 @@ def _kivi_part(q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK_CAP, NBLK, til
     ks_off = g[None, :] * D + d[:, None]
     v_off = r[:, None] * (PB * DB) + c[None, :]
     vs_off = r[:, None] * (PB * NGV) + gv[None, :]
+    n = tl.arange(0, BN)
+    vt_off = n[:, None] * DB + c[None, :]
+    vts_off = n[:, None] * NGV + gv[None, :]
     if PB == 1:
         a0 = acc
     elif PB == 2:
@@ -189,53 +198,92 @@ def _kivi_part(q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK_CAP, NBLK, til
         has_g = (t * NG + g) < NBLK
         k_scale = _spread(tl.load(KS + ks + t * (NG * D) + ks_off, mask=has_g[None, :], other=0.0), GB)
         k_zero = _spread(tl.load(KZ + ks + t * (NG * D) + ks_off, mask=has_g[None, :], other=0.0), GB)
-        tok0 = t * BN + r * PB
-        s0 = tl.dot(q, _field(kb, k_scale, k_zero, 0, BITS, FAST_CVT, DT))
-        s0 = tl.where(_visible(start + tok0, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK) & (tok0 < NQ)[None, :], s0, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s0, 1))
-        if PB > 1:
-            s1 = tl.dot(q, _field(kb, k_scale, k_zero, 1, BITS, FAST_CVT, DT))
-            s1 = tl.where(_visible(start + tok0 + 1, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK) & (tok0 + 1 < NQ)[None, :], s1, float("-inf"))
-            m_new = tl.maximum(m_new, tl.max(s1, 1))
-        if PB > 2:
-            s2 = tl.dot(q, _field(kb, k_scale, k_zero, 2, BITS, FAST_CVT, DT))
-            s2 = tl.where(_visible(start + tok0 + 2, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK) & (tok0 + 2 < NQ)[None, :], s2, float("-inf"))
-            m_new = tl.maximum(m_new, tl.max(s2, 1))
-            s3 = tl.dot(q, _field(kb, k_scale, k_zero, 3, BITS, FAST_CVT, DT))
-            s3 = tl.where(_visible(start + tok0 + 3, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK) & (tok0 + 3 < NQ)[None, :], s3, float("-inf"))
-            m_new = tl.maximum(m_new, tl.max(s3, 1))
-        alpha = tl.exp2(m_i - m_new)
-        m_i = m_new
-        a0 = a0 * alpha[:, None]
-        if PB > 1:
-            a1 = a1 * alpha[:, None]
-        if PB > 2:
-            a2 = a2 * alpha[:, None]
-            a3 = a3 * alpha[:, None]
-        l_i = l_i * alpha
-        for f in tl.static_range(PB):
-            if f == 0:
-                p = tl.exp2(s0 - m_new[:, None])
-            elif f == 1:
-                p = tl.exp2(s1 - m_new[:, None])
-            elif f == 2:
-                p = tl.exp2(s2 - m_new[:, None])
+        if SCORE_JOIN:
+            s0 = tl.dot(q, _field(kb, k_scale, k_zero, 0, BITS, FAST_CVT, DT))
+            if PB == 1:
+                sj = s0
+            elif PB == 2:
+                s1 = tl.dot(q, _field(kb, k_scale, k_zero, 1, BITS, FAST_CVT, DT))
+                sj = tl.reshape(tl.join(s0, s1), (BM, BN))
             else:
-                p = tl.exp2(s3 - m_new[:, None])
-            l_i += tl.sum(p, 1)
+                s1 = tl.dot(q, _field(kb, k_scale, k_zero, 1, BITS, FAST_CVT, DT))
+                s2 = tl.dot(q, _field(kb, k_scale, k_zero, 2, BITS, FAST_CVT, DT))
+                s3 = tl.dot(q, _field(kb, k_scale, k_zero, 3, BITS, FAST_CVT, DT))
+                sj = tl.reshape(tl.join(tl.join(s0, s2), tl.join(s1, s3)), (BM, BN))
+            tok = t * BN + n
+            sj = tl.where(_visible(start + tok, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK) & (tok < NQ)[None, :], sj,
+                          float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sj, 1))
+            alpha = tl.exp2(m_i - m_new)
+            m_i = m_new
+            p = tl.exp2(sj - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
             p = p.to(DT)
-            has_tok = (tok0 + f < NQ)[:, None]
-            vrow = vp + (t * BN + f) * DB + v_off
-            srow = vs + (t * BN + f) * NGV + vs_off
-            vb = tl.load(vrow, mask=has_tok, other=0)
+            has_tok = (tok < NQ)[:, None]
+            vb = tl.load(vp + t * (BN * DB) + vt_off, mask=has_tok, other=0)
+            srow = vs + t * (BN * NGV) + vts_off
             v_scale = _spread(tl.load(VS + srow, mask=has_tok, other=0.0), GB)
             v_zero = _spread(tl.load(VZ + srow, mask=has_tok, other=0.0), GB)
-            a0 += tl.dot(p, _field(vb, v_scale, v_zero, 0, BITS, FAST_CVT, DT))
+            a0 = a0 * alpha[:, None] + tl.dot(p, _field(vb, v_scale, v_zero, 0, BITS, FAST_CVT, DT))
             if PB > 1:
-                a1 += tl.dot(p, _field(vb, v_scale, v_zero, 1, BITS, FAST_CVT, DT))
+                a1 = a1 * alpha[:, None] + tl.dot(p, _field(vb, v_scale, v_zero, 1, BITS, FAST_CVT, DT))
             if PB > 2:
-                a2 += tl.dot(p, _field(vb, v_scale, v_zero, 2, BITS, FAST_CVT, DT))
-                a3 += tl.dot(p, _field(vb, v_scale, v_zero, 3, BITS, FAST_CVT, DT))
+                a2 = a2 * alpha[:, None] + tl.dot(p, _field(vb, v_scale, v_zero, 2, BITS, FAST_CVT, DT))
+                a3 = a3 * alpha[:, None] + tl.dot(p, _field(vb, v_scale, v_zero, 3, BITS, FAST_CVT, DT))
+        else:
+            tok0 = t * BN + r * PB
+            s0 = tl.dot(q, _field(kb, k_scale, k_zero, 0, BITS, FAST_CVT, DT))
+            s0 = tl.where(_visible(start + tok0, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK) & (tok0 < NQ)[None, :], s0, float("-inf"))
+            smax = s0
+            if PB > 1:
+                s1 = tl.dot(q, _field(kb, k_scale, k_zero, 1, BITS, FAST_CVT, DT))
+                s1 = tl.where(_visible(start + tok0 + 1, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK) & (tok0 + 1 < NQ)[None, :], s1, float("-inf"))
+                smax = tl.maximum(smax, s1)
+            if PB > 2:
+                s2 = tl.dot(q, _field(kb, k_scale, k_zero, 2, BITS, FAST_CVT, DT))
+                s2 = tl.where(_visible(start + tok0 + 2, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK) & (tok0 + 2 < NQ)[None, :], s2, float("-inf"))
+                smax = tl.maximum(smax, s2)
+                s3 = tl.dot(q, _field(kb, k_scale, k_zero, 3, BITS, FAST_CVT, DT))
+                s3 = tl.where(_visible(start + tok0 + 3, limit, qi, MASK, sm_b, sm_t, b, HAS_MASK) & (tok0 + 3 < NQ)[None, :], s3, float("-inf"))
+                smax = tl.maximum(smax, s3)
+            # one cross-warp max (and below one sum) per tile: fields are combined elementwise first
+            m_new = tl.maximum(m_i, tl.max(smax, 1))
+            alpha = tl.exp2(m_i - m_new)
+            m_i = m_new
+            a0 = a0 * alpha[:, None]
+            if PB > 1:
+                a1 = a1 * alpha[:, None]
+            if PB > 2:
+                a2 = a2 * alpha[:, None]
+                a3 = a3 * alpha[:, None]
+            l_i = l_i * alpha
+            for f in tl.static_range(PB):
+                if f == 0:
+                    p = tl.exp2(s0 - m_new[:, None])
+                elif f == 1:
+                    p = tl.exp2(s1 - m_new[:, None])
+                elif f == 2:
+                    p = tl.exp2(s2 - m_new[:, None])
+                else:
+                    p = tl.exp2(s3 - m_new[:, None])
+                if f == 0:
+                    psum = p
+                else:
+                    psum += p
+                p = p.to(DT)
+                has_tok = (tok0 + f < NQ)[:, None]
+                vrow = vp + (t * BN + f) * DB + v_off
+                srow = vs + (t * BN + f) * NGV + vs_off
+                vb = tl.load(vrow, mask=has_tok, other=0)
+                v_scale = _spread(tl.load(VS + srow, mask=has_tok, other=0.0), GB)
+                v_zero = _spread(tl.load(VZ + srow, mask=has_tok, other=0.0), GB)
+                a0 += tl.dot(p, _field(vb, v_scale, v_zero, 0, BITS, FAST_CVT, DT))
+                if PB > 1:
+                    a1 += tl.dot(p, _field(vb, v_scale, v_zero, 1, BITS, FAST_CVT, DT))
+                if PB > 2:
+                    a2 += tl.dot(p, _field(vb, v_scale, v_zero, 2, BITS, FAST_CVT, DT))
+                    a3 += tl.dot(p, _field(vb, v_scale, v_zero, 3, BITS, FAST_CVT, DT))
+            l_i += tl.sum(psum, 1)
     if PB == 1:
         acc = a0
     elif PB == 2:
@@ -285,6 +333,8 @@ def _decode_partial(
     HAS_CODES: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_COUNTS: tl.constexpr,
     DOT_FP32: tl.constexpr,
     FAST_CVT: tl.constexpr, FIBQUANT: tl.constexpr, BD: tl.constexpr,
+    SCORE_JOIN: tl.constexpr,
+    DENSE_BN: tl.constexpr,
 ):
     """One split of one (batch, kv head). Code operands: KIVI (KP, KS, KZ / VP, VS, VZ) = packed
     codes, scales, zeros; FibQuant (FIBQUANT, G = 1) = indices, norms, codebook."""
@@ -332,13 +382,13 @@ def _decode_partial(
             else:
                 m_i, l_i, acc = _kivi_part(q, m_i, l_i, acc, KP, KS, KZ, VP, VS, VZ, bh, NBLK_CAP, NBLK, lo, hi, S,
                                            limit, qi, MASK, sm_b, sm_t, b, HAS_MASK, D, BN, G, BITS,
-                                           FAST_CVT)
+                                           FAST_CVT, SCORE_JOIN)
         else:
             m_i, l_i, acc = _dense_parts(q, m_i, l_i, acc, SK, SV, S, RK, RV, R, r_first, r_count, NQ, bh,
-                                         limit, qi, MASK, sm_b, sm_t, b, HAS_MASK, D, BN)
+                                         limit, qi, MASK, sm_b, sm_t, b, HAS_MASK, D, DENSE_BN)
     else:
         m_i, l_i, acc = _dense_parts(q, m_i, l_i, acc, SK, SV, S, RK, RV, R, r_first, r_count, NQ, bh,
-                                     limit, qi, MASK, sm_b, sm_t, b, HAS_MASK, D, BN)
+                                     limit, qi, MASK, sm_b, sm_t, b, HAS_MASK, D, DENSE_BN)
     rows_out = (bh * (NSPLIT + 1) + split) * (GQA * TQ) + rows
     tl.store(M_PART + rows_out, m_i, mask=has_row)
     tl.store(L_PART + rows_out, l_i, mask=has_row)
@@ -406,11 +456,12 @@ def unsupported_reason(query: torch.Tensor, kv: PackedKV, mask: torch.Tensor | N
     return None
 
 
-def _num_splits(tiles: int, programs: int, device: torch.device) -> int:
-    """Enough splits that the grid covers the device ~8 times over (better than 4x for int4 and
-    int2 in the H100 sweep, results/kernels-h100-v1-sweep.json), at least one tile each."""
+def _num_splits(tiles: int, programs: int, device: torch.device, per_sm: int = 8) -> int:
+    """Enough splits that the grid covers the device `per_sm` times over, at least one tile each.
+    8 was the best for v1 (better than 4x for int4 and int2, results/kernels-h100-v1-sweep.json);
+    the v4 loop (fp16 dequant, 128-token tiles) was best at half of that in the H100 sweep."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(tiles, triton.cdiv(8 * sms, programs)))
+    return max(1, min(tiles, triton.cdiv(per_sm * sms, programs)))
 
 
 def decode_attention(
@@ -422,8 +473,11 @@ def decode_attention(
     num_splits: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int | None = None,
     fast_cvt: bool | None = None,
+    score_join: bool | None = None,
+    maxnreg: int | None = None,
+    dense_block_n: int = 64,
 ) -> torch.Tensor:
     """Attention of query `[B, Hq, Tq, D]` over every token of `kv`; returns `[B, Hq, Tq, D]`.
 
@@ -433,6 +487,11 @@ def decode_attention(
     (tools/bench_kernels.py sweeps them); the defaults are the best measured on an H100.
     `block_n` defaults to 128 with `fast_cvt`, else 64. `fast_cvt` (default: on the GPU for bf16/fp16 queries) dequantizes the codes in fp16 with
     inline PTX (magic-number conversion, fp16 dots); off, in fp32 with the query's dot dtype.
+    `score_join` (default: on for 2-bit codes) interleaves the per-field score tiles into one
+    natural-order tile (one softmax and PB large PV dots per tile, see `_kivi_part`).
+    `maxnreg` caps registers per thread (Triton's launch option; default 168 at 4 warps = 3
+    programs of 4 warps per H100 SM, 0 = no cap). `dense_block_n` is the tile of the small bf16
+    sinks/residual part (it sets the kernel's register and shared-memory peak if larger).
     """
     reason = unsupported_reason(query, kv, mask)
     if reason is not None:
@@ -445,6 +504,13 @@ def decode_attention(
         # fp16 dequant: 128-token tiles (4.1 SASS instr per int4 element at 4 warps, no spills);
         # the fp32 path spills at 128 (tools/kernel_sass.py)
         block_n = 128 if fast_cvt else 64
+    if num_stages is None:
+        num_stages = 2 if fast_cvt else 3  # the H100 sweeps' best (v4 / v1)
+    if maxnreg is None:
+        # fp16 KIVI loops at 4 warps: 3 programs per SM; neither loop spills in the loop at this cap
+        # (tools/kernel_sass.py); the fp32 path and dense-only caches are left uncapped
+        maxnreg = 168 if num_warps == 4 and fast_cvt and kivi_layout(kv.quantizer) is not None else 0
+    launch = {"maxnreg": maxnreg} if maxnreg and not interpreting() else {}
     gqa = q_heads // kv_heads
     rows = gqa * q_len
     block_m = max(16, triton.next_power_of_2(rows))
@@ -469,12 +535,15 @@ def decode_attention(
     elif kv.key_codes is not None:
         block_dim = 1
         bits, group = kivi_layout(kv.quantizer)
+        if score_join is None:
+            score_join = bits == 2
         kt, vt = kv.key_codes.tensors, kv.value_codes.tensors
         codes = [kt["packed"], kt["scale"], kt["zero"], vt["packed"], vt["scale"], vt["zero"]]
         codes = [t.contiguous() for t in codes]
         n_blocks = kv.key_codes.num_blocks
         block_n = max(block_n, group)
-        splits = num_splits or _num_splits(triton.cdiv(n_blocks * group, block_n), batch * kv_heads, query.device)
+        splits = num_splits or _num_splits(triton.cdiv(n_blocks * group, block_n), batch * kv_heads, query.device,
+                                           4 if fast_cvt else 8)
     else:
         bits, group, n_blocks, splits, block_dim = 8, block_n, 0, 0, 1
         codes = [residual_k] * 6
@@ -502,7 +571,8 @@ def decode_attention(
         HAS_MASK=mask is not None, HAS_LENGTHS=lengths is not None, HAS_COUNTS=kv.counts is not None,
         DOT_FP32=interpreting() or query.dtype == torch.float32, FAST_CVT=fast_cvt and fibquant is None,
         FIBQUANT=fibquant is not None, BD=block_dim,
-        num_warps=num_warps, num_stages=num_stages, **flags,
+        SCORE_JOIN=bool(score_join), DENSE_BN=min(dense_block_n, block_n) if kv.key_codes is not None else block_n,
+        num_warps=num_warps, num_stages=num_stages, **launch, **flags,
     )
     _decode_reduce[(batch * kv_heads,)](o_part, m_part, l_part, out, *out.stride()[:3], splits + 1, **flags)
     if fibquant is not None:
