@@ -487,10 +487,10 @@ def decode_attention(
     (tools/bench_kernels.py sweeps them); the defaults are the best measured on an H100.
     `block_n` defaults to 128 with `fast_cvt`, else 64. `fast_cvt` (default: on the GPU for bf16/fp16 queries) dequantizes the codes in fp16 with
     inline PTX (magic-number conversion, fp16 dots); off, in fp32 with the query's dot dtype.
-    `score_join` (default: on for 2-bit codes) interleaves the per-field score tiles into one
+    `score_join` (default off: slower in the H100 sweep for int4 and int2) interleaves the per-field score tiles into one
     natural-order tile (one softmax and PB large PV dots per tile, see `_kivi_part`).
-    `maxnreg` caps registers per thread (Triton's launch option; default 168 at 4 warps = 3
-    programs of 4 warps per H100 SM, 0 = no cap). `dense_block_n` is the tile of the small bf16
+    `maxnreg` caps registers per thread (Triton's launch option; default 128 at 4 warps = 4
+    programs of 4 warps per H100 SM, the sweep's best despite a few spills; 0 = no cap). `dense_block_n` is the tile of the small bf16
     sinks/residual part (it sets the kernel's register and shared-memory peak if larger).
     """
     reason = unsupported_reason(query, kv, mask)
@@ -507,9 +507,9 @@ def decode_attention(
     if num_stages is None:
         num_stages = 2 if fast_cvt else 3  # the H100 sweeps' best (v4 / v1)
     if maxnreg is None:
-        # fp16 KIVI loops at 4 warps: 3 programs per SM; neither loop spills in the loop at this cap
-        # (tools/kernel_sass.py); the fp32 path and dense-only caches are left uncapped
-        maxnreg = 168 if num_warps == 4 and fast_cvt and kivi_layout(kv.quantizer) is not None else 0
+        # fp16 KIVI loops at 4 warps: 4 programs per SM (results/kernels-h100-v5.json: better than
+        # 168 or no cap at B=1 and B=8); the fp32 path, FibQuant and dense-only caches are uncapped
+        maxnreg = 128 if num_warps == 4 and fast_cvt and kivi_layout(kv.quantizer) is not None else 0
     launch = {"maxnreg": maxnreg} if maxnreg and not interpreting() else {}
     gqa = q_heads // kv_heads
     rows = gqa * q_len
@@ -536,7 +536,7 @@ def decode_attention(
         block_dim = 1
         bits, group = kivi_layout(kv.quantizer)
         if score_join is None:
-            score_join = bits == 2
+            score_join = False  # the H100 sweep (results/kernels-h100-v5.json): per-field wins for int4 and int2
         kt, vt = kv.key_codes.tensors, kv.value_codes.tensors
         codes = [kt["packed"], kt["scale"], kt["zero"], vt["packed"], vt["scale"], vt["zero"]]
         codes = [t.contiguous() for t in codes]
