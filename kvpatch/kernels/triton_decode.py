@@ -456,6 +456,20 @@ def unsupported_reason(query: torch.Tensor, kv: PackedKV, mask: torch.Tensor | N
     return None
 
 
+_ROTATION_MATRICES: dict[tuple[int, int, torch.device], tuple[object, torch.Tensor]] = {}
+
+
+def _rotation_matrix(rotation: object, dim: int, device: torch.device) -> torch.Tensor:
+    """The [dim, dim] matrix M with rotation.forward(u) = u @ M (M orthogonal), built once per
+    rotation object: one matmul per tensor instead of a Walsh-Hadamard transform's ~30 launches."""
+    key = (id(rotation), dim, device)
+    cached = _ROTATION_MATRICES.get(key)
+    if cached is None or cached[0] is not rotation:
+        cached = (rotation, rotation.forward(torch.eye(dim, device=device)))
+        _ROTATION_MATRICES[key] = cached
+    return cached[1]
+
+
 def _num_splits(tiles: int, programs: int, device: torch.device, per_sm: int = 8) -> int:
     """Enough splits that the grid covers the device `per_sm` times over, at least one tile each.
     8 was the best for v1 (better than 4x for int4 and int2, results/kernels-h100-v1-sweep.json);
@@ -517,8 +531,8 @@ def decode_attention(
     fibquant = fibquant_layout(kv.quantizer) if kv.key_codes is not None else None
     rotate: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # noqa: E731
     if fibquant is not None:  # everything in the codes' rotated space: q.k and sum(p v) are invariant
-        rotation = kv.quantizer.rotation(dim, query.device)
-        rotate = lambda t: rotation.forward(t.float()).to(t.dtype)  # noqa: E731
+        matrix = _rotation_matrix(kv.quantizer.rotation(dim, query.device), dim, query.device)
+        rotate = lambda t: (t.float() @ matrix).to(t.dtype)  # noqa: E731
         query = rotate(query)
     residual_k, residual_v = rotate(kv.keys).contiguous(), rotate(kv.values).contiguous()
     sink_k = rotate(kv.sink_keys).contiguous() if kv.sink_keys is not None else residual_k
@@ -576,5 +590,5 @@ def decode_attention(
     )
     _decode_reduce[(batch * kv_heads,)](o_part, m_part, l_part, out, *out.stride()[:3], splits + 1, **flags)
     if fibquant is not None:
-        return rotation.inverse(out).to(query.dtype)
+        return (out @ matrix.T).to(query.dtype)
     return out
