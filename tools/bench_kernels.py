@@ -215,6 +215,16 @@ def e2e_configs() -> dict[str, Any]:
             "kivi4 fused triton": quantized(4, "triton"), "kivi2 fused triton": quantized(2, "triton")}
 
 
+def prefill(model: Any, cache: Any, ids: torch.Tensor, chunk: int = 4096) -> Any:
+    """Feed `ids` into `cache` in chunks (long contexts); the last chunk's output."""
+    from kvpatch.compat import cache_kwarg
+
+    for begin in range(0, ids.shape[1], chunk):
+        out = model(input_ids=ids[:, begin : begin + chunk], use_cache=True, logits_to_keep=1,
+                    **{cache_kwarg(model): cache})
+    return out
+
+
 @torch.no_grad()
 def e2e_part(batches: list[int], context: int, steps: int) -> list[dict[str, Any]]:
     import kvpatch
@@ -229,8 +239,7 @@ def e2e_part(batches: list[int], context: int, steps: int) -> list[dict[str, Any
         for batch in batches:
             ids = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda")
             cache = handle.new_cache()
-            for begin in range(0, context, 4096):
-                out = model(input_ids=ids[:, begin : begin + 4096], use_cache=True, logits_to_keep=1, **{kwarg: cache})
+            out = prefill(model, cache, ids)
             token = out.logits[:, -1:].argmax(-1)
             times = []
             for _ in range(steps):
@@ -340,8 +349,7 @@ def profile_part(context: int, batch: int = 1) -> dict[str, str]:
         handle = kvpatch.apply(model, e2e_configs()[name])
         ids = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda")
         cache = handle.new_cache()
-        for begin in range(0, context, 4096):
-            out = model(input_ids=ids[:, begin : begin + 4096], use_cache=True, logits_to_keep=1, **{kwarg: cache})
+        out = prefill(model, cache, ids)
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(3):
             model(input_ids=token, use_cache=True, logits_to_keep=1, **{kwarg: cache})
@@ -376,11 +384,9 @@ def graph_part(batches: list[int], context: int, steps: int) -> list[dict[str, A
     from transformers import StaticCache
 
     import kvpatch
-    from kvpatch.compat import cache_kwarg
     from kvpatch.testing import bench_model
 
     model = bench_model("llama-1b", device="cuda", dtype=torch.bfloat16)
-    kwarg = cache_kwarg(model)
     capacity = context + 3 * steps + 64
     # the full cache last: a device-side assert there would poison the CUDA context for the rest
     configs: dict[str, Any] = {"kivi4 static, fused": _static_config(4, capacity),
@@ -393,9 +399,7 @@ def graph_part(batches: list[int], context: int, steps: int) -> list[dict[str, A
 
             def prefilled() -> Any:
                 cache = handle.new_cache() if handle else StaticCache(config=model.config, max_cache_len=capacity)
-                for begin in range(0, context - 1, 4096):
-                    model(input_ids=ids[:, begin : min(begin + 4096, context - 1)], use_cache=True, logits_to_keep=1,
-                          **{kwarg: cache})
+                prefill(model, cache, ids[:, :-1])
                 return cache
 
             row: dict[str, Any] = {"config": name, "batch": batch, "context": context}
