@@ -149,9 +149,11 @@ def time_point(batch: int, tokens: int, bits_list: list[int], tuning: dict[int, 
 
 
 def sweep(points: list[tuple[int, int]], bits_list: list[int], block_ns: list[int], warps: list[int],
-          stages: list[int], score_joins: list[int | None] = (None,), maxnregs: list[int | None] = (None,)) -> dict[str, Any]:
+          stages: list[int], score_joins: list[int | None] = (None,), maxnregs: list[int | None] = (None,),
+          split_policies: list[str] = ("cover4", "cover8", "cover16")) -> dict[str, Any]:
     """Each knob combination on each point; the best (least total time) per bit width.
-    `score_joins` / `maxnregs`: None = decode_attention's default (the knob is left out)."""
+    `score_joins` / `maxnregs`: None = decode_attention's default (the knob is left out);
+    `split_policies`: decode_attention's `split_policy` values (the split count per point)."""
     from kvpatch.kernels import triton_decode
 
     variants = [{"block_n": bn, "num_warps": w, "num_stages": st} for bn in block_ns for w in warps for st in stages]
@@ -164,27 +166,26 @@ def sweep(points: list[tuple[int, int]], bits_list: list[int], block_ns: list[in
         sets = [make_inputs(batch, tokens, bits_list, seed) for seed in range(copies)]
         for bits in bits_list:
             for index, variant in enumerate(variants):
-                tiles = math.ceil((tokens - SINKS - RESIDUAL) / variant["block_n"])
-                auto = triton_decode._num_splits(tiles, batch * KV_HEADS, torch.device("cuda"))
-                for split_scale in (0.5, 1, 2):
-                    knobs = dict(variant, num_splits=max(1, min(tiles, int(auto * split_scale))))
+                for policy in split_policies:
+                    knobs = dict(variant, split_policy=policy)
                     try:
                         ms = bench(rotating(sets, lambda s, b=bits, k=knobs: triton_decode.decode_attention(
                             s["q"], s["packed"][b], DIM**-0.5, **k)))
                     except Exception as err:  # noqa: BLE001 - e.g. too much shared memory: not a candidate
                         print(f"sweep: {knobs} int{bits} skipped: {str(err)[:120]}", flush=True)
                         ms = math.inf
-                    times.setdefault((bits, index, split_scale), []).append(ms)
+                    times.setdefault((bits, index, policy), []).append(ms)
         del sets
         torch.cuda.empty_cache()
     best: dict[int, dict[str, int]] = {}
     for bits in bits_list:
         candidates = [(sum(ms), index, scale) for (b, index, scale), ms in times.items() if b == bits]
         for _, index, scale in candidates:
-            results["variants"].append({"bits": bits, **variants[index], "split_scale": scale, "ms": times[(bits, index, scale)]})
+            results["variants"].append({"bits": bits, **variants[index], "split_policy": scale,
+                                        "ms": times[(bits, index, scale)]})
         total, index, scale = min(candidates)
-        best[bits] = dict(variants[index])
-        results[f"best_int{bits}"] = {**variants[index], "split_scale": scale, "total_ms": total}
+        best[bits] = dict(variants[index], split_policy=scale)
+        results[f"best_int{bits}"] = {**variants[index], "split_policy": scale, "total_ms": total}
     results["chosen"] = {str(b): v for b, v in best.items()}
     return results
 
@@ -503,6 +504,8 @@ def main() -> None:
     parser.add_argument("--sweep-stages", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--sweep-score-join", type=int, nargs="+", default=[None], choices=[0, 1],
                         help="KIVI loop variant(s): 0 per-field softmax, 1 joined score tile (default: the kernel's)")
+    parser.add_argument("--sweep-splits", nargs="+", default=["cover4", "cover8", "cover16"],
+                        help="decode_attention split_policy values: coverN (N programs per SM) or waveN (one wave)")
     parser.add_argument("--sweep-maxnreg", type=int, nargs="+", default=[None],
                         help="register caps per thread (0 = none; default: the kernel's, 168 at 4 warps)")
     parser.add_argument("--timer", choices=["events", "graph"], default="events",
@@ -533,7 +536,7 @@ def main() -> None:
     tuning: dict[int, dict[str, int]] = {}
     if "sweep" in args.parts:
         results["sweep"] = sweep([(1, 32768), (8, 32768)], [4, 2], args.sweep_block_n, args.sweep_warps, args.sweep_stages,
-                                 args.sweep_score_join, args.sweep_maxnreg)
+                                 args.sweep_score_join, args.sweep_maxnreg, args.sweep_splits)
         tuning = {int(b): v for b, v in results["sweep"]["chosen"].items()}
         print("sweep best", {k: v for k, v in results["sweep"].items() if k.startswith("best")}, flush=True)
         save()

@@ -470,11 +470,18 @@ def _rotation_matrix(rotation: object, dim: int, device: torch.device) -> torch.
     return cached[1]
 
 
-def _num_splits(tiles: int, programs: int, device: torch.device, per_sm: int = 8) -> int:
-    """Enough splits that the grid covers the device `per_sm` times over, at least one tile each.
-    8 was the best for v1 (better than 4x for int4 and int2, results/kernels-h100-v1-sweep.json);
-    the v4 loop (fp16 dequant, 128-token tiles) was best at half of that in the H100 sweep."""
+def _num_splits(tiles: int, programs: int, device: torch.device, policy: str = "cover8") -> int:
+    """Splits per (batch, kv head), at least one tile each. `policy`:
+    - "coverN": enough splits that the code programs cover the device N programs per SM over
+      (8 was the best for v1, results/kernels-h100-v1-sweep.json; 4 for v4/v5);
+    - "waveN": the most splits for which all programs, the one dense program per (batch, kv head)
+      included, fit in one wave of N programs per SM (no half-empty last wave)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    kind, per_sm = policy.rstrip("0123456789"), int(policy[len(policy.rstrip("0123456789")):] or 0)
+    if kind not in ("cover", "wave") or per_sm < 1:
+        raise ValueError(f"split_policy {policy!r}: expected 'coverN' or 'waveN' with N >= 1")
+    if kind == "wave":
+        return max(1, min(tiles, per_sm * sms // programs - 1))
     return max(1, min(tiles, triton.cdiv(per_sm * sms, programs)))
 
 
@@ -492,6 +499,7 @@ def decode_attention(
     score_join: bool | None = None,
     maxnreg: int | None = None,
     dense_block_n: int = 64,
+    split_policy: str | None = None,
 ) -> torch.Tensor:
     """Attention of query `[B, Hq, Tq, D]` over every token of `kv`; returns `[B, Hq, Tq, D]`.
 
@@ -545,7 +553,8 @@ def decode_attention(
         codes = [t.contiguous() for t in codes]
         n_blocks, group = kv.key_codes.num_blocks, 1
         block_n = 64
-        splits = num_splits or _num_splits(triton.cdiv(n_blocks, block_n), batch * kv_heads, query.device)
+        splits = num_splits or _num_splits(triton.cdiv(n_blocks, block_n), batch * kv_heads, query.device,
+                                           split_policy or "cover8")
     elif kv.key_codes is not None:
         block_dim = 1
         bits, group = kivi_layout(kv.quantizer)
@@ -557,7 +566,7 @@ def decode_attention(
         n_blocks = kv.key_codes.num_blocks
         block_n = max(block_n, group)
         splits = num_splits or _num_splits(triton.cdiv(n_blocks * group, block_n), batch * kv_heads, query.device,
-                                           4 if fast_cvt else 8)
+                                           split_policy or ("cover4" if fast_cvt else "cover8"))
     else:
         bits, group, n_blocks, splits, block_dim = 8, block_n, 0, 0, 1
         codes = [residual_k] * 6
