@@ -474,14 +474,15 @@ def _num_splits(tiles: int, programs: int, device: torch.device, policy: str = "
     """Splits per (batch, kv head), at least one tile each. `policy`:
     - "coverN": enough splits that the code programs cover the device N programs per SM over
       (8 was the best for v1, results/kernels-h100-v1-sweep.json; 4 for v4/v5);
-    - "waveN": the most splits for which all programs, the one dense program per (batch, kv head)
-      included, fit in one wave of N programs per SM (no half-empty last wave)."""
+    - "waveN": the most splits for which the code programs fit in one wave of N programs per SM
+      (no half-empty last wave; the one short dense program per (batch, kv head) is not counted:
+      counting it cost B=32 half its splits, results/kernels-h100-splits.json)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     kind, per_sm = policy.rstrip("0123456789"), int(policy[len(policy.rstrip("0123456789")):] or 0)
     if kind not in ("cover", "wave") or per_sm < 1:
         raise ValueError(f"split_policy {policy!r}: expected 'coverN' or 'waveN' with N >= 1")
     if kind == "wave":
-        return max(1, min(tiles, per_sm * sms // programs - 1))
+        return max(1, min(tiles, per_sm * sms // programs))
     return max(1, min(tiles, triton.cdiv(per_sm * sms, programs)))
 
 
@@ -566,7 +567,7 @@ def decode_attention(
         n_blocks = kv.key_codes.num_blocks
         block_n = max(block_n, group)
         splits = num_splits or _num_splits(triton.cdiv(n_blocks * group, block_n), batch * kv_heads, query.device,
-                                           split_policy or ("cover4" if fast_cvt else "cover8"))
+                                           split_policy or ("wave4" if fast_cvt else "cover8"))
     else:
         bits, group, n_blocks, splits, block_dim = 8, block_n, 0, 0, 1
         codes = [residual_k] * 6
