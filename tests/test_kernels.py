@@ -134,6 +134,22 @@ def test_kivi_loop_variants(bits: int, score_join: bool) -> None:
     assert relative_error(out, reference(query, kv, 0.125, lengths=lengths, mask=mask)) < 1e-2
 
 
+def test_split_policies() -> None:
+    """waveN fills one wave of N code programs per SM; coverN rounds up; a bad name is refused."""
+    from kvpatch.kernels.triton_decode import _num_splits
+
+    cpu = torch.device("cpu")  # 4 "SMs" off the GPU
+    assert _num_splits(255, 2, cpu, "wave4") == 8 and _num_splits(255, 3, cpu, "wave4") == 5
+    assert _num_splits(255, 3, cpu, "cover4") == 6 and _num_splits(3, 1, cpu, "cover8") == 3
+    assert _num_splits(255, 64, cpu, "wave4") == 1
+    with pytest.raises(ValueError, match="split_policy 'even4'"):
+        _num_splits(10, 1, cpu, "even4")
+    kv = random_packed(1, 2, 64, 4, 16, 0, 9, 3, torch.float32)
+    query = torch.randn(1, 4, 1, 64, device=DEVICE)
+    outs = [decode_attention(query, kv, 0.125, split_policy=policy) for policy in ("wave1", "cover8")]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=0)
+
+
 def test_per_sequence_lengths_and_mask() -> None:
     """Batch rows of different lengths (one empty), and a boolean padding mask: same as float64,
     rows with nothing visible are zero, not NaN."""
