@@ -196,7 +196,7 @@ def analyse(consts: dict, num_warps: int, num_stages: int, loop: int | None = No
 def defaults(args) -> dict:
     consts = {"HKV": 8, "GQA": 4, "TQ": 1, "D": 128, "BM": 16, "BN": args.block_n, "G": args.group,
               "BITS": args.bits, "HAS_CODES": True, "HAS_MASK": False, "HAS_LENGTHS": False, "HAS_COUNTS": False, "DOT_FP32": False,
-              "FAST_CVT": True, "SCORE_JOIN": args.bits == 2, "DENSE_BN": 64}
+              "FAST_CVT": True, "SCORE_JOIN": False, "DENSE_BN": 64, "FIBQUANT": False, "BD": 1}
     for item in args.const:
         name, value = item.split("=", 1)
         consts[name] = int(value) if value.lstrip("-").isdigit() else {"True": True, "False": False}.get(value, value)
