@@ -184,28 +184,38 @@ def test_static_buffers_with_device_counts(first: int, count: int, blocks: int) 
         assert relative_error(out, reference(query, kv, 0.125)) < 1e-2
 
 
-def _static_logits(capacity: int | None) -> torch.Tensor:
+def _model_logits(kernel: str, quantizer: tuple[str, dict] = ("kivi", {"bits": 4, "group_size": 8}),
+                  storage: dict | None = None, decode_steps: int = 10) -> tuple[torch.Tensor, list]:
+    """Last-position logits of `decode_steps` single-token forwards after a 20-token prefill, and the
+    cache layers, for a tiny Llama under a quantized config (`storage`: extra storage params)."""
     model = tiny_model("llama").to(DEVICE)
-    storage = {"residual_length": 8, "sink_tokens": 2, **({"capacity_tokens": capacity} if capacity else {})}
-    kvpatch.apply(model, {"name": "kivi-static", "fidelity": {"lossless": False}, "kernels": {"attention": "triton"},
-                          "stages": [{"kind": "quantizer", "impl": "kivi", "params": {"bits": 4, "group_size": 8}},
-                                     {"kind": "storage", "impl": "quantized", "params": storage}]})
-    ids = prompt_ids(batch=2, length=36).to(DEVICE)
+    config = {
+        "name": f"quantized-{kernel}",
+        "fidelity": {"lossless": False},
+        "kernels": {"attention": kernel},
+        "stages": [
+            {"kind": "quantizer", "impl": quantizer[0], "params": quantizer[1]},
+            {"kind": "storage", "impl": "quantized", "params": {"residual_length": 8, "sink_tokens": 2, **(storage or {})}},
+        ],
+    }
+    kvpatch.apply(model, config)
+    ids = prompt_ids(batch=2, length=20 + decode_steps).to(DEVICE)
     steps = []
     with torch.no_grad():
         out = model(ids[:, :20], use_cache=True)
-        for i in range(20, 36):
+        for i in range(20, 20 + decode_steps):
             out = model(ids[:, i : i + 1], use_cache=True, **{cache_kwarg(model): output_cache(out)})
             steps.append(out.logits[:, -1])
-    layers = output_cache(out).layers
-    assert all(layer._encode is not None for layer in layers)  # the fused path ran
-    return torch.stack(steps, 1)
+    return torch.stack(steps, 1), output_cache(out).layers
 
 
 def test_static_layer_through_the_fused_kernel() -> None:
     """capacity_tokens + kernels: triton gives the dynamic layer's logits (the split count may
     differ: float tolerance, not bits)."""
-    torch.testing.assert_close(_static_logits(48), _static_logits(None), atol=1e-4 if DEVICE.type == "cpu" else 5e-2,
+    static, layers = _model_logits("triton", storage={"capacity_tokens": 48}, decode_steps=16)
+    assert all(layer.static and layer._encode is not None for layer in layers)  # the fused path ran
+    dynamic, _ = _model_logits("triton", decode_steps=16)
+    torch.testing.assert_close(static, dynamic, atol=1e-4 if DEVICE.type == "cpu" else 5e-2,
                                rtol=0)
 
 
@@ -243,28 +253,6 @@ def test_encode_is_bitwise_the_torch_encode(bits: int, group: int, dim: int, dty
         for name, tensor in expected.tensors.items():
             assert torch.equal(got.tensors[name], tensor), f"{role} {name}"
             assert torch.equal(enabled.tensors[name], tensor), f"{role} {name} (enabled flag)"
-
-
-def _model_logits(kernel: str, quantizer: tuple[str, dict] = ("kivi", {"bits": 4, "group_size": 8})) -> tuple[torch.Tensor, list]:
-    model = tiny_model("llama").to(DEVICE)
-    config = {
-        "name": f"quantized-{kernel}",
-        "fidelity": {"lossless": False},
-        "kernels": {"attention": kernel},
-        "stages": [
-            {"kind": "quantizer", "impl": quantizer[0], "params": quantizer[1]},
-            {"kind": "storage", "impl": "quantized", "params": {"residual_length": 8, "sink_tokens": 2}},
-        ],
-    }
-    kvpatch.apply(model, config)
-    ids = prompt_ids(batch=2, length=30).to(DEVICE)
-    steps = []
-    with torch.no_grad():
-        out = model(ids[:, :20], use_cache=True)
-        for i in range(20, 30):
-            out = model(ids[:, i : i + 1], use_cache=True, **{cache_kwarg(model): output_cache(out)})
-            steps.append(out.logits[:, -1])
-    return torch.stack(steps, 1), output_cache(out).layers
 
 
 def test_patched_model_decodes_through_the_fused_kernel() -> None:
