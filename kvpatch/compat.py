@@ -30,6 +30,15 @@ def query_length(arg: Any) -> int:
     return int(arg.shape[0]) if isinstance(arg, torch.Tensor) else int(arg)
 
 
+def mask_query_length(mask_kwargs: dict[str, Any]) -> int | None:
+    """The query length a mask function is asked for: `q_length` on transformers 5.2x, the
+    length of `cache_position` on earlier 5.x; None if the caller passed neither by name."""
+    if "q_length" in mask_kwargs:
+        return int(mask_kwargs["q_length"])
+    position = mask_kwargs.get("cache_position")
+    return int(position.shape[0]) if isinstance(position, torch.Tensor) else None
+
+
 def init_empty_layer(layer: Any, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
     """What `DynamicLayer.lazy_initialization` does, for kvpatch's own layers: its signature
     differs across transformers 5.x (one argument on 5.17, two on 5.24)."""

@@ -20,6 +20,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
+from ..compat import mask_query_length
 from ..errors import UnsupportedModelError
 from ..kernels import math_attention, sdpa_attention
 from ..kernels.torch_attention import bottom_right_causal_mask
@@ -141,6 +142,12 @@ def kvpatch_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     flash kernel's own lower-right causality instead of a materialised mask, which SDPA can only
     serve with slower kernels. Replaced only after checking it equals that pattern exactly."""
     mask = sdpa_mask(*args, **kwargs)
+    if mask is None:
+        if not _skipped_mask_is_top_left(kwargs):
+            return None
+        # transformers skipped a mask that SDPA's `is_causal` would align top-left (a prefill into
+        # an empty static buffer); kvpatch reads None as bottom-right, so build it explicitly.
+        mask = sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False})
     if mask is None or mask.dtype != torch.bool or mask.dim() != 4:
         return mask
     q_len, k_len = mask.shape[-2], mask.shape[-1]
@@ -148,6 +155,14 @@ def kvpatch_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
         return mask
     causal = bottom_right_causal_mask(q_len, k_len, mask.device)
     return None if torch.equal(mask, causal.expand_as(mask)) else mask
+
+
+def _skipped_mask_is_top_left(mask_kwargs: dict[str, Any]) -> bool:
+    """Whether transformers skipped the mask for more queries than keys-minus-queries allows
+    bottom-right alignment to agree with top-left (`q > 1` and `kv > q`)."""
+    q_len = mask_query_length(mask_kwargs)
+    kv_len = mask_kwargs.get("kv_length")
+    return q_len is not None and kv_len is not None and 1 < q_len < int(kv_len)
 
 
 def register_attention() -> None:

@@ -54,11 +54,13 @@ def cache_kv_bytes(cache: Cache) -> dict[str, int]:
 class KVPatchCache(Cache):
     """A transformers Cache whose layers come from a kvpatch storage stage."""
 
-    def __init__(self, layers: list[CacheLayerMixin]) -> None:
+    def __init__(self, layers: list[CacheLayerMixin], owner: object | None = None) -> None:
         super().__init__(layers=layers)
         #: Called as recorder(layer_idx, keys, values) with every update's new K/V (chunk reuse
         #: records a prefill's K/V this way, before sliding layers drop old tokens).
         self.recorder: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+        #: The pipeline that made this cache: only its model may run with it (PatchHandle.owns).
+        self.owner = owner
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
