@@ -2,7 +2,9 @@
 
 `load_config` accepts a path, a bundled config name ("default"), a dict, or a `PipelineConfig`,
 and either returns a fully validated config or raises one `ConfigError` that names the source,
-the field path and what was expected. YAML is read with `yaml.safe_load` only.
+the field path and what was expected. YAML is read with `yaml.safe_load` semantics, hardened for
+files from users (`kvpatch.config_yaml`): no aliases, bounded size and depth, no duplicate keys; errors
+quote at most `ECHO_LIMIT` characters of any value.
 """
 
 from __future__ import annotations
@@ -12,18 +14,19 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, ValidationError, model_validator
 
-from .errors import ConfigError
+from .config_yaml import read_yaml
+from .errors import ConfigError, echo
+from .params import Fraction
 from .registry import Stage, get_stage_class
 from .resources import bundled_dir
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StageConfig(_Strict):
@@ -51,7 +54,7 @@ def _check_params(stage: StageConfig) -> None:
     try:
         stage.stage_class().Params.model_validate(stage.params)
     except ValidationError as err:
-        problems = "; ".join(_format_error(e, prefix="params") for e in err.errors())
+        problems = _listed([_format_error(e, prefix="params") for e in err.errors()], "; ")
         raise ValueError(f"{stage.kind}/{stage.impl}: {problems}") from None
 
 
@@ -79,9 +82,9 @@ class FidelityConfig(_Strict):
     """What a config promises about outputs; the config-matrix tests and the harness check it."""
 
     lossless: bool = True
-    min_logit_cosine: float | None = Field(default=None, ge=0.0, le=1.0)
-    min_top1_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
-    max_ppl_ratio: float | None = Field(default=None, ge=1.0)
+    min_logit_cosine: Fraction | None = None
+    min_top1_agreement: Fraction | None = None
+    max_ppl_ratio: Annotated[float, Strict(), Field(ge=1.0, allow_inf_nan=False)] | None = None
 
 
 class PipelineConfig(_Strict):
@@ -136,16 +139,32 @@ class PipelineConfig(_Strict):
 ConfigSource = Union[str, "os.PathLike[str]", Mapping[str, Any], PipelineConfig]
 
 
+#: Most problems one ConfigError lists (a file of a thousand bad keys gets a short message).
+MAX_LISTED_PROBLEMS = 20
+
+
 def _format_error(error: Mapping[str, Any], prefix: str = "") -> str:
-    loc = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
+    loc = ".".join(_loc_part(part) for part in (prefix, *error["loc"]) if part != "")
     message = str(error["msg"]).removeprefix("Value error, ")
     if error.get("type") == "extra_forbidden":
         message = "unknown key (not allowed here)"
     elif error.get("type") == "missing":
         message = "required field is missing"
     elif "input" in error and error.get("type") not in ("value_error",):
-        message += f" (got {error['input']!r})"
+        message += f" (got {echo(error['input'])})"
     return f"{loc or '<top level>'}: {message}"
+
+
+def _loc_part(part: object) -> str:
+    """A field path element; keys come from the user, so long ones are cut like values."""
+    text = str(part)
+    return text if len(text) <= 40 else echo(text, 40)
+
+
+def _listed(problems: list[str], separator: str) -> str:
+    shown = problems[:MAX_LISTED_PROBLEMS]
+    more = len(problems) - len(shown)
+    return separator.join(shown) + (f"{separator}... and {more} more" if more else "")
 
 
 def validate_config(data: Any, source: str = "<dict>") -> PipelineConfig:
@@ -155,7 +174,7 @@ def validate_config(data: Any, source: str = "<dict>") -> PipelineConfig:
     try:
         config = PipelineConfig.model_validate(dict(data))
     except ValidationError as err:
-        problems = "\n".join(f"  - {_format_error(e)}" for e in err.errors())
+        problems = _listed([f"  - {_format_error(e)}" for e in err.errors()], "\n")
         raise ConfigError(f"invalid kvpatch config {source}:\n{problems}") from None
     config._source = source
     return config
@@ -180,21 +199,6 @@ def resolve_config_path(source: str | os.PathLike[str]) -> Path:
         f"kvpatch config {str(source)!r} not found: it is neither an existing file nor a bundled config "
         f"name; bundled configs: {', '.join(bundled) or '(none)'}"
     )
-
-
-def read_yaml(path: Path) -> Any:
-    """`yaml.safe_load` a file, turning syntax errors into a ConfigError with the line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"cannot read kvpatch config {path}: {err.strerror}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError(f"kvpatch config {path} is not valid YAML{where}: {problem}") from None
 
 
 def load_config(source: ConfigSource) -> PipelineConfig:

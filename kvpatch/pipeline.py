@@ -11,6 +11,8 @@ from typing import Any, Protocol
 from transformers.cache_utils import CacheLayerMixin
 
 from .config import PipelineConfig, StageConfig
+from .errors import ConfigError
+from .model_shapes import ModelShapes
 from .patch.cache import KVPatchCache, LayerLayout, layer_layouts
 from .registry import Stage
 
@@ -38,9 +40,22 @@ class Pipeline:
         """Whether the config reuses chunks across requests (it has a chunker stage)."""
         return any(s.kind == "chunker" for s in self.stages)
 
+    def validate_model(self, model_config: Any) -> None:
+        """Refuse, before anything is patched, a config whose stages cannot work on this model's
+        shapes (one ConfigError naming each stage, field, the model's value and what was expected)."""
+        shapes = ModelShapes.of(model_config)
+        problems = [f"stage {s.kind}/{s.name}: {problem}" for s in self.stages for problem in s.model_problems(shapes)]
+        if problems:
+            raise ConfigError(
+                f"kvpatch config {self.config.source} does not fit this {shapes.model_type} model "
+                f"(head_dim {shapes.head_dim}, {shapes.num_layers} layers, vocabulary {shapes.vocab_size}): "
+                + "; ".join(problems)
+            )
+
     def new_cache(self, model_config: Any) -> KVPatchCache:
         """A fresh, empty cache for a model with `model_config`."""
-        return KVPatchCache([self.layer_builder.make_layer(layout) for layout in layer_layouts(model_config)])
+        layers = [self.layer_builder.make_layer(layout) for layout in layer_layouts(model_config)]
+        return KVPatchCache(layers, owner=self)
 
     def stats(self) -> dict[str, dict[str, Any]]:
         return {f"{s.kind}/{s.name}": s.stats() for s in self.stages}

@@ -12,11 +12,14 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Sequence
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
 from .errors import UnknownStageError
+
+if TYPE_CHECKING:
+    from .model_shapes import ModelShapes
 
 #: Every stage kind the pipeline knows, with the job it does. Kinds are fixed here (not by
 #: registration) so that a typo in a config's `kind` is caught even before any stage exists.
@@ -36,9 +39,10 @@ STAGE_KINDS: dict[str, str] = {
 
 
 class StageParams(BaseModel):
-    """Base of every stage's params model: unknown keys are errors, values are immutable."""
+    """Base of every stage's params model: unknown keys are errors, values are immutable, and
+    types are strict (`true` is not a number, "4" is not an int); bounds come from `kvpatch.params`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Stage:
@@ -65,6 +69,11 @@ class Stage:
 
     def connect(self, stages: "Sequence[Stage]") -> None:
         """Called once all of a pipeline's stages are built: find the ones named in `requires`."""
+
+    def model_problems(self, shapes: "ModelShapes") -> list[str]:
+        """Why this stage cannot work on a model of these shapes (empty: it can). `apply` asks
+        before patching, so a group size that does not divide head_dim fails there, not mid-generate."""
+        return []
 
     def stats(self) -> dict[str, Any]:
         """Counters a user may want from `handle.stats()` (empty by default)."""

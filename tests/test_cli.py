@@ -97,7 +97,7 @@ def test_request_snapshot_import_continues_exactly(capsys: pytest.CaptureFixture
     ids = torch.cat([ids, torch.tensor([tokenizer(" and", add_special_tokens=False).input_ids])], 1)
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
     assert f"continuation: {tokenizer.decode(expected[0, ids.shape[1]:])!r}" in out
-    assert run(capsys, "snapshot", "import", path, "--model", "tiny-llama", "--config", "kivi4")[0] == EXIT_FAILED
+    assert run(capsys, "snapshot", "import", path, "--model", "tiny-llama", "--config", "fibquant")[0] == EXIT_FAILED
 
 
 def test_chunk_store_snapshot_cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

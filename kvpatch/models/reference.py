@@ -17,11 +17,11 @@ import torch
 
 from ..data.needle import encode
 from ..errors import KVPatchError
+from .folder import load_folder, missing_parts
 
 MODELS_DIR = Path(__file__).resolve().parent
 DEFAULT_NAME = "kvpatch-ref"
 KNOWN_NAMES = (DEFAULT_NAME,)
-REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 HELDOUT_FILE = "heldout.txt"
 REPORT_FILE = "training_report.json"
 TRAIN_COMMAND = (
@@ -45,7 +45,7 @@ def model_dir(name: str | os.PathLike[str] = DEFAULT_NAME) -> Path:
 
 
 def _check_files(directory: Path, name: str | os.PathLike[str]) -> None:
-    missing = [f for f in REQUIRED_FILES if not (directory / f).is_file()]
+    missing = missing_parts(directory)
     if not missing:
         return
     raise ReferenceModelMissingError(
@@ -59,30 +59,19 @@ def _check_files(directory: Path, name: str | os.PathLike[str]) -> None:
 def available() -> list[str]:
     """Names of the shipped models whose files are present."""
     names = (d.name for d in MODELS_DIR.iterdir() if d.is_dir())
-    return sorted(n for n in names if all((MODELS_DIR / n / f).is_file() for f in REQUIRED_FILES))
-
-
-def _default_dtype(device: torch.device) -> torch.dtype:
-    # float32 on CPU (bf16 matmuls there are slow and less exact); bf16 on accelerators.
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return sorted(n for n in names if not missing_parts(MODELS_DIR / n))
 
 
 def load(
     name: str | os.PathLike[str] = DEFAULT_NAME,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> tuple[Any, Any]:
-    """(model, tokenizer) of a shipped reference model (or a model directory), in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """(model, tokenizer) of a shipped reference model or of any model directory transformers
+    loads (single-file or sharded weights), in eval mode; `dtype` as in `folder.load_folder`."""
     directory = model_dir(name)
     _check_files(directory, name)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, local_files_only=True, dtype=dtype or _default_dtype(dev)
-    )
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    return model.to(dev).eval(), tokenizer
+    return load_folder(directory, device, dtype)
 
 
 def heldout_text(name: str | os.PathLike[str] = DEFAULT_NAME) -> str:

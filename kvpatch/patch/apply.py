@@ -15,7 +15,6 @@ import logging
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from ..compat import cache_kwarg
 from ..config import ConfigSource, PipelineConfig, load_config
@@ -24,6 +23,7 @@ from ..families import FamilySpec, family_spec
 from ..pipeline import Pipeline
 from .attention import ATTENTION_NAME, KERNEL_ATTR, probe_attention_calls, register_attention
 from .cache import KVPatchCache
+from .cache_args import CacheResolver, as_keywords, positional_names, take_cache_argument, use_cache_flag
 from .cache_events import CacheEvents
 from ..reuse.controller import ReuseController, reuse_namespace
 
@@ -46,6 +46,8 @@ class PatchHandle:
         self._compiled = False
         self._last_cache: KVPatchCache | None = None
         self._cache_kwarg = cache_kwarg(model)
+        self._forward_params = positional_names(model.forward)
+        self._caches = CacheResolver(self.new_cache, self.owns, config.fidelity.lossless, config.name)
         self._events: CacheEvents | None = None
         self._post_hook: torch.utils.hooks.RemovableHandle | None = None
         #: Chunk reuse across requests, when the config has reuse stages (kvpatch.reuse).
@@ -58,6 +60,11 @@ class PatchHandle:
         cache = self.pipeline.new_cache(self.model.config)
         self._last_cache = cache
         return cache
+
+    def owns(self, cache: KVPatchCache) -> bool:
+        """Whether `cache` was made by this handle's pipeline (for this model): a cache of another
+        patched model, or of an earlier `apply` to this one, is refused."""
+        return cache.owner is self.pipeline
 
     @property
     def last_cache(self) -> KVPatchCache | None:
@@ -73,29 +80,17 @@ class PatchHandle:
         self._last_cache = None
 
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        cache = kwargs.get(self._cache_kwarg)
+        kwargs = as_keywords(self._forward_params, args, kwargs)
+        cache = take_cache_argument(kwargs, self._cache_kwarg)
+        cache = self._caches.resolve(cache, use_cache_flag(kwargs, self.model))
+        if cache is None:
+            return (), kwargs
+        kwargs[self._cache_kwarg] = cache
         if isinstance(cache, KVPatchCache):
             self._last_cache = cache
-        else:
-            use_cache = kwargs.get("use_cache")
-            if use_cache is None:
-                use_cache = getattr(self.model.config, "use_cache", True)
-            if cache is None and not use_cache:
-                return None
-            if cache is not None and not _is_fresh_default_cache(cache):
-                logger.warning(
-                    "kvpatch: %s was given a %s it did not create; attention still runs through kvpatch, "
-                    "but the pipeline's storage stages are bypassed for this call",
-                    type(module).__name__,
-                    type(cache).__name__,
-                )
-                return None
-            cache = kwargs[self._cache_kwarg] = self.new_cache()
-        if self.reuse is not None and len(args) <= 1:
-            if args:  # model(input_ids): reuse trims input_ids, so pass it by name
-                args, kwargs = (), {"input_ids": args[0], **kwargs}
-            kwargs = self.reuse.before_forward(kwargs, cache) or kwargs
-        return args, kwargs
+            if self.reuse is not None:
+                kwargs = self.reuse.before_forward(kwargs, cache) or kwargs
+        return (), kwargs
 
     def _post_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         cache = kwargs.get(self._cache_kwarg)
@@ -146,15 +141,6 @@ class PatchHandle:
         return self._last_cache
 
 
-def _is_fresh_default_cache(cache: Any) -> bool:
-    """An empty DynamicCache that `generate` made by default (not one a user passed in)."""
-    return (
-        type(cache) is DynamicCache
-        and cache.get_seq_length() == 0
-        and not getattr(cache, "_is_user_defined", False)
-    )
-
-
 def _probe(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Run two tokens through the model and return the modules that called kvpatch's attention."""
     config = model.config.get_text_config(decoder=True)
@@ -184,6 +170,7 @@ def apply(model: torch.nn.Module, config: ConfigSource = "default") -> PatchHand
     model_type = getattr(model.config, "model_type", None)
     family = family_spec(str(model_type))
     handle = PatchHandle(model, pipeline_config, family)
+    handle.pipeline.validate_model(model.config)  # before anything changes: a refused model stays unpatched
 
     register_attention()
     try:

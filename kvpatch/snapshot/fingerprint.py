@@ -24,9 +24,11 @@ VOLATILE_CONFIG_KEYS = frozenset({
     "return_dict", "use_cache",
 })
 
-#: Weights digests by model, with the parameter storages and versions they were computed for:
-#: hashing every parameter is slow, and a model is exported from or loaded into many times.
+#: Weights digests by model, with the parameter checksums they were computed for: hashing every
+#: parameter is slow, and a model is exported from or loaded into many times.
 _WEIGHTS_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+#: Width of the grid of words that `parameter_checksum` sums along both axes.
+_GRID = 4096
 
 
 def architecture_digest(model_config: Any) -> str:
@@ -40,10 +42,11 @@ def architecture_digest(model_config: Any) -> str:
 def weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 over every parameter's name, shape, dtype and bytes, in `named_parameters` order.
 
-    Cached per model; the cache is keyed on each parameter's storage pointer and version counter,
-    so any in-place update (optimizer step, `load_state_dict`) recomputes it."""
+    Cached per model and recomputed whenever a parameter's `parameter_checksum` changes: version
+    counters alone miss writes through `.data` (`weight.data += delta` when adapters are merged),
+    and a snapshot of the old weights would then be accepted by the new ones."""
     params = list(model.named_parameters())
-    signature = tuple((name, p.data_ptr(), p._version) for name, p in params)
+    signature = tuple((name, p.dtype, tuple(p.shape), parameter_checksum(p)) for name, p in params)
     cached = _WEIGHTS_CACHE.get(model)
     if cached is not None and cached[0] == signature:
         return cached[1]
@@ -52,6 +55,23 @@ def weights_digest(model: torch.nn.Module) -> str:
         update_digest(digest, name, p)
     _WEIGHTS_CACHE[model] = (signature, digest.hexdigest())
     return digest.hexdigest()
+
+
+def parameter_checksum(p: torch.Tensor) -> bytes:
+    """A cheap digest of a tensor's bits that any in-place write changes, computed on its own device
+    (~10x faster than SHA-256 on a CPU, no host copy on a GPU). The bits are read as int32 words in
+    a grid `_GRID` wide and summed, wrapping, along both axes: a changed word changes its row and
+    column sums, two swapped words their rows or their columns."""
+    raw = p.detach().reshape(-1).view(torch.uint8)
+    aligned = raw.numel() // 4 * 4
+    words = raw[:aligned].view(torch.int32)
+    whole = words.numel() // _GRID * _GRID
+    grid = words[:whole].view(-1, _GRID)
+    parts = (grid.sum(1, dtype=torch.int32), grid.sum(0, dtype=torch.int32), words[whole:], raw[aligned:])
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.cpu().numpy().tobytes())
+    return digest.digest()
 
 
 def model_fingerprint(model: torch.nn.Module) -> ModelFingerprint:

@@ -18,10 +18,11 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import model_validator
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..compat import init_empty_layer, query_length
+from ..params import Count, Fraction, PositiveFraction, Size
 from ..patch.cache import LayerLayout
 from ..registry import Stage, StageParams, first_stage_of, register_stage
 from .offloader import CpuOffloader
@@ -221,21 +222,21 @@ class BudgetEvictor(Stage):
 
     class Params(StageParams):
         #: Fixed budget in tokens per layer (and head) ...
-        max_tokens: int | None = Field(default=None, ge=1)
+        max_tokens: Size | None = None
         #: ... or a fraction of the tokens seen so far (0.25 = a 4x smaller cache; the default
         #: when neither is set).
-        ratio: float | None = Field(default=None, gt=0.0, le=1.0)
+        ratio: PositiveFraction | None = None
         #: First tokens always kept (attention sinks).
-        sink_tokens: int = Field(default=4, ge=0)
+        sink_tokens: Count = 4
         #: Most recent tokens always kept; `recent_fraction` reserves a share of the budget
         #: for recency instead (the larger of the two applies): the "split ratio" of hybrid
         #: truncation.
-        recent_tokens: int = Field(default=16, ge=0)
-        recent_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+        recent_tokens: Count = 16
+        recent_fraction: Fraction = 0.0
         granularity: Literal["head", "layer"] = "head"
         #: During decode, evict every `every` forwards (the cache grows by up to every-1 tokens
         #: past the budget in between); prefills always evict.
-        every: int = Field(default=1, ge=1)
+        every: Size = 1
 
         @model_validator(mode="before")
         @classmethod

@@ -4,11 +4,12 @@ implement `ChunkIndex`, so the chunk store takes whichever a config names."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, Union
+from typing import Annotated, Any, Optional, Protocol, Union
 
 from pydantic import Field
 
 from ..hashing.index import HashIndex, IndexConfig, PowerOfTwo
+from ..params import PositiveFraction
 from ..registry import Stage, StageParams, register_stage
 
 ChunkKey = Union[int, bytes]
@@ -30,7 +31,7 @@ class FibonacciIndex(Stage):
 
     class Params(StageParams):
         initial_capacity: PowerOfTwo = 1024
-        max_load_factor: float = Field(default=0.75, gt=0.0, lt=1.0)
+        max_load_factor: Annotated[PositiveFraction, Field(lt=1.0)] = 0.75
 
     params: Params
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import field_validator
 
 from ..registry import Stage, StageParams, register_stage
 
@@ -38,6 +39,13 @@ class CpuOffloader(Stage):
         #: Where the mmap files go (a fresh temporary directory inside it); default: the
         #: system temporary directory.
         mmap_dir: str | None = None
+
+        @field_validator("mmap_dir")
+        @classmethod
+        def _directory(cls, value: str | None) -> str | None:
+            if value is not None and Path(value).exists() and not Path(value).is_dir():
+                raise ValueError("expected a directory (or a path to create one at), found an existing non-directory")
+            return value
 
     params: Params
 

@@ -14,11 +14,13 @@ token i alone gives exactly row i of a full decode (the inverse rotation is batc
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, model_validator
 
+from ..model_shapes import ModelShapes, divisors, misfit
+from ..params import Count, Seed, Size
 from ..quant.base import QuantizerStage, Role
 from ..quant.codes import Codes
 from ..quant.fibquant_codebook import auto_radial_levels, lloyd_refine, nearest_codeword, source_refined_codebook
@@ -37,24 +39,24 @@ class FibQuantizer(QuantizerStage):
 
     class Params(StageParams):
         #: Bits of each block's codebook index (the codebook has at most 2**code_bits entries).
-        code_bits: int = Field(default=8, ge=1, le=16)
+        code_bits: Annotated[Size, Field(le=16)] = 8
         #: Coordinates per block (k); must divide head_dim. code_bits / block_dim bits per element.
-        block_dim: int = Field(default=8, ge=1)
+        block_dim: Size = 8
         #: Radii in the product codebook. None: the split with the lowest MSE on seeded samples
         #: of the sphere, over powers of two (see `auto_radial_levels`). 1 when block_dim == head_dim.
-        radial_levels: int | None = Field(default=None, ge=1)
+        radial_levels: Size | None = None
         #: Place radii at quantiles of p(r)^(1/3) (Bennett-Gersho) rather than of p(r).
         companding: bool = True
         #: Random rotation before quantizing. "hadamard" needs a power-of-two head_dim.
         rotation: RotationKind = "hadamard"
         #: Seed of the rotation (the same seed gives the same codes on every machine).
-        seed: int = 0
+        seed: Seed = 0
         norm_dtype: Literal["float16", "bfloat16"] = "float16"
         #: Lloyd-Max steps on seeded samples of the spherical source model when the codebook is
         #: built (data-independent; see `source_refined_codebook`). 0: the analytic codebook.
-        source_lloyd_iters: int = Field(default=8, ge=0)
+        source_lloyd_iters: Count = 8
         #: Lloyd-Max (k-means) iterations that `calibrate` runs on calibration data.
-        lloyd_iters: int = Field(default=0, ge=0)
+        lloyd_iters: Count = 0
         #: "first_encode": if a role's first encode has >= 256 tokens, that role's codebook is first
         #: calibrated on it (lloyd_iters steps), so all codes depend on that data. A shorter first
         #: encode fixes the analytic codebook for good (earlier codes must keep decoding). One
@@ -133,6 +135,17 @@ class FibQuantizer(QuantizerStage):
 
     def stats(self) -> dict[str, object]:
         return {"codebooks": len(self._codebooks), "calibrated": sorted(f"{r}.{d}" for r, d in self._calibrated)}
+
+    def model_problems(self, shapes: ModelShapes) -> list[str]:
+        dim, k = shapes.head_dim, self.params.block_dim
+        if dim % k:
+            return [misfit("block_dim", k, "head_dim", dim, f"a divisor of {dim}: one of {divisors(dim)}")]
+        try:
+            check_rotation_dim(self.params.rotation, dim)
+        except ValueError:
+            return [misfit("rotation", self.params.rotation, "head_dim", dim,
+                           "a power-of-two head_dim for 'hadamard'; use rotation: orthogonal")]
+        return []
 
     def _check_dim(self, dim: int) -> None:
         k = self.params.block_dim

@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
 
+from ..model_shapes import ModelShapes, divisors, misfit
+from ..params import Size
 from ..quant.base import QuantizerStage, Role
 from ..quant.codes import Codes
 from ..quant.groupwise import dequantize_groups, quantize_groups
@@ -28,9 +29,16 @@ class KiviQuantizer(QuantizerStage):
         bits: Literal[2, 4, 8] = 4
         #: Tokens per key group (per-channel scales) and channels per value group (per-token
         #: scales). Costs 32 / group_size bits per element for the float16 scale + zero point.
-        group_size: int = Field(default=32, ge=1)
+        group_size: Size = 32
 
     params: Params
+
+    def model_problems(self, shapes: ModelShapes) -> list[str]:
+        if shapes.head_dim % self.params.group_size:
+            return [misfit("group_size", self.params.group_size, "head_dim", shapes.head_dim,
+                           f"a divisor of {shapes.head_dim} (value groups split each head's channels): "
+                           f"one of {divisors(shapes.head_dim)}")]
+        return []
 
     def block_tokens(self, role: Role) -> int:
         return self.params.group_size if role == "key" else 1

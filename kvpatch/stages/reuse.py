@@ -6,10 +6,12 @@ each prefill. The chunk store stages (`store/*`) live in their own modules.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Strict
 
+from ..model_shapes import ModelShapes, misfit
+from ..params import Count, Fraction, Size, TokenId
 from ..registry import Stage, StageParams, register_stage
 from ..reuse.chunk_hash import HashAlgorithm
 
@@ -21,13 +23,20 @@ class FixedChunker(Stage):
     requires: ClassVar[tuple[str, ...]] = ("matcher", "store")
 
     class Params(StageParams):
-        size: int = Field(default=128, ge=1)
+        size: Size = 128
         #: Move each cut up to this many tokens to just after a boundary token (0: never).
-        boundary_window: int = Field(default=0, ge=0)
+        boundary_window: Count = 0
         #: Boundary tokens given by id; the Engine adds every token whose text contains a newline.
-        boundary_token_ids: tuple[int, ...] = ()
+        boundary_token_ids: Annotated[tuple[TokenId, ...], Strict(False)] = ()  # a YAML list is fine
 
     params: Params
+
+    def model_problems(self, shapes: ModelShapes) -> list[str]:
+        outside = sorted(i for i in self.params.boundary_token_ids if i >= shapes.vocab_size)
+        if outside:
+            return [misfit("boundary_token_ids", outside[:8], "vocab_size", shapes.vocab_size,
+                           f"token ids below {shapes.vocab_size}")]
+        return []
 
     def __init__(self, params: Params) -> None:
         super().__init__(params)
@@ -76,7 +85,7 @@ class RecomputeStage(Stage):
     """Base of the seam-repair strategies; `sink_tokens` first tokens are always recomputed."""
 
     class Params(StageParams):
-        sink_tokens: int = Field(default=0, ge=0)
+        sink_tokens: Count = 0
 
     params: Any
 
@@ -92,7 +101,7 @@ class SelectiveRecompute(RecomputeStage):
     preceding context, in every layer."""
 
     class Params(RecomputeStage.Params):
-        seam_tokens: int = Field(default=16, ge=0)
+        seam_tokens: Count = 16
 
     params: Params
 
@@ -103,7 +112,16 @@ class CacheBlendRecompute(RecomputeStage):
     deviated there, and recompute only those in the later layers."""
 
     class Params(RecomputeStage.Params):
-        ratio: float = Field(default=0.15, ge=0.0, le=1.0)
-        check_layer: int = Field(default=1, ge=0)
+        ratio: Fraction = 0.15
+        #: Layer whose deviations pick the tokens to recompute (the default is clamped to the
+        #: model's last layer; a value set explicitly must exist).
+        check_layer: Count = 1
 
     params: Params
+
+    def model_problems(self, shapes: ModelShapes) -> list[str]:
+        layer = self.params.check_layer
+        if "check_layer" in self.params.model_fields_set and layer >= shapes.num_layers:
+            return [misfit("check_layer", layer, "number of layers", shapes.num_layers,
+                           f"a layer index below {shapes.num_layers}")]
+        return []

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
-
+from ..params import Fraction, Size, Weight
 from ..registry import Stage, StageParams, register_stage
 
 #: Queries scored at once, at most; fewer when keys are many, so that the transient
@@ -137,8 +136,8 @@ class SnapKVScorer(ScorerStage):
     neighbouring tokens so that a kept token keeps its context."""
 
     class Params(StageParams):
-        window: int = Field(default=32, ge=1)
-        kernel: int = Field(default=7, ge=1)
+        window: Size = 32
+        kernel: Size = 7
         pooling: Literal["avg", "max"] = "avg"
 
     params: Params
@@ -197,10 +196,10 @@ class HybridScorer(ScorerStage):
     evictor's `sink_tokens`."""
 
     class Params(StageParams):
-        decay: float = Field(default=0.9, ge=0.0, le=1.0)
-        w_attn: float = Field(default=1.0, ge=0.0)
-        w_recency: float = Field(default=0.1, ge=0.0)
-        window: int = Field(default=32, ge=1)
+        decay: Fraction = 0.9
+        w_attn: Weight = 1.0
+        w_recency: Weight = 0.1
+        window: Size = 32
 
     params: Params
 

@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
 from transformers.cache_utils import (
     CacheLayerMixin,
     DynamicLayer,
@@ -29,6 +28,8 @@ from transformers.cache_utils import (
 
 from ..compat import init_empty_layer, query_length
 from ..kernels.packed import PackedKV, kivi_layout
+from ..model_shapes import ModelShapes
+from ..params import Count, Size
 from ..patch.cache import LayerLayout
 from ..quant.base import QuantizerStage
 from ..quant.codes import Codes
@@ -36,6 +37,20 @@ from ..registry import Stage, StageParams, first_stage_of, register_stage
 
 #: Forwards of at most this many new tokens get `PackedKV` from `update` (decode, speculative).
 PACKED_MAX_QUERY = 16
+
+
+def flush_block(quantizer: QuantizerStage) -> int:
+    """Tokens a layer encodes at once: a whole block of keys and of values."""
+    return math.lcm(quantizer.block_tokens("key"), quantizer.block_tokens("value"))
+
+
+def static_residual_problem(residual_length: int, block: int) -> str | None:
+    """Why preallocated (`capacity_tokens`) layers cannot keep this residual window (None: they can):
+    their ring of residual slots flushes whole blocks."""
+    if residual_length % block:
+        return (f"residual_length ({residual_length}) must be a multiple of the quantizer's block "
+                f"({block} tokens) when capacity_tokens is set")
+    return None
 
 
 class QuantizedLayer(DynamicLayer):
@@ -53,7 +68,7 @@ class QuantizedLayer(DynamicLayer):
         self.sink_keys: torch.Tensor | None = None
         self.sink_values: torch.Tensor | None = None
         #: Tokens are quantized in multiples of this (KIVI keys share scales across a group).
-        self.flush_block = math.lcm(quantizer.block_tokens("key"), quantizer.block_tokens("value"))
+        self.flush_block = flush_block(quantizer)
         self.key_codes: Codes | None = None
         self.value_codes: Codes | None = None
         #: encode(x, role, enabled=None) -> Codes in place of the quantizer's (`use_triton_encode`);
@@ -202,16 +217,16 @@ class QuantizedStorage(Stage):
     class Params(StageParams):
         #: Most recent tokens kept in full precision (KIVI uses 32-128). Tokens beyond it are
         #: quantized in whole blocks of the quantizer's group size.
-        residual_length: int = Field(default=128, ge=0)
+        residual_length: Count = 128
         #: First tokens of the sequence kept in full precision (attention sinks).
-        sink_tokens: int = Field(default=0, ge=0)
+        sink_tokens: Count = 0
         #: Decode the codes through torch.compile (6-10x faster decode on a GPU; the first calls
         #: pay for compiling).
         compile_decode: bool = False
         #: Preallocate buffers for this many tokens per sequence and keep the layer's counters on
         #: the device: decode steps then have fixed shapes and never sync with the host, so they
         #: can be captured in a CUDA graph (`kvpatch.CudaGraphDecoder`). None: grow as needed.
-        capacity_tokens: int | None = Field(default=None, ge=1)
+        capacity_tokens: Size | None = None
 
     params: Params
 
@@ -221,6 +236,12 @@ class QuantizedStorage(Stage):
 
     def connect(self, stages: Sequence[Stage]) -> None:
         self.quantizer = first_stage_of(stages, QuantizerStage, "storage/quantized")
+
+    def model_problems(self, shapes: ModelShapes) -> list[str]:
+        if self.params.capacity_tokens is None or self.quantizer is None:
+            return []
+        problem = static_residual_problem(self.params.residual_length, flush_block(self.quantizer))
+        return [problem] if problem else []
 
     def make_layer(self, layout: LayerLayout) -> CacheLayerMixin:
         if layout.sliding_window is not None:

@@ -29,7 +29,7 @@ from ..errors import ConfigError
 from ..kernels.packed import PackedKV
 from ..quant.base import QuantizerStage
 from ..quant.codes import Codes
-from .storage_quantized import PACKED_MAX_QUERY, QuantizedLayer
+from .storage_quantized import PACKED_MAX_QUERY, QuantizedLayer, static_residual_problem
 
 
 class StaticQuantizedLayer(QuantizedLayer):
@@ -39,9 +39,9 @@ class StaticQuantizedLayer(QuantizedLayer):
                  compile_decode: bool, capacity_tokens: int) -> None:
         super().__init__(quantizer, residual_length, sink_tokens, compile_decode)
         block = self.flush_block
-        if residual_length % block:
-            raise ConfigError(f"storage/quantized: residual_length ({residual_length}) must be a multiple of the "
-                              f"quantizer's block ({block} tokens) when capacity_tokens is set")
+        problem = static_residual_problem(residual_length, block)
+        if problem:
+            raise ConfigError(f"storage/quantized: {problem}")
         self.capacity_tokens = capacity_tokens
         self.capacity_blocks = -(-capacity_tokens // block)
         self.ring_slots = residual_length + 2 * block

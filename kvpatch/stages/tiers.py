@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import model_validator
 from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 
+from ..params import Count, PositiveFraction, Size
 from ..patch.cache import LayerLayout
 from ..quant.base import QuantizerStage, Role
 from ..quant.codes import Codes
@@ -148,8 +149,8 @@ class TierBudget(StageParams):
     """A tier's budget per layer and KV head: tokens, or a fraction of the tokens seen; neither
     means unlimited."""
 
-    max_tokens: int | None = Field(default=None, ge=0)
-    ratio: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: Count | None = None
+    ratio: PositiveFraction | None = None
 
     @model_validator(mode="after")
     def _one(self) -> "TierBudget":
@@ -458,20 +459,20 @@ class TieredEvictor(Stage):
         #: Quantized tokens in host memory (needs an offloader); unlimited by default,
         #: `{max_tokens: 0}` drops what leaves warm.
         cold: TierBudget = TierBudget()
-        sink_tokens: int = Field(default=4, ge=0)
-        recent_tokens: int = Field(default=32, ge=0)
+        sink_tokens: Count = 4
+        recent_tokens: Count = 32
         granularity: Literal["head", "layer"] = "head"
         #: Decode steps between promotion rounds (multi-token forwards always run one); None: off.
-        promote_every: int | None = Field(default=16, ge=1)
+        promote_every: Size | None = 16
         #: Recent queries that promotion scores cold and warm blocks against.
-        promote_window: int = Field(default=32, ge=1)
+        promote_window: Size = 32
         #: Most blocks per head swapped in one round.
-        promote_blocks: int = Field(default=4, ge=1)
+        promote_blocks: Size = 4
         #: Decode steps whose queries are scored together, in one pass, instead of one pass per
         #: step (the scorer's kernels are most of a step's overhead). H2O's sums come out the
         #: same (each query is causally masked to the keys it saw, no token moves tier while
         #: queries are pending); a decaying scorer decays once per pass instead of per step.
-        score_every: int = Field(default=1, ge=1)
+        score_every: Size = 1
         #: Decode warm codes and join them to hot through torch.compile on an accelerator: eager,
         #: that is a dozen kernels per layer and forward, most of a decode step's overhead. Eager
         #: on the CPU, where a compile costs more than it saves.
