@@ -16,7 +16,7 @@ from kvpatch.errors import SnapshotCorruptError, SnapshotMismatchError
 from kvpatch.pipeline import Pipeline
 from kvpatch.reuse.chunk import ChunkFormatError, StoredChunk
 from kvpatch.reuse.codecs import BITS, GROUP_SIZE, dense_kv, encode_chunk, kv_shape
-from kvpatch.reuse.disk_tier import DiskTier, chunk_file_name
+from kvpatch.reuse.disk_tier import SUBDIR, DiskTier, chunk_file_name
 from kvpatch.reuse.memory_store import TieredChunkStore
 from kvpatch.reuse.sealed import seal, unseal
 from kvpatch.snapshot import export_store, import_store, read_metadata, read_store_snapshot
@@ -187,7 +187,7 @@ def test_spill_to_disk_and_promote(tmp_path: Path) -> None:
     a, b = make_chunk(1), make_chunk(2)
     s.put(a)
     s.put(b)  # a spills
-    assert (tmp_path / chunk_file_name(a.prefix_hash)).is_file() and s.contains(a.prefix_hash)
+    assert (s.disk.directory / chunk_file_name(a.prefix_hash)).is_file() and s.contains(a.prefix_hash)
     got = s.get(a.prefix_hash)  # promoted back; b spills
     assert torch.equal(got.tensors["kv"], a.tensors["kv"])
     stats = s.stats()
@@ -208,7 +208,7 @@ def test_disk_budget_evicts_least_recently_used(tmp_path: Path) -> None:
     time.sleep(0.01)
     tier.write(make_chunk(3))
     assert [tier.contains(make_chunk(i).prefix_hash) for i in range(4)] == [True, False, True, True]
-    assert tier.stats()["bytes"] == sum(p.stat().st_size for p in tmp_path.iterdir()) <= tier.budget_bytes
+    assert tier.stats()["bytes"] == sum(p.stat().st_size for p in tier.directory.iterdir()) <= tier.budget_bytes
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "unsealed", "garbage"])
@@ -275,11 +275,12 @@ def test_kill_during_writes_never_leaves_a_torn_chunk(tmp_path: Path) -> None:
         time.sleep(0.008 * (attempt % 10))  # spans a few write cycles (serialize, then the temp file)
         writer.kill()  # SIGKILL: no cleanup runs
         writer.join()
-        killed_mid_write += any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+        folder = tmp_path / SUBDIR
+        killed_mid_write += any(p.name.endswith(".tmp") for p in folder.iterdir())
         tier = DiskTier(tmp_path, 10**9)  # opening collects the dead writer's temp file
         chunk = tier.read("k")  # one whole write of this attempt, never a torn or mixed file
         assert torch.equal(chunk.tensors["kv"], kv) and chunk.start >= 1
-        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
     assert killed_mid_write > 0
 
 
@@ -303,12 +304,12 @@ def test_concurrent_writers_share_a_directory(tmp_path: Path) -> None:
         assert w.exitcode == 0
     tier = DiskTier(tmp_path, budget)
     keys = tier.prefix_hashes()
-    assert keys and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert keys and not [p for p in tier.directory.iterdir() if p.name.endswith(".tmp")]
     for key in keys:
         index = int(key, 16)
         assert torch.equal(tier.read(key).tensors["kv"], make_chunk(index).tensors["kv"])
     tier.write(make_chunk(99))  # a write re-reads the directory and enforces the budget
-    assert sum(p.stat().st_size for p in tmp_path.iterdir()) <= budget
+    assert sum(p.stat().st_size for p in tier.directory.iterdir()) <= budget
 
 
 # -- chunk-store snapshots ----------------------------------------------------------------------------
@@ -361,6 +362,12 @@ def test_store_snapshot_refusals(tmp_path: Path, model: torch.nn.Module) -> None
     bad = export_store(tmp_path / "bad.safetensors", wrong, model, config)
     with pytest.raises(SnapshotMismatchError, match="layers, kv_heads, head_dim"):
         read_store_snapshot(bad, model)
+    outside = TieredChunkStore(10**8)
+    chunk = make_chunk(3, model_shape(model))
+    chunk.token_ids[-1] = model.config.vocab_size  # one past the vocabulary
+    outside.put(chunk)
+    with pytest.raises(SnapshotMismatchError, match=r"chunks.0.token_ids \(token id range\)"):
+        read_store_snapshot(export_store(tmp_path / "vocab.safetensors", outside, model, config), model)
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF
     path.write_bytes(bytes(data))

@@ -16,6 +16,7 @@ import kvpatch
 import kvpatch.cli
 from kvpatch.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, build_parser, main
 from kvpatch.models import load_named
+from kvpatch.reuse.disk_tier import SUBDIR
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 7  # > 2 chunks of 128 byte tokens
 
@@ -134,10 +135,10 @@ def test_chunk_store_import_persists_into_the_disk_tier(capsys: pytest.CaptureFi
     path = tmp_path / "chunks.safetensors"
     common = ["--model", "tiny-llama", "--config", config_path]
     assert run(capsys, "snapshot", "export", "--chunk-store", *common, "--prompt", PROMPT, "--out", path)[0] == EXIT_OK
-    assert not list((tmp_path / "disk").glob("*.safetensors"))  # everything fit in RAM
+    assert not list((tmp_path / "disk" / SUBDIR).glob("*.safetensors"))  # everything fit in RAM
     code, out, _ = run(capsys, "snapshot", "import", path, *common)
     assert code == EXIT_OK and "3 written to the disk tier" in out
-    assert len(list((tmp_path / "disk").glob("*.safetensors"))) == 3  # a later process starts warm from disk
+    assert len(list((tmp_path / "disk" / SUBDIR).glob("*.safetensors"))) == 3  # a later process starts warm from disk
     code, out, _ = run(capsys, "snapshot", "export", "--chunk-store", *common, "--out", tmp_path / "again.safetensors")
     assert code == EXIT_OK and "3 chunks" in out  # no prompt: what the disk tier holds
     code, _, err = run(capsys, "snapshot", "import", path, "--model", "tiny-llama", "--config", "prefix_reuse")

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvpatch.reuse.chunk import StoredChunk
+from kvpatch.errors import ConfigError
+from kvpatch.reuse.chunk import ChunkAuthError, ChunkForeignError, ChunkFormatError, StoredChunk
 from kvpatch.reuse.memory_store import TieredChunkStore
 from kvpatch.reuse.redis_tier import RedisTier, StoreUnavailableWarning
-from kvpatch.reuse.sealed import seal
+from kvpatch.reuse.sealed import SECRET_ENV, seal
 
 REDIS_SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (CI installs it)")
@@ -56,6 +57,15 @@ class RedisServer:
             self.proc = None
 
 
+SECRET = "fleet-secret-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def fleet_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every process of a test shares one chunk secret (subprocesses inherit it)."""
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
     srv = RedisServer(tmp_path)
@@ -88,7 +98,7 @@ print(store.stats()["redis"]["bytes"])
 
 def test_two_processes_share_chunks(server: RedisServer) -> None:
     out = subprocess.run([sys.executable, "-c", _PUTTER, server.url], capture_output=True, text=True, check=True)
-    assert int(out.stdout) == 4 * len(seal(make_chunk(0)))
+    assert int(out.stdout) == 4 * len(seal(make_chunk(0), SECRET.encode()))
     store = TieredChunkStore(10**8, remote=tier(server))  # this process never computed them
     for i in range(4):
         assert torch.equal(store.get(f"{i:064x}").tensors["kv"], make_chunk(i).tensors["kv"])
@@ -120,7 +130,7 @@ def test_server_down_means_misses_and_one_warning(server: RedisServer) -> None:
 
 
 def test_budget_evicts_least_recently_used(server: RedisServer) -> None:
-    size = len(seal(make_chunk(0)))
+    size = len(seal(make_chunk(0), SECRET.encode()))
     remote = tier(server, budget_bytes=3 * size + size // 2)
     for i in range(3):
         remote.write(make_chunk(i))
@@ -149,7 +159,7 @@ def test_ttl_expires_unused_chunks(server: RedisServer) -> None:
     time.sleep(0.5)
     assert remote.read(make_chunk(0).prefix_hash) is None
     remote.write(make_chunk(2))  # accounting forgets what expired
-    assert remote.stats()["bytes"] == len(seal(make_chunk(2)))
+    assert remote.stats()["bytes"] == len(seal(make_chunk(2), SECRET.encode()))
 
 
 def test_damaged_value_is_a_miss(server: RedisServer) -> None:
@@ -160,9 +170,104 @@ def test_damaged_value_is_a_miss(server: RedisServer) -> None:
     data = bytearray(client.get(key))
     data[-1] ^= 0xFF
     client.set(key, bytes(data))
-    with pytest.warns(StoreUnavailableWarning, match="checksum mismatch"):
-        assert remote.read(make_chunk(0).prefix_hash) is None
-    assert remote.stats()["corrupt"] == 1
+    with pytest.raises(ChunkFormatError, match="checksum mismatch"):
+        remote.read(make_chunk(0).prefix_hash)
+    store = TieredChunkStore(10**8, remote=remote)
+    with pytest.warns(RuntimeWarning, match="checksum mismatch"):
+        assert store.get(make_chunk(0).prefix_hash) is None
+    assert store.stats()["corrupt"] == 1 and store.stats()["misses"] == 1
+
+
+# -- shared tiers are a trust boundary: key binding and authentication ----------------------------------
+
+
+def test_value_copied_under_another_key_is_a_miss(server: RedisServer) -> None:
+    remote = tier(server)
+    remote.write(make_chunk(0))
+    remote.write(make_chunk(1))
+    client = redis.Redis(port=server.port)
+    client.set(f"test:c:{make_chunk(1).prefix_hash}", client.get(f"test:c:{make_chunk(0).prefix_hash}"))
+    with pytest.raises(ChunkForeignError, match="copied from another key"):
+        remote.read(make_chunk(1).prefix_hash)
+    store = TieredChunkStore(10**8, remote=remote)
+    with pytest.warns(RuntimeWarning, match="copied from another key"):
+        assert store.get(make_chunk(1).prefix_hash) is None
+    assert store.stats()["foreign"] == 1 and store.get(make_chunk(0).prefix_hash) is not None
+
+
+def test_value_written_without_the_secret_is_a_miss(server: RedisServer) -> None:
+    intruder = tier(server, authenticate=False)  # a client that can reach Redis but lacks the secret
+    intruder.write(make_chunk(0))
+    forger = tier(server, secret="another-secret-0123456789")
+    forger.write(make_chunk(1))
+    store = TieredChunkStore(10**8, remote=tier(server))
+    with pytest.warns(RuntimeWarning, match="written without the chunk secret"):
+        assert store.get(make_chunk(0).prefix_hash) is None
+    assert store.get(make_chunk(1).prefix_hash) is None
+    with pytest.raises(ChunkAuthError, match="HMAC mismatch"):
+        store.remote.read(make_chunk(1).prefix_hash)
+    assert store.stats()["unauthenticated"] == 2 and store.stats()["hits"] == 0
+
+
+def test_oversized_or_mistyped_value_is_refused_unread(server: RedisServer) -> None:
+    remote = tier(server, budget_bytes=10_000)
+    client = redis.Redis(port=server.port)
+    client.set(f"test:c:{'a' * 64}", b"x" * 20_000)
+    client.hset(f"test:c:{'b' * 64}", "field", "value")
+    with pytest.raises(ChunkFormatError, match="a value of 20000 bytes, expected a sealed chunk of at most 10000"):
+        remote.read("a" * 64)
+    with pytest.raises(ChunkFormatError, match="not a string value"):
+        remote.read("b" * 64)
+    assert remote.stats()["available"]  # a hostile value is not an outage
+
+
+def test_shared_tier_without_a_secret_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SECRET_ENV)
+    with pytest.raises(ConfigError, match=f"redis.secret: .* set redis.secret or {SECRET_ENV}"):
+        RedisTier("redis://127.0.0.1:1/0")
+    assert RedisTier("redis://127.0.0.1:1/0", authenticate=False).stats()["authenticated"] is False
+
+
+def test_other_model_and_copied_values_never_change_outputs(server: RedisServer) -> None:
+    """Through the whole reuse path: values from another model's namespace, and a value copied
+    under another key, are misses (counted); outputs equal the no-reuse run."""
+    import kvpatch
+    from kvpatch.reuse.chunker import chunk_spans
+    from kvpatch.testing import tiny_model
+
+    config = {"name": "redis_integrity", "stages": [
+        {"kind": "chunker", "impl": "fixed", "params": {"size": 8}},
+        {"kind": "matcher", "impl": "exact"},
+        {"kind": "store", "impl": "memory", "params": {"redis": {"url": server.url, "namespace": "e2e"}}}]}
+    ids_a = torch.randint(5, 300, (1, 20), generator=torch.Generator().manual_seed(1))
+    ids_b = torch.randint(5, 300, (1, 20), generator=torch.Generator().manual_seed(2))
+
+    def last_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=ids, logits_to_keep=1).logits[:, -1]
+
+    other = tiny_model("llama", seed=1)  # another model, same shapes, same Redis namespace
+    other_handle = kvpatch.apply(other, config)
+    last_logits(other, ids_a)
+    this = tiny_model("llama")
+    handle = kvpatch.apply(this, config)
+    last_logits(this, ids_b)
+    spans = chunk_spans(ids_a[0].tolist(), 8)
+    mine = handle.reuse.hasher.prefix_hashes(ids_a[0], spans)
+    theirs = other_handle.reuse.hasher.prefix_hashes(ids_a[0], spans)
+    client = redis.Redis(port=server.port)
+    for key, source in zip(mine, theirs):  # the other model's K/V under this model's keys
+        client.set(f"e2e:c:{key}", client.get(f"e2e:c:{source}"))
+    mine_b = handle.reuse.hasher.prefix_hashes(ids_b[0], spans)
+    client.set(f"e2e:c:{mine[0]}", client.get(f"e2e:c:{mine_b[0]}"))  # and another key's value
+
+    fresh = tiny_model("llama")
+    fresh_handle = kvpatch.apply(fresh, config)
+    with pytest.warns(RuntimeWarning):
+        out = last_logits(fresh, ids_a)
+    torch.testing.assert_close(out, last_logits(tiny_model("llama"), ids_a), atol=1e-5, rtol=0)
+    stats = fresh_handle.reuse.store.stats()
+    assert stats["foreign"] == len(mine) and stats["hits"] == 0 and fresh_handle.reuse.last.reused_tokens == 0
 
 
 # -- end to end: the Engine with a Redis tier ----------------------------------------------------------

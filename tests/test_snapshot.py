@@ -284,6 +284,19 @@ def test_shapes_that_do_not_fit_the_model_are_refused(snapshot_file: Path, llama
     assert error.field == "layers.0.keys.shape" and error.found == [1, 3, 12, 16]
 
 
+@pytest.mark.parametrize("bad_id", [-1, "vocab"])
+def test_token_ids_outside_the_vocabulary_are_refused(snapshot_file: Path, llama, tmp_path: Path, bad_id) -> None:
+    model, _ = llama
+    vocab = model.config.vocab_size
+    value = vocab if bad_id == "vocab" else bad_id
+
+    def out_of_vocab(meta: dict, tensors: dict) -> None:
+        meta["token_ids"][0][3] = value
+
+    error = refusal(resign(snapshot_file, tmp_path, out_of_vocab), *llama, SnapshotMismatchError)
+    assert error.field == "token_ids (token id range)" and error.found == value
+
+
 def test_tensors_missing_from_the_metadata_are_refused(snapshot_file: Path, llama, tmp_path: Path) -> None:
     path = resign(snapshot_file, tmp_path, lambda meta, tensors: tensors.update(extra=torch.zeros(2)))
     assert "unexpected ['extra']" in str(refusal(path, *llama, SnapshotCorruptError))

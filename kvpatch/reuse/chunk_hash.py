@@ -4,6 +4,11 @@ Keys must agree across processes and machines (a disk tier or Redis outlives the
 they hash explicit little-endian int64 token bytes with a named algorithm: never Python's
 `hash()`, never a per-process salt. Every key starts from a namespace (the model fingerprint and
 the chunk codec), so two models, or two dtypes of one model, never share an entry.
+
+The same hashes bind a stored chunk to its key: a chunk records its namespace and its parent's
+key, so `binding_problem` can recompute its key and content hash from its own token ids. A reader
+that asks for key K and gets a chunk whose tokens hash to K (from the parent it names) holds the
+K/V of exactly the tokens and history it asked for (collision resistance of the hash).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Literal
 import torch
 
 from ..errors import ConfigError
+from .chunk import StoredChunk
 from .chunker import Span
 
 HashAlgorithm = Literal["sha256", "blake2b", "xxhash"]
@@ -51,6 +57,24 @@ class ChunkHasher:
     def content_hash(self, tokens: bytes) -> str:
         return self._digest(b"content\0" + self.namespace.encode() + b"\0" + tokens)
 
+    def prefix_hash(self, parent: str, tokens: bytes) -> str:
+        """The key of a chunk of `tokens` after the chunk keyed `parent` (the namespace: first)."""
+        return self._digest(b"prefix\0" + parent.encode() + b"\0" + tokens)
+
+    def binding_problem(self, chunk: StoredChunk) -> str | None:
+        """Why `chunk` is not what its keys say under this hasher (None: it is): another
+        namespace, or token ids that do not hash to its prefix and content hashes."""
+        if chunk.namespace != self.namespace:
+            return f"model namespace {chunk.namespace[:16]!r} is not this store's {self.namespace[:16]!r}"
+        if chunk.token_ids.dim() != 1 or chunk.token_ids.dtype != torch.int64:
+            return "token_ids are not a 1-d int64 tensor"
+        tokens = token_bytes(chunk.token_ids)
+        if self.prefix_hash(chunk.parent_hash, tokens) != chunk.prefix_hash:
+            return "its token ids and parent key do not hash to its key"
+        if self.content_hash(tokens) != chunk.content_hash:
+            return "its token ids do not hash to its content hash"
+        return None
+
     def hashes(self, token_ids: Sequence[int] | torch.Tensor | bytes, spans: Sequence[Span],
                content: bool = True) -> tuple[list[str], list[str]]:
         """(prefix hashes, content hashes) of the chunks at `spans`; token ids may be given as
@@ -60,7 +84,7 @@ class ChunkHasher:
         parent, prefixes, contents = self.namespace, [], []
         for start, end in spans:
             tokens = data[8 * start : 8 * end]
-            parent = self._digest(b"prefix\0" + parent.encode() + b"\0" + tokens)
+            parent = self.prefix_hash(parent, tokens)
             prefixes.append(parent)
             contents.append(self.content_hash(tokens) if content else "")
         return prefixes, contents

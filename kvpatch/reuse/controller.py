@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import UnsupportedModelError
+from ..model_shapes import ModelShapes
 from ..patch.cache import KVPatchCache
 from ..registry import first_stage_of
 from ..stages.reuse import (
@@ -94,6 +95,7 @@ class ReuseController:
         self.matcher = next(s for s in stages if s.kind == "matcher")
         self.recompute: RecomputeStage | None = next((s for s in stages if isinstance(s, RecomputeStage)), None)
         self.store: ChunkStore = next(s for s in stages if s.kind == "store")
+        self.store.bind(self.hasher, ModelShapes.of(model.config))  # refuse other models' chunks
         self.rotator: KeyRotator | None = None
         self.approximate = bool(self.matcher.approximate)
         if self.approximate:
@@ -237,7 +239,7 @@ class ReuseController:
         history exact), from whichever computed range covers it."""
         new = []
         for row, plan in enumerate(request.plans):
-            for match in plan.matches:
+            for i, match in enumerate(plan.matches):
                 start, end = match.span
                 if match.kind == "exact" or end > request.exact_until[row]:
                     continue
@@ -245,7 +247,8 @@ class ReuseController:
                 if kv is not None:
                     tokens = request.token_ids[row, start:end].clone()
                     content = match.content_hash or self.hasher.content_hash(token_bytes(tokens))
-                    new.append(NewChunk(match.prefix_hash, content, tokens, start, kv))
+                    parent = plan.matches[i - 1].prefix_hash if i else self.hasher.namespace
+                    new.append(NewChunk(match.prefix_hash, content, tokens, start, kv, parent))
         self.writer.write(new, self._codec())
         return len(new)
 

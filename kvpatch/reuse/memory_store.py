@@ -11,6 +11,16 @@ tier promotes the chunk into RAM. Chunks are kept under `codec` ("dense", "int8"
 `codecs.py`), in pinned host memory when `pin_memory` (default: when CUDA is available) so that
 `dense_kv` copies them to the GPU asynchronously. Keys map to RAM slots through a `ChunkIndex`
 (the config's `index/fibonacci` stage if it has one, else a dict).
+
+Every chunk is checked against what the store is for before it is used. `bind(hasher, shapes)`
+(the reuse controller does it at `apply`) ties the store to one model: then a chunk is admitted
+(on `put`, and on every read from a lower tier) only if its namespace is the hasher's, its token
+ids hash to its keys (`ChunkHasher.binding_problem`) and it has one K/V per layer of the model with
+its kv_heads and head_dim (a chunk written while a request was half done is refused, not stored).
+Every read, RAM included, checks that the chunk is the one of the key asked for. A refused chunk is
+a miss, counted by reason in `stats()` ("corrupt", "foreign", "unauthenticated"), one warning per
+tier and reason, and never used. All index mutations happen under one lock, so the write-back
+side (another thread) and requests may call the store concurrently.
 """
 
 from __future__ import annotations
@@ -24,8 +34,10 @@ from typing import Any, Protocol
 
 import torch
 
+from ..model_shapes import ModelShapes
 from ..stages.index import ChunkIndex, DictIndex
-from .chunk import ChunkFormatError, StoredChunk
+from .chunk import ChunkForeignError, ChunkFormatError, StoredChunk
+from .chunk_hash import ChunkHasher
 from .codecs import encode_chunk, kv_shape
 from .disk_tier import DiskTier
 
@@ -42,6 +54,7 @@ class LowerTier(Protocol):
     def read(self, prefix_hash: str) -> StoredChunk | None: ...
     def read_by_content(self, content_hash: str) -> StoredChunk | None: ...
     def write(self, chunk: StoredChunk) -> None: ...
+    def discard(self, prefix_hash: str) -> None: ...
     def stats(self) -> dict[str, Any]: ...
 
 
@@ -70,8 +83,23 @@ class TieredChunkStore:
         self._tick = self._accesses = self._bytes = 0
         self._lock = threading.RLock()
         self.counts = {"hits": 0, "misses": 0, "evictions": 0, "promotions": 0, "spills": 0, "rejected": 0,
-                       "corrupt": 0, "puts": 0}
+                       "corrupt": 0, "foreign": 0, "unauthenticated": 0, "puts": 0}
         self.tier_hits = {"ram": 0, **{tier.name: 0 for tier in self.tiers()}}
+        self.hasher: ChunkHasher | None = None
+        self.shapes: ModelShapes | None = None
+        self._warned: set[tuple[str, str]] = set()  # (tier, reason) already warned about
+
+    @property
+    def namespace(self) -> str:
+        """The bound hasher's namespace, stamped on new chunks by the writer ("" while unbound)."""
+        return self.hasher.namespace if self.hasher is not None else ""
+
+    def bind(self, hasher: ChunkHasher, shapes: ModelShapes | None) -> None:
+        """Admit only chunks of `hasher`'s namespace whose tokens hash to their keys and, with
+        `shapes`, that have this model's layers, kv_heads and head_dim. Chunks already in RAM
+        from another binding become misses."""
+        with self._lock:
+            self.hasher, self.shapes = hasher, shapes
 
     def use_index(self, index: ChunkIndex) -> None:
         """Map keys to slots through `index` (an index stage); only while the store is empty."""
@@ -94,31 +122,41 @@ class TieredChunkStore:
         with self._lock:
             entry = self._entry(prefix_hash)
             if entry is not None:
-                self._touch(entry)
-                self.counts["hits"] += 1
-                self.tier_hits["ram"] += 1
-                return entry.chunk
-            return self._from_tiers(lambda tier: tier.read(prefix_hash))
+                problem = self._problem(entry.chunk, prefix_hash=prefix_hash, full=False)
+                if problem is None:
+                    self._touch(entry)
+                    self.counts["hits"] += 1
+                    self.tier_hits["ram"] += 1
+                    return entry.chunk
+                self._remove(prefix_hash)
+                self._refused("ram", ChunkForeignError(f"chunk {prefix_hash[:16]} in RAM: {problem}"))
+            return self._from_tiers(lambda tier: tier.read(prefix_hash), prefix_hash=prefix_hash)
 
     def get_by_content(self, content_hash: str) -> StoredChunk | None:
         with self._lock:
             prefixes = self._by_content.get(content_hash)
             if prefixes:
                 return self.get(next(reversed(prefixes)))
-            return self._from_tiers(lambda tier: tier.read_by_content(content_hash))
+            return self._from_tiers(lambda tier: tier.read_by_content(content_hash), content_hash=content_hash)
 
-    def put(self, chunk: StoredChunk) -> None:
-        """Keep `chunk` (its tensors may be on any device; the store keeps its own CPU copy)."""
+    def put(self, chunk: StoredChunk) -> bool:
+        """Keep `chunk` (its tensors may be on any device; the store keeps its own CPU copy);
+        False if it was refused (not this store's model, or incomplete: see the module docstring)."""
         with self._lock:
             self.counts["puts"] += 1
+            problem = self._problem(chunk)
+            if problem is not None:
+                self._refused("put", ChunkForeignError(f"chunk {chunk.prefix_hash[:16]} refused: {problem}"))
+                return False
             entry = self._entry(chunk.prefix_hash)
             if entry is not None:
                 self._touch(entry)
-                return
+                return True
             stored = self._host_copy(chunk)
             self._insert(stored)
             if self.remote is not None:
                 self.remote.write(stored)
+            return True
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -140,7 +178,7 @@ class TieredChunkStore:
         if self.disk is not None:
             seen = {c.prefix_hash for c in ram}
             for chunk in self.disk.iter_chunks():
-                if chunk.prefix_hash not in seen:
+                if chunk.prefix_hash not in seen and self._problem(chunk) is None:
                     yield chunk
 
     def flush(self) -> int:
@@ -161,14 +199,47 @@ class TieredChunkStore:
         slot = self.index.get(prefix_hash.encode())
         return self._slots[slot] if slot is not None else None
 
-    def _from_tiers(self, read: Any) -> StoredChunk | None:
-        """The first lower tier's hit, promoted into RAM; a damaged chunk is a miss."""
+    def _problem(self, chunk: StoredChunk, prefix_hash: str | None = None, content_hash: str | None = None,
+                 full: bool = True) -> str | None:
+        """Why `chunk` must not be used for this lookup (None: it may). Keys always; namespace
+        always once bound; with `full`, token hashes and model shapes too (RAM chunks had those
+        checked when they were admitted)."""
+        if prefix_hash is not None and chunk.prefix_hash != prefix_hash:
+            return f"it is the chunk of key {chunk.prefix_hash[:16]!r}"
+        if content_hash is not None and chunk.content_hash != content_hash:
+            return f"its content hash is {chunk.content_hash[:16]!r}, not {content_hash[:16]!r}"
+        if self.hasher is None or (not full and chunk.namespace == self.hasher.namespace):
+            return None
+        problem = self.hasher.binding_problem(chunk)
+        if problem is None and self.shapes is not None:
+            layers, heads, _, dim = kv_shape(chunk)
+            expected = (self.shapes.num_layers, self.shapes.kv_heads, self.shapes.head_dim)
+            if (layers, heads, dim) != expected:
+                problem = f"(layers, kv_heads, head_dim) are {(layers, heads, dim)}, the model's {expected}"
+        return problem
+
+    def _refused(self, where: str, err: ChunkFormatError) -> None:
+        """Count a refused chunk by reason (a miss, never used); warn once per tier and reason."""
+        self.counts[err.reason] += 1
+        if (where, err.reason) not in self._warned:
+            self._warned.add((where, err.reason))
+            warnings.warn(f"{err}; treated as a miss (further {err.reason} chunks from {where} are only counted "
+                          f"in stats()['{err.reason}'])", RuntimeWarning, stacklevel=4)
+
+    def _from_tiers(self, read: Any, prefix_hash: str | None = None, content_hash: str | None = None) -> StoredChunk | None:
+        """The first lower tier's hit that passes `_problem`, promoted into RAM; a refused chunk is
+        a miss."""
         for tier in self.tiers():
             try:
                 chunk = read(tier)
+                if chunk is not None:
+                    kv_shape(chunk)
+                    problem = self._problem(chunk, prefix_hash, content_hash)
+                    if problem is not None:
+                        tier.discard(chunk.prefix_hash)
+                        raise ChunkForeignError(f"chunk {chunk.prefix_hash[:16]} from the {tier.name} tier: {problem}")
             except ChunkFormatError as err:
-                self.counts["corrupt"] += 1
-                warnings.warn(str(err), RuntimeWarning, stacklevel=4)
+                self._refused(tier.name, err)
                 continue
             if chunk is None:
                 continue
@@ -191,7 +262,8 @@ class TieredChunkStore:
             tensors = encode_chunk(chunk.tensors["kv"], self.codec)
         codec = self.codec if chunk.codec == "dense" else chunk.codec
         return StoredChunk(chunk.prefix_hash, chunk.content_hash, chunk.token_ids.to("cpu", torch.int64).clone(),
-                           chunk.start, {k: self._host(t) for k, t in tensors.items()}, codec, dict(chunk.meta))
+                           chunk.start, {k: self._host(t) for k, t in tensors.items()}, codec, dict(chunk.meta),
+                           chunk.namespace, chunk.parent_hash)
 
     def _host(self, t: torch.Tensor) -> torch.Tensor:
         """`t` itself if it already is what RAM keeps (a CPU tensor owning its whole storage,
@@ -224,6 +296,21 @@ class TieredChunkStore:
         self._touch(entry)
         return entry
 
+    def _remove(self, prefix_hash: str) -> _Entry:
+        """Take a chunk out of RAM (its heap items go stale and are skipped)."""
+        key = prefix_hash.encode()
+        slot = self.index.get(key)
+        entry = self._slots[slot]
+        self.index.delete(key)
+        self._slots[slot] = None
+        self._free.append(slot)
+        self._bytes -= entry.nbytes
+        content = self._by_content.get(entry.chunk.content_hash, {})
+        content.pop(entry.chunk.prefix_hash, None)
+        if not content:
+            self._by_content.pop(entry.chunk.content_hash, None)
+        return entry
+
     def _touch(self, entry: _Entry) -> None:
         self._tick += 1
         self._accesses += 1
@@ -247,16 +334,7 @@ class TieredChunkStore:
             entry = self._entry(prefix_hash)
             if entry is not None and (entry.hits, entry.tick) == (hits, tick):
                 break
-        key = prefix_hash.encode()
-        slot = self.index.get(key)
-        self.index.delete(key)
-        self._slots[slot] = None
-        self._free.append(slot)
-        self._bytes -= entry.nbytes
-        content = self._by_content[entry.chunk.content_hash]
-        del content[prefix_hash]
-        if not content:
-            del self._by_content[entry.chunk.content_hash]
+        self._remove(prefix_hash)
         self.counts["evictions"] += 1
         if self.disk is not None and not self.disk.contains(prefix_hash):
             self.disk.write(entry.chunk)

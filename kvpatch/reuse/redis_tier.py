@@ -1,7 +1,10 @@
 """The remote tier of a chunk store: a Redis server that several processes (a fleet) share.
 
-Values are sealed chunk bytes (`sealed.seal`: the chunk format plus a checksum), so a damaged
-value is a miss, never a wrong K/V. Keys, under a namespace `ns`:
+Values are sealed chunk bytes (`sealed.seal`: the chunk format, a checksum and an HMAC under the
+chunk secret), so a damaged value, one copied from another key or one written by a client without
+the secret is refused (a ChunkFormatError subclass: the store counts it as a miss), never used as
+K/V. Reads are bounded: a value longer than the budget (or MAX_CHUNK_BYTES) is refused by the
+server-side script before it is sent. Keys, under a namespace `ns`:
 
     {ns}:c:{prefix_hash}   the chunk            {ns}:lru    sorted set: prefix hash -> last use (us)
     {ns}:h:{content_hash}  -> its prefix hash   {ns}:meta   hash: prefix hash -> "size content_hash"
@@ -17,6 +20,14 @@ next put. Needs one Redis server (keys are computed inside the scripts: not Redi
 A server that is down or slow never raises out of here: the call is a miss (or a dropped put),
 one `StoreUnavailableWarning` is issued per outage, and calls are skipped for `retry_s` seconds
 so lookups do not each wait for a timeout.
+
+Authentication is on by default (`authenticate=True`): a Redis namespace is writable by every
+client that can reach the server, so a checksum alone would let any of them plant K/V that steer
+other tenants' outputs. The secret comes from `secret` or `$KVPATCH_CHUNK_SECRET`; with neither,
+construction raises ConfigError. Not a per-process random secret: this tier exists to share chunks
+between processes, and a secret no other process knows would make every process refuse every
+other's values, a silently useless (and costly) tier. `authenticate=False` is the config author's
+explicit statement that only trusted processes can write to this Redis.
 """
 
 from __future__ import annotations
@@ -27,16 +38,14 @@ import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..errors import KVPatchError
-from .chunk import ChunkFormatError, StoredChunk
-from .sealed import seal, unseal
+from ..errors import ConfigError, KVPatchError
+from .chunk import MAX_CHUNK_BYTES, ChunkFormatError, StoredChunk, StoreUnavailableWarning
+from .sealed import SECRET_ENV, resolve_secret, seal, unseal
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-
-class StoreUnavailableWarning(RuntimeWarning):
-    """A chunk store tier (Redis) cannot be reached: its lookups are misses until it is back."""
+__all__ = ["RedisTier", "StoreUnavailableWarning"]
 
 
 #: Recency scores: server time in microseconds, made strictly increasing per namespace (so two
@@ -97,22 +106,28 @@ end
 return evicted
 """
 
-#: KEYS: lru, meta. ARGV: ns, "prefix" | "content", hash, ttl ms. Returns the chunk bytes or nil.
+#: KEYS: lru, meta. ARGV: ns, "prefix" | "content", hash, ttl ms, max bytes. Returns nil, or
+#: {prefix hash, chunk bytes}, or {prefix hash, size} for a value over max bytes (not sent; -1:
+#: not a string value).
 _GET = _CLOCK + """
 local ns, ttl, p = ARGV[1], tonumber(ARGV[4]), ARGV[3]
 if ARGV[2] == 'content' then
   p = redis.call('GET', ns .. ':h:' .. ARGV[3])
   if not p then return false end
 end
+local kind = redis.call('TYPE', ns .. ':c:' .. p).ok
+if kind == 'none' then return false end
+if kind ~= 'string' then return {p, -1} end
+local size = redis.call('STRLEN', ns .. ':c:' .. p)
+if size > tonumber(ARGV[5]) then return {p, size} end
 local data = redis.call('GET', ns .. ':c:' .. p)
-if not data then return false end
 redis.call('ZADD', KEYS[1], 'XX', string.format('%d', clock()), p)
 if ttl > 0 then
   redis.call('PEXPIRE', ns .. ':c:' .. p, ttl)
   local info = redis.call('HGET', KEYS[2], p)
   if info then redis.call('PEXPIRE', ns .. ':h:' .. string.match(info, '^%d+ (.*)$'), ttl) end
 end
-return data
+return {p, data}
 """
 
 
@@ -122,7 +137,14 @@ class RedisTier:
     name = "redis"
 
     def __init__(self, url: str, namespace: str = "kvpatch", budget_bytes: int | None = None,
-                 ttl_s: float | None = None, timeout_s: float = 0.5, retry_s: float = 5.0) -> None:
+                 ttl_s: float | None = None, timeout_s: float = 0.5, retry_s: float = 5.0,
+                 secret: str | bytes | None = None, authenticate: bool = True) -> None:
+        self.secret = resolve_secret(secret, "redis.secret") if authenticate else None
+        if authenticate and self.secret is None:
+            raise ConfigError(
+                f"redis.secret: the Redis chunk tier {url} is shared by every client that can reach it, so its "
+                f"values must be authenticated: set redis.secret or {SECRET_ENV} (the same in every process that "
+                "shares the namespace), or redis.authenticate: false if only trusted processes can write to it")
         try:
             import redis
         except ImportError:
@@ -136,7 +158,8 @@ class RedisTier:
         self._get = self._client.register_script(_GET)
         self._keys = [f"{namespace}:lru", f"{namespace}:meta", f"{namespace}:bytes"]
         self._retry_at: float | None = None  # set while the server is considered down
-        self.evictions = self.errors = self.skipped = self.corrupt = self.rejected = 0
+        self.evictions = self.errors = self.skipped = self.rejected = 0
+        self.max_value_bytes = min(self.budget_bytes or MAX_CHUNK_BYTES, MAX_CHUNK_BYTES)
 
     def contains(self, prefix_hash: str) -> bool:
         return bool(self._call("exists", lambda: self._client.exists(self._chunk_key(prefix_hash)), 0))
@@ -147,8 +170,11 @@ class RedisTier:
     def read_by_content(self, content_hash: str) -> StoredChunk | None:
         return self._fetch("content", content_hash)
 
+    def discard(self, prefix_hash: str) -> None:
+        """Nothing to do: the recomputed chunk's put replaces the refused value."""
+
     def write(self, chunk: StoredChunk) -> None:
-        data = seal(chunk)
+        data = seal(chunk, self.secret)
         args = [self.namespace, chunk.prefix_hash, chunk.content_hash, data, self.ttl_ms, self.budget_bytes]
         evicted = self._call("put", lambda: self._put(keys=self._keys, args=args), 0)
         if evicted < 0:
@@ -162,23 +188,27 @@ class RedisTier:
 
     def stats(self) -> dict[str, Any]:
         return {"bytes": self.bytes_used(), "evictions": self.evictions, "available": self._retry_at is None,
-                "errors": self.errors, "skipped_while_down": self.skipped, "corrupt": self.corrupt,
-                "rejected": self.rejected, "budget_bytes": self.budget_bytes or None,
+                "errors": self.errors, "skipped_while_down": self.skipped, "rejected": self.rejected,
+                "authenticated": self.secret is not None, "budget_bytes": self.budget_bytes or None,
                 "ttl_s": self.ttl_ms / 1000 or None}
 
     def _chunk_key(self, prefix_hash: str) -> str:
         return f"{self.namespace}:c:{prefix_hash}"
 
     def _fetch(self, mode: str, key: str) -> StoredChunk | None:
-        data = self._call("get", lambda: self._get(keys=self._keys[:2], args=[self.namespace, mode, key, self.ttl_ms]), None)
-        if data is None:
+        """The chunk, None on a miss (or while down); a refused value raises a ChunkFormatError
+        subclass (the store counts it as a miss)."""
+        args = [self.namespace, mode, key, self.ttl_ms, self.max_value_bytes]
+        reply = self._call("get", lambda: self._get(keys=self._keys[:2], args=args), None)
+        if reply is None:
             return None
-        try:
-            return unseal(data, f"redis {self.url} {mode} {key}")
-        except ChunkFormatError as err:
-            self.corrupt += 1
-            warnings.warn(f"{err}; treated as a miss", StoreUnavailableWarning, stacklevel=3)
-            return None
+        stored_under, data = reply
+        prefix_hash = stored_under.decode(errors="replace") if isinstance(stored_under, bytes) else str(stored_under)
+        where = f"redis {self.url} {self.namespace}:c:{prefix_hash[:16]}"
+        if not isinstance(data, bytes):
+            found = "not a string value" if data < 0 else f"a value of {data} bytes"
+            raise ChunkFormatError(f"{where}: {found}, expected a sealed chunk of at most {self.max_value_bytes} bytes")
+        return unseal(data, where, key=prefix_hash, secret=self.secret)
 
     def _call(self, what: str, op: Callable[[], T], default: T) -> T:
         """`op()`, or `default` if the server fails (then skip calls for `retry_s` seconds)."""

@@ -1,45 +1,95 @@
-"""Checksummed chunk bytes: what the disk tier and Redis keep, so damage is refused, never loaded.
+"""Sealed chunk bytes: what the disk tier and Redis keep, so damage, misplacement and forgery are
+refused, never loaded.
 
-`StoredChunk.to_bytes` output plus one more `__metadata__` string, `kvpatch.chunk.sha256`: the
-SHA-256 of the rest of the header (canonical JSON) and the whole tensor data section. The result is
-still a valid chunk (`StoredChunk.from_bytes` reads it; safetensors ignores the extra key), but
-`unseal` first checks the header structure (the snapshot reader's own parser: truncation is
-caught there) and then the checksum, so a torn write or a flipped byte raises ChunkFormatError.
+`StoredChunk.to_bytes` output plus `__metadata__` strings:
+
+- `kvpatch.chunk.sha256`: SHA-256 of the rest of the header (canonical JSON) and the whole tensor
+  data section. Proves integrity (a torn write or a flipped byte), not origin: anyone can compute it.
+- `kvpatch.chunk.hmac` (when the tier has a secret): HMAC-SHA256, under the secret, of the key the
+  value is stored under and that SHA-256. Proves the value was sealed by a holder of the secret for
+  this key; compared with `hmac.compare_digest`. (MAC of the digest: the digest already covers
+  every byte, so the data is hashed once.)
+
+The result is still a valid chunk (`StoredChunk.from_bytes` reads it; safetensors ignores extra
+keys). `unseal` checks, in order: structure (the snapshot reader's own header parser), checksum
+(ChunkFormatError), that the value is the chunk of the key asked for (ChunkForeignError), and the
+HMAC when a secret is given (ChunkAuthError).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
 
-from ..errors import SnapshotCorruptError
+from ..errors import ConfigError, SnapshotCorruptError
 from ..snapshot.io import header_bytes, parse_header
-from .chunk import ChunkFormatError, StoredChunk
+from .chunk import ChunkAuthError, ChunkForeignError, ChunkFormatError, StoredChunk
 
 SEAL_KEY = "kvpatch.chunk.sha256"
+MAC_KEY = "kvpatch.chunk.hmac"
+#: Where a chunk secret comes from when the config does not give one.
+SECRET_ENV = "KVPATCH_CHUNK_SECRET"
+#: Shortest secret accepted (a short one can be guessed offline from any sealed value).
+MIN_SECRET_BYTES = 16
 
 
-def seal(chunk: StoredChunk) -> bytes:
-    """`chunk.to_bytes()` with the checksum added to its header (the data section is unchanged)."""
+def resolve_secret(configured: str | bytes | None, field: str) -> bytes | None:
+    """The chunk secret: `configured` (a config param), else `$KVPATCH_CHUNK_SECRET`, else None.
+    ConfigError naming `field` (or the variable) if it is shorter than MIN_SECRET_BYTES."""
+    source, value = field, configured
+    if value is None:
+        source, value = SECRET_ENV, os.environ.get(SECRET_ENV) or None
+    if value is None:
+        return None
+    secret = value.encode() if isinstance(value, str) else bytes(value)
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(f"{source}: a chunk secret must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)}")
+    return secret
+
+
+def seal(chunk: StoredChunk, secret: bytes | None = None) -> bytes:
+    """`chunk.to_bytes()` with the checksum (and, given `secret`, the HMAC for its key) added to
+    its header; the data section is unchanged."""
     data = chunk.to_bytes()
     metadata, entries, start = parse_header(data, "chunk bytes")
     body = memoryview(data)[start:]
-    metadata[SEAL_KEY] = _digest(metadata, entries, body)
+    digest = _digest(metadata, entries, body)
+    metadata[SEAL_KEY] = digest
+    if secret is not None:
+        metadata[MAC_KEY] = _mac(secret, chunk.prefix_hash, digest)
     return header_bytes(metadata, entries) + body
 
 
-def unseal(data: bytes | memoryview, where: str) -> StoredChunk:
-    """The chunk in sealed bytes, or ChunkFormatError naming `where` and what is wrong."""
+def unseal(data: bytes | memoryview, where: str, key: str | None = None, secret: bytes | None = None) -> StoredChunk:
+    """The chunk in sealed bytes, checked as the module docstring says. `key`: the key it was
+    read under (its header must name it); `secret`: require a valid HMAC under it."""
     try:
         metadata, entries, start = parse_header(data, where)
     except SnapshotCorruptError as err:
         raise ChunkFormatError(str(err)) from None
     expected = metadata.pop(SEAL_KEY, None)
+    mac = metadata.pop(MAC_KEY, None)
     if expected is None:
         raise ChunkFormatError(f"{where}: no {SEAL_KEY!r} in the header (not written by a kvpatch chunk store)")
-    if _digest(metadata, entries, memoryview(data)[start:]) != expected:
+    digest = _digest(metadata, entries, memoryview(data)[start:])
+    if not hmac.compare_digest(digest, expected):
         raise ChunkFormatError(f"{where}: checksum mismatch: the chunk was modified or damaged")
+    if key is not None and metadata.get("prefix_hash") != key:
+        raise ChunkForeignError(f"{where}: holds the chunk of key {str(metadata.get('prefix_hash'))[:16]!r}, "
+                                f"not of {key[:16]!r} (copied from another key)")
+    if secret is not None:
+        if mac is None:
+            raise ChunkAuthError(f"{where}: no {MAC_KEY!r}: written without the chunk secret")
+        if not hmac.compare_digest(mac, _mac(secret, metadata.get("prefix_hash", ""), digest)):
+            raise ChunkAuthError(f"{where}: HMAC mismatch: not sealed with this store's secret")
     return StoredChunk.from_bytes(bytes(data), where)
+
+
+def _mac(secret: bytes, key: str, digest: str) -> str:
+    message = b"kvpatch-chunk-hmac\0" + key.encode() + b"\0" + digest.encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
 def _digest(metadata: dict[str, str], entries: dict[str, dict], body: memoryview) -> str:

@@ -9,10 +9,17 @@ Pinning host memory is slow (and may synchronise the device): per request it wou
 than the prefill. So the first write pins the store's whole budget once, in chunk-sized blocks,
 and frees them: torch's caching host allocator keeps them, and later chunk buffers come from it
 at no cost, reused as the store evicts. On CPU chunks are stored immediately.
+
+A chunk becomes visible to readers only whole: it is handed to the store after its copy has
+finished, as one `put`, and the store admits it only if it has every layer of the model and its
+tokens hash to its key (`TieredChunkStore.put`). Chunks carry the store's namespace and their
+parent key, so any tier can prove later whose chunk it is. `write` and `flush` may be called from
+several threads (the pending list is locked).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +35,8 @@ class NewChunk:
     token_ids: torch.Tensor
     start: int
     kv: torch.Tensor  # [L, 2, H, T, D], any device, owned by the chunk (not a view of the cache)
+    #: Key of the chunk before this one in its prompt (the hasher's namespace for the first).
+    parent_hash: str = ""
 
 
 class ChunkWriter:
@@ -37,6 +46,7 @@ class ChunkWriter:
         self.prewarm_bytes = prewarm_bytes
         self._pending: list[tuple[torch.cuda.Event, list[StoredChunk]]] = []
         self._stream: torch.cuda.Stream | None = None
+        self._lock = threading.Lock()
 
     def write(self, chunks: list[NewChunk], codec: str) -> None:
         """Store `chunks`, each encoded with `codec`."""
@@ -45,7 +55,7 @@ class ChunkWriter:
         encoded = [encode_chunk(c.kv, codec) for c in chunks]
         if not chunks[0].kv.is_cuda:
             for c, tensors in zip(chunks, encoded):
-                self.store.put(StoredChunk(c.prefix_hash, c.content_hash, c.token_ids, c.start, tensors, codec))
+                self.store.put(self._stored(c, tensors, codec))
             return
         device = chunks[0].kv.device
         if self._stream is None:
@@ -60,10 +70,15 @@ class ChunkWriter:
                     host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                     host[name].copy_(t, non_blocking=True)
                     t.record_stream(self._stream)
-                stored.append(StoredChunk(c.prefix_hash, c.content_hash, c.token_ids, c.start, host, codec))
+                stored.append(self._stored(c, host, codec))
             event = torch.cuda.Event()
             event.record(self._stream)
-        self._pending.append((event, stored))
+        with self._lock:
+            self._pending.append((event, stored))
+
+    def _stored(self, chunk: NewChunk, tensors: dict[str, torch.Tensor], codec: str) -> StoredChunk:
+        return StoredChunk(chunk.prefix_hash, chunk.content_hash, chunk.token_ids, chunk.start, tensors, codec,
+                           namespace=self.store.namespace, parent_hash=chunk.parent_hash)
 
     def _prewarm(self, tensors: dict[str, torch.Tensor]) -> None:
         """Pin `prewarm_bytes` of chunk-shaped host buffers once and release them to torch's
@@ -75,13 +90,15 @@ class ChunkWriter:
 
     def flush(self, wait: bool = True) -> None:
         """Hand finished copies to the store (all of them, waiting, when `wait`)."""
-        still = []
-        for event, chunks in self._pending:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        ready, still = [], []
+        for event, chunks in pending:
             if wait:
                 event.synchronize()
-            if wait or event.query():
-                for chunk in chunks:
-                    self.store.put(chunk)
-            else:
-                still.append((event, chunks))
-        self._pending = still
+            (ready if wait or event.query() else still).append((event, chunks))
+        with self._lock:
+            self._pending = still + self._pending
+        for _, chunks in ready:
+            for chunk in chunks:
+                self.store.put(chunk)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..config import PipelineConfig
+from ..model_shapes import ModelShapes
 from ..errors import SnapshotError
 from ..patch.cache import KVPatchCache
 from ..pipeline import Pipeline
@@ -152,6 +153,8 @@ def _check_compatible(snapshot: Snapshot, model: torch.nn.Module, pipeline: Pipe
     path, metadata = snapshot.path, snapshot.metadata
     checks.check_model(path, metadata, model)
     checks.check_tokenizer(path, metadata, tokenizer)
+    if metadata.token_ids is not None:
+        checks.check_token_ids(path, "token_ids", metadata.token_ids, ModelShapes.of(model.config).vocab_size)
     if pipeline is None:
         return None
     checks.check_pipeline(path, metadata, pipeline.config)

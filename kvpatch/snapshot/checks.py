@@ -142,6 +142,19 @@ def check_cache_fits(path: Path, metadata: SnapshotMetadata, cache: KVPatchCache
                         codes_record.block_tokens)
 
 
+def check_token_ids(path: Path, field: str, ids: torch.Tensor | list[list[int]], vocab_size: int) -> None:
+    """Every token id of `field` is one the model can read: 0 <= id < vocab_size (an id outside
+    would index past the embedding, or silently mean another token after a vocabulary change)."""
+    values = torch.as_tensor(ids, dtype=torch.int64).flatten() if not isinstance(ids, torch.Tensor) else ids.flatten()
+    if values.numel() == 0:
+        return
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise SnapshotMismatchError(path, f"{field} (token id range)", f"ids in [0, {vocab_size})", bad,
+                                    "the snapshot holds token ids this model's vocabulary does not have")
+
+
 def check_consistency(path: Path, metadata: SnapshotMetadata) -> None:
     """Every layer saw `token_count` tokens, and the token ids (if any) cover them in every row."""
     for i, record in enumerate(metadata.layers):

@@ -6,7 +6,10 @@
 Same file format, atomic write and integrity checks as a request snapshot (`kind:
 "chunk_store"`, docs/snapshot-format.md): chunk K/V only mean something for the weights that
 computed them, so the model fingerprint, pipeline digest and tokenizer are recorded and checked.
-Chunks are stored as their store keeps them (dense or int8/int4 codes), never decoded.
+Chunks are stored as their store keeps them (dense or int8/int4 codes), never decoded, with
+their model namespace and parent key (format version 2): a store bound to a model (`bind`)
+admits on import only the chunks whose token ids hash to their keys under its namespace, and
+counts the others as foreign (`import_store` returns how many were admitted).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import PipelineConfig
+from ..model_shapes import ModelShapes
 from ..errors import SnapshotCorruptError, SnapshotMismatchError
 from ..patch.cache import layer_layouts
 from ..reuse.chunk import ChunkFormatError, StoredChunk
@@ -29,7 +33,7 @@ from . import checks
 from .api import kvpatch_version, read_checked
 from .fingerprint import model_fingerprint, tokenizer_digest
 from .format import (
-    FORMAT_VERSION, ChunkRecord, ChunkStoreMetadata, PipelineFingerprint, TensorRecord, chunk_tensor_name,
+    CHUNK_STORE_FORMAT_VERSION, ChunkRecord, ChunkStoreMetadata, PipelineFingerprint, TensorRecord, chunk_tensor_name,
     encode_metadata,
 )
 from .io import content_sha256, dtype_name, write_atomic
@@ -41,7 +45,7 @@ class ExportableStore(Protocol):
     """What a store needs for snapshots (`TieredChunkStore` and the `store/memory` stage)."""
 
     def iter_chunks(self) -> Iterator[StoredChunk]: ...
-    def put(self, chunk: StoredChunk) -> None: ...
+    def put(self, chunk: StoredChunk) -> bool | None: ...
 
 
 def export_store(path: str | os.PathLike[str], store: ExportableStore, model: torch.nn.Module,
@@ -63,11 +67,12 @@ def write_chunks(path: str | os.PathLike[str], chunks: Iterable[StoredChunk], mo
         tensors.update({chunk_tensor_name(i, name): t for name, t in named.items()})
         records.append(ChunkRecord(
             prefix_hash=chunk.prefix_hash, content_hash=chunk.content_hash, start=chunk.start,
-            tokens=chunk.num_tokens, codec=chunk.codec, meta=chunk.meta,
+            tokens=chunk.num_tokens, codec=chunk.codec, meta=chunk.meta, namespace=chunk.namespace,
+            parent_hash=chunk.parent_hash,
             tensors={n: TensorRecord(dtype=dtype_name(t.dtype), shape=list(t.shape)) for n, t in named.items()},
         ))
     metadata = ChunkStoreMetadata(
-        format_version=FORMAT_VERSION, kind=KIND, kvpatch_version=kvpatch_version(),
+        format_version=CHUNK_STORE_FORMAT_VERSION, kind=KIND, kvpatch_version=kvpatch_version(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), model=model_fingerprint(model),
         pipeline=PipelineFingerprint(name=config.name, digest=config.digest()),
         tokenizer=tokenizer_digest(tokenizer) if tokenizer is not None else None,
@@ -99,11 +104,13 @@ def import_store(path: str | os.PathLike[str], store: ExportableStore, model: to
                  config: PipelineConfig | None = None, *, tokenizer: Any | None = None,
                  progress: bool = False) -> int:
     """Put every chunk of a snapshot into `store` after `read_store_snapshot`'s checks (nothing is
-    put if any fails); returns how many. The store's budget applies (overflow spills or drops)."""
+    put if any fails); returns how many the store admitted (a bound store refuses, and counts,
+    chunks that are not its model's). The store's budget applies (overflow spills or drops)."""
     _, chunks = read_store_snapshot(path, model, config, tokenizer=tokenizer)
+    admitted = 0
     for chunk in tqdm(chunks, desc="import chunks", unit="chunk", disable=not progress):
-        store.put(chunk)
-    return len(chunks)
+        admitted += store.put(chunk) is not False
+    return admitted
 
 
 def _chunk(path: Path, i: int, record: ChunkRecord, tensors: dict[str, torch.Tensor]) -> StoredChunk:
@@ -113,21 +120,24 @@ def _chunk(path: Path, i: int, record: ChunkRecord, tensors: dict[str, torch.Ten
     if "token_ids" not in record.tensors:
         raise SnapshotCorruptError(f"snapshot {path}: chunks.{i} has no token_ids")
     chunk = StoredChunk(record.prefix_hash, record.content_hash, tensors[prefix + "token_ids"], record.start,
-                        payload, record.codec, dict(record.meta))
+                        payload, record.codec, dict(record.meta), record.namespace, record.parent_hash)
     try:
         _, _, tokens, _ = kv_shape(chunk)
     except ChunkFormatError as err:
         raise SnapshotCorruptError(f"snapshot {path}: chunks.{i}: {err}") from None
-    if chunk.token_ids.dim() != 1 or tokens != record.tokens:
+    if chunk.token_ids.dim() != 1 or chunk.token_ids.dtype != torch.int64 or tokens != record.tokens:
         raise SnapshotCorruptError(f"snapshot {path}: chunks.{i}: token_ids do not match its {record.tokens} tokens")
     return chunk
 
 
 def _check_shapes(path: Path, chunks: list[StoredChunk], model: torch.nn.Module) -> None:
-    """Every chunk has one K/V per layer of this model, with its kv_heads and head_dim."""
+    """Every chunk has one K/V per layer of this model, with its kv_heads and head_dim, and token
+    ids in its vocabulary."""
     layout = checks.KVLayout.of(model.config, 1)
     expected = (len(layer_layouts(model.config)), layout.heads, layout.head_dim)
+    vocab_size = ModelShapes.of(model.config).vocab_size
     for i, chunk in enumerate(chunks):
         layers, heads, _, dim = kv_shape(chunk)
         if (layers, heads, dim) != expected:
             raise SnapshotMismatchError(path, f"chunks.{i} (layers, kv_heads, head_dim)", expected, (layers, heads, dim))
+        checks.check_token_ids(path, f"chunks.{i}.token_ids", chunk.token_ids, vocab_size)

@@ -3,12 +3,16 @@
 Writers leave `.<name>.safetensors.<host>-<pid>-<random>.tmp` files only if they die mid-write.
 `gc` removes those whose writer is gone (same host, pid no longer running) or that are older
 than a grace period (another host, or a pid reused), and optionally old snapshots.
+
+Only regular files are listed (checked with `lstat`, never opened): a directory, FIFO, device or
+symlink that happens to carry a snapshot or temp name is neither listed nor removed.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +23,29 @@ from .io import SUFFIX, temp_writer
 DEFAULT_TEMP_GRACE_S = 24 * 3600.0
 
 
+def regular_files(directory: str | os.PathLike[str]) -> list[tuple[Path, os.stat_result]]:
+    """(path, lstat) of every regular file directly in `directory` (no symlinks, no special files)."""
+    found = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                found.append((Path(entry.path), info))
+    return found
+
+
 def list_snapshots(directory: str | os.PathLike[str]) -> list[Path]:
     """Snapshot files in `directory`, newest first (hidden and temp files excluded)."""
-    paths = [p for p in Path(directory).iterdir() if p.suffix == SUFFIX and not p.name.startswith(".") and p.is_file()]
-    return sorted(paths, key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
+    files = [(p, info) for p, info in regular_files(directory) if p.suffix == SUFFIX and not p.name.startswith(".")]
+    return [p for p, _ in sorted(files, key=lambda f: (f[1].st_mtime, f[0].name), reverse=True)]
 
 
 def list_temp_files(directory: str | os.PathLike[str]) -> list[Path]:
     """Temp files that snapshot writers create in `directory`."""
-    return sorted(p for p in Path(directory).iterdir() if temp_writer(p) is not None)
+    return sorted(p for p, _ in regular_files(directory) if temp_writer(p) is not None)
 
 
 def is_stale_temp(path: Path, grace_s: float = DEFAULT_TEMP_GRACE_S, now: float | None = None) -> bool:
@@ -36,7 +54,7 @@ def is_stale_temp(path: Path, grace_s: float = DEFAULT_TEMP_GRACE_S, now: float 
     if host == socket.gethostname() and not _running(pid):
         return True
     try:
-        return (now or time.time()) - path.stat().st_mtime > grace_s
+        return (now or time.time()) - path.lstat().st_mtime > grace_s
     except FileNotFoundError:  # renamed into place or removed meanwhile
         return False
 
@@ -70,8 +88,15 @@ def gc(directory: str | os.PathLike[str], keep: int | None = None, older_than_s:
     snapshots = list_snapshots(directory)
     doomed = snapshots[keep:] if keep is not None else []
     if older_than_s is not None:
-        doomed += [p for p in snapshots if now - p.stat().st_mtime > older_than_s and p not in doomed]
+        doomed += [p for p in snapshots if now - _mtime(p) > older_than_s and p not in doomed]
     for path in doomed:
         path.unlink(missing_ok=True)
         report.removed_snapshots.append(path)
     return report
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except FileNotFoundError:
+        return float("inf")  # removed meanwhile: nothing to collect

@@ -1,4 +1,8 @@
-"""The snapshot metadata schema (format_version 1) and its encoding in the safetensors header.
+"""The snapshot metadata schema and its encoding in the safetensors header.
+
+Format versions are per kind: `request` is version 1; `chunk_store` is version 2 (each chunk
+records its model namespace and parent key, so a reader can prove it is the chunk of its key;
+version 1 chunk-store files lack that and are refused: export them again).
 
 The metadata is one canonical JSON document stored under `METADATA_KEY` in the safetensors
 `__metadata__`, next to its SHA-256 under `METADATA_SHA_KEY`: the tensors are covered by
@@ -16,9 +20,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError
 
-from ..errors import SnapshotCorruptError, SnapshotMismatchError
+from ..errors import SnapshotCorruptError, SnapshotMismatchError, echo
 
+#: Format version of request snapshots (`FORMAT_VERSIONS` has every kind's).
 FORMAT_VERSION = 1
+CHUNK_STORE_FORMAT_VERSION = 2
+FORMAT_VERSIONS: dict[str, int] = {"request": FORMAT_VERSION, "chunk_store": CHUNK_STORE_FORMAT_VERSION}
 METADATA_KEY = "kvpatch.snapshot"
 METADATA_SHA_KEY = "kvpatch.snapshot.sha256"
 
@@ -115,13 +122,17 @@ class ChunkRecord(_Record):
     tokens: int = Field(ge=0)
     codec: str
     meta: dict[str, Any] = Field(default_factory=dict)
+    #: The chunk's model namespace and its parent's key ("" for chunks built outside a model's
+    #: store): what `ChunkHasher.binding_problem` checks.
+    namespace: str
+    parent_hash: str
     tensors: dict[str, TensorRecord]
 
 
 class ChunkStoreMetadata(_Record):
     """A whole chunk store: every chunk, tied to the model and pipeline that computed them."""
 
-    format_version: Literal[1]
+    format_version: Literal[2]
     kind: Literal["chunk_store"]
     kvpatch_version: str
     created: str
@@ -172,16 +183,19 @@ def decode_metadata(path: Path, header: dict[str, str], kind: str | None = None)
         data: Any = json.loads(text)
     except ValueError as err:
         raise SnapshotCorruptError(f"snapshot {path}: metadata is not valid JSON ({err})") from None
-    version = data.get("format_version") if isinstance(data, dict) else None
-    if version != FORMAT_VERSION:
-        raise SnapshotMismatchError(path, "format_version", FORMAT_VERSION, version,
-                                    "this kvpatch reads format version 1 only")
+    if not isinstance(data, dict):
+        raise SnapshotCorruptError(f"snapshot {path}: metadata is not a JSON object")
     found = data.get("kind", "request")
+    schema = SCHEMAS.get(found) if isinstance(found, str) else None
+    if schema is None:
+        raise SnapshotCorruptError(f"snapshot {path}: unknown kind {echo(found)}; known: {', '.join(SCHEMAS)}")
+    version, expected = data.get("format_version"), FORMAT_VERSIONS[found]
+    if version != expected:
+        raise SnapshotMismatchError(path, "format_version", expected, version,
+                                    f"this kvpatch reads {found} snapshots of format version {expected} only"
+                                    + (_OLD_HINTS.get(found, "") if isinstance(version, int) and version < expected else ""))
     if kind is not None and found != kind:
         raise SnapshotMismatchError(path, "kind", kind, found, _KIND_HINTS.get(found, ""))
-    schema = SCHEMAS.get(found)
-    if schema is None:
-        raise SnapshotCorruptError(f"snapshot {path}: unknown kind {found!r}; known: {', '.join(SCHEMAS)}")
     try:
         return schema.model_validate(data)
     except ValidationError as err:
@@ -192,6 +206,8 @@ def decode_metadata(path: Path, header: dict[str, str], kind: str | None = None)
         )
         raise SnapshotCorruptError(f"snapshot {path}: invalid metadata: {problems}") from None
 
+
+_OLD_HINTS = {"chunk_store": " (older files do not bind chunks to their keys: export the store again)"}
 
 _KIND_HINTS = {
     "request": "a request's cache: load it with kvpatch.snapshot.load_snapshot (handle.import_snapshot)",

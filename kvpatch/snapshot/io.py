@@ -5,6 +5,11 @@ thing is replaced with a single `os.replace`: a reader (or a process killed mid-
 old file or the new one, never a mix. The reader parses and bounds-checks the safetensors header itself before handing the file to
 `safe_open`, so damaged files fail here with a SnapshotCorruptError that says what is wrong,
 not deep inside a parser. Nothing is ever unpickled.
+
+Only regular files are ever opened: a FIFO, device, socket or directory at a snapshot (or chunk
+file) path is refused by `stat` before any `open` (and `open` is non-blocking, re-checked with
+`fstat`, against a swap in between), so a reader never hangs on a FIFO or reads a device. Every
+read is bounded: headers by MAX_HEADER_BYTES, whole-file reads (`read_regular`) by their caller's cap.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import struct
 import uuid
 from collections.abc import Iterator, Mapping
@@ -158,19 +164,75 @@ def header_bytes(metadata: dict[str, str], entries: Mapping[str, object]) -> byt
     return struct.pack("<Q", len(text)) + text
 
 
-def read_header(path: Path) -> tuple[dict[str, str], dict[str, dict]]:
+class NotRegularFileError(SnapshotError):
+    """A path that is not a regular file (directory, FIFO, device, socket; or a symlink where
+    links are not followed): refused without opening it."""
+
+
+def check_regular(path: Path, where: str, follow_symlinks: bool = True) -> os.stat_result:
+    """`path`'s stat if it is a regular file; NotRegularFileError (or SnapshotError: missing)."""
+    try:
+        info = os.stat(path) if follow_symlinks else os.lstat(path)
+    except FileNotFoundError:
+        raise SnapshotError(f"no {where} at {path}") from None
+    except OSError as err:
+        raise SnapshotError(f"cannot read {where} {path}: {err.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise NotRegularFileError(f"{where} {path} is {_file_kind(info.st_mode)}, not a regular file: not opened")
+    return info
+
+
+@contextmanager
+def open_regular(path: Path, where: str, follow_symlinks: bool = True) -> Iterator[tuple[BinaryIO, int]]:
+    """(handle, size) of a regular file, opened only after `check_regular`, non-blocking and
+    re-checked with `fstat` (a FIFO swapped in between is refused, not waited on)."""
+    check_regular(path, where, follow_symlinks)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise SnapshotError(f"no {where} at {path}") from None
+    except OSError as err:
+        raise SnapshotError(f"cannot read {where} {path}: {err.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFileError(f"{where} {path} is {_file_kind(info.st_mode)}, not a regular file")
+        yield handle, info.st_size
+
+
+def read_regular(path: Path, where: str, max_bytes: int, follow_symlinks: bool = True) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` (larger: SnapshotCorruptError, nothing read)."""
+    with open_regular(path, where, follow_symlinks) as (handle, size):
+        if size > max_bytes:
+            raise SnapshotCorruptError(f"{where} {path}: {size} bytes, more than the {max_bytes} accepted")
+        try:
+            data = handle.read(max_bytes + 1)
+        except OSError as err:
+            raise SnapshotError(f"cannot read {where} {path}: {err.strerror}") from None
+    if len(data) > max_bytes:
+        raise SnapshotCorruptError(f"{where} {path}: grew past the {max_bytes} bytes accepted while being read")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISLNK, "a symlink"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+def read_header(path: Path, follow_symlinks: bool = True) -> tuple[dict[str, str], dict[str, dict]]:
     """The `__metadata__` strings and the tensor entries of a safetensors file, after checking
     that the header is well-formed JSON and that the tensors tile the data section exactly."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
+    with open_regular(path, "snapshot", follow_symlinks) as (handle, size):
+        try:
             prefix = handle.read(8)
             length = _header_length(f"snapshot {path}", prefix, size)
             raw = handle.read(length)
-    except FileNotFoundError:
-        raise SnapshotError(f"no snapshot at {path}") from None
-    except OSError as err:
-        raise SnapshotError(f"cannot read snapshot {path}: {err.strerror}") from None
+        except OSError as err:
+            raise SnapshotError(f"cannot read snapshot {path}: {err.strerror}") from None
     return _decode_header(f"snapshot {path}", raw, size - 8 - length)
 
 
@@ -251,6 +313,7 @@ def _int_list(value: object) -> bool:
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a file whose header `read_header` accepted, read with `safe_open`."""
+    check_regular(path, "snapshot")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             return {name: handle.get_tensor(name) for name in handle.keys()}
