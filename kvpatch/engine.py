@@ -6,22 +6,28 @@
     result.ttft_ms, result.kv_reuse_ratio
 
 A prompt may be a list of segments (system prompt, documents, question): each segment starts a
-new chunk, so a document warmed on its own is found again wherever it appears (approximate
-reuse, with a config whose matcher is `approximate`).
+new chunk, so a document warmed on its own (`engine.warm(doc)`) is found again wherever it
+appears (approximate reuse, with a config whose matcher is `approximate`, e.g. `rag_reuse`).
+The tokenizer's leading special tokens (BOS) form a chunk of their own for the same reason.
+
+One Engine may be shared by threads: it runs one request at a time (the others wait).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .concurrency import RequestLock
 from .config import ConfigSource
 from .data.needle import newline_ids
 from .errors import ConfigError
@@ -29,6 +35,19 @@ from .patch import KVPatchCache, PatchHandle, apply
 from .reuse.controller import ReuseController
 
 Prompt = str | Sequence[str]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _one_request_at_a_time(method: Callable[Concatenate[Engine, P], R]) -> Callable[Concatenate[Engine, P], R]:
+    """Run an Engine method under the Engine's request lock (other threads wait)."""
+
+    @functools.wraps(method)
+    def locked(engine: Engine, *args: P.args, **kwargs: P.kwargs) -> R:
+        with engine._lock.held(method.__name__):
+            return method(engine, *args, **kwargs)
+
+    return locked
 
 
 @dataclass
@@ -105,8 +124,22 @@ class _FirstTokenClock:
         pass
 
 
+class _StopWhenSet(StoppingCriteria):
+    """Ends a `generate` at the next token once `event` is set (a stream closed early)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 class Engine:
-    """Text generation over a kvpatch-patched model with chunk reuse across calls."""
+    """Text generation over a kvpatch-patched model with chunk reuse across calls.
+
+    Requests are serialised: the reuse controller keeps one request's segment starts and plan
+    between tokenizing and prefill, so concurrent requests would mix them up.
+    """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, config: ConfigSource = "prefix_reuse") -> None:
         self.model = model
@@ -116,6 +149,7 @@ class Engine:
             raise ConfigError(f"config {self.handle.config.name!r} has no chunk reuse stages (chunker, matcher, store)")
         self.reuse: ReuseController = self.handle.reuse
         self.reuse.chunker.add_boundary_tokens(set(newline_ids(tokenizer)))
+        self._lock = RequestLock("Engine")
 
     @classmethod
     def from_pretrained(cls, path_or_model: str | torch.nn.Module, config: ConfigSource = "prefix_reuse",
@@ -139,42 +173,66 @@ class Engine:
         return next(self.model.parameters()).device
 
     # -- requests ---------------------------------------------------------------------------------
+    @_one_request_at_a_time
     def prepare(self, prompt: Prompt) -> torch.Tensor:
         """Token ids of `prompt` on the model's device, with the reuse controller told where the
-        segments start and given the host copy of the ids (no device-to-host copy to hash them)."""
+        segments start and given the host copy of the ids (no device-to-host copy to hash them).
+        The next forward of the model consumes that state: run it before another request."""
+        return self._prepare(prompt)
+
+    def _prepare(self, prompt: Prompt) -> torch.Tensor:
         ids, starts = self.encode(prompt)
         self.reuse.set_segment_starts(starts)
         self.reuse.set_host_ids(ids)
         return ids.to(self.device)
 
     def encode(self, prompt: Prompt) -> tuple[torch.Tensor, list[int]]:
-        """Token ids `[1, L]` (on the CPU) of a prompt and where its segments start (each
-        tokenized alone)."""
+        """Token ids `[1, L]` (on the CPU) of a prompt and where its segments start.
+
+        Each segment is tokenized alone, without special tokens; the tokenizer's leading special
+        tokens (BOS) come first, as a segment of their own, so that a segment's chunks are the same
+        whether it opens a prompt or follows other text (the same tokens, hashed alike)."""
         segments = [prompt] if isinstance(prompt, str) else list(prompt)
         if not segments:
-            raise ValueError("prompt is empty")
-        ids: list[int] = []
+            raise ValueError("prompt is empty: pass a string or a non-empty list of segments")
+        pieces = [self.tokenizer(segment, add_special_tokens=False).input_ids for segment in segments]
+        ids = self._leading_special_tokens(segments[0], pieces[0])
+        if ids is None:  # the special tokens are not a plain prefix: keep the tokenizer's own first segment
+            ids, pieces[0] = self.tokenizer(segments[0]).input_ids, []
         starts = []
-        for i, segment in enumerate(segments):
+        for piece in pieces:
             starts.append(len(ids))
-            ids.extend(self.tokenizer(segment, add_special_tokens=i == 0).input_ids)
+            ids = ids + piece
         if not ids:
             raise ValueError("prompt tokenizes to no tokens")
         return torch.tensor([ids]), starts
 
+    def _leading_special_tokens(self, text: str, plain: list[int]) -> list[int] | None:
+        """What the tokenizer puts before `text`'s own tokens (`plain`) when it adds special
+        tokens (`[bos]`, often none), or None if it changes them otherwise (e.g. appends EOS)."""
+        full = self.tokenizer(text).input_ids
+        extra = len(full) - len(plain)
+        return list(full[:extra]) if extra >= 0 and list(full[extra:]) == list(plain) else None
+
+    @_one_request_at_a_time
     def warm(self, text: Prompt) -> WarmResult:
-        """Compute and store the chunks of `text` (already stored chunks are reused)."""
+        """Compute and store the chunks of `text` (already stored chunks are reused). A document
+        warmed alone is reusable as a segment of any later prompt (with an approximate matcher)."""
+        return self._warm(text)
+
+    def _warm(self, text: Prompt) -> WarmResult:
         start = time.perf_counter()
-        ids = self.prepare(text)
+        ids = self._prepare(text)
         with torch.no_grad():
             self.model(input_ids=ids, logits_to_keep=1)
         self.reuse.writer.flush()
         return WarmResult(ids.shape[1], self.reuse.last.written_chunks, (time.perf_counter() - start) * 1e3)
 
+    @_one_request_at_a_time
     def generate(self, prompt: Prompt, max_new_tokens: int = 64, **gen_kwargs: Any) -> GenerationResult:
         """Greedy by default; any `generate` keyword (do_sample, temperature, ...) passes through."""
         start = time.perf_counter()
-        ids = self.prepare(prompt)
+        ids = self._prepare(prompt)
         gen_kwargs.setdefault("do_sample", False)
         clock = _FirstTokenClock(start)
         with torch.no_grad():
@@ -195,39 +253,55 @@ class Engine:
         )
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 64, **gen_kwargs: Any) -> Iterator[str]:
-        """Yield the output text piece by piece as it is generated."""
+        """Yield the output text piece by piece as it is generated.
+
+        The Engine is held from the first `next()` until the generator is exhausted or closed
+        (closing it early stops the generation at the next token); other threads wait meanwhile,
+        and the same thread's other Engine calls are refused until then."""
         from transformers import TextIteratorStreamer
 
-        ids = self.prepare(prompt)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        gen_kwargs.setdefault("do_sample", False)
-        errors: list[BaseException] = []
+        with self._lock.held("stream"):
+            ids = self._prepare(prompt)
+            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            gen_kwargs.setdefault("do_sample", False)
+            closed = threading.Event()
+            stopping = StoppingCriteriaList(gen_kwargs.pop("stopping_criteria", None) or [])
+            stopping.append(_StopWhenSet(closed))
+            errors: list[BaseException] = []
 
-        def run() -> None:
+            def run() -> None:
+                try:
+                    with torch.no_grad():
+                        self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                            streamer=streamer, stopping_criteria=stopping, **gen_kwargs)
+                except BaseException as err:  # noqa: BLE001  (re-raised in the caller's thread)
+                    errors.append(err)
+                    streamer.end()
+
+            worker = threading.Thread(target=run, daemon=True)
+            worker.start()
             try:
-                with torch.no_grad():
-                    self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                        streamer=streamer, **gen_kwargs)
-            except BaseException as err:  # noqa: BLE001  (re-raised in the caller's thread)
-                errors.append(err)
-                streamer.end()
+                yield from streamer
+            finally:
+                closed.set()
+                worker.join()
+            self.reuse.writer.flush()  # the new chunks are in the store before the next request
+            if errors:
+                raise errors[0]
 
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        yield from streamer
-        worker.join()
-        if errors:
-            raise errors[0]
-
-    def verify_correctness(self, prompts: Sequence[Prompt], max_new_tokens: int = 32) -> CorrectnessReport:
-        """Each prompt with reuse (after warming it, so it hits) against no reuse: greedy token
-        agreement and the first step's logit cosine and KL(no reuse || reuse)."""
+    @_one_request_at_a_time
+    def verify_correctness(self, prompts: Sequence[Prompt], max_new_tokens: int = 32,
+                           warm: bool = True) -> CorrectnessReport:
+        """Each prompt with reuse against no reuse: greedy token agreement and the first step's
+        logit cosine and KL(no reuse || reuse). With `warm` each prompt is warmed first (so it
+        hits); without, it reuses what the store already holds (e.g. documents warmed alone)."""
         checks = []
         for prompt in prompts:
-            self.warm(prompt)
+            if warm:
+                self._warm(prompt)
             with self.reuse.paused():
-                reference = self._greedy(self.prepare(prompt), max_new_tokens)
-            ids = self.prepare(prompt)
+                reference = self._greedy(self._prepare(prompt), max_new_tokens)
+            ids = self._prepare(prompt)
             reused = self._greedy(ids, max_new_tokens)
             ratio = self.reuse.last.kv_reuse_ratio
             ref_tokens, new_tokens = reference[0], reused[0]
@@ -246,6 +320,7 @@ class Engine:
         return out.sequences[0, ids.shape[1]:].tolist(), out.logits[0][0]
 
     # -- persistence ------------------------------------------------------------------------------
+    @_one_request_at_a_time
     def export_snapshot(self, path: str | os.PathLike[str], kind: Literal["chunk_store", "request"] = "chunk_store") -> Path:
         """Write every stored chunk (default) or the last request's cache (`kind="request"`) to a
         verified safetensors snapshot, atomically (docs/snapshot-format.md); returns its path."""
@@ -256,6 +331,7 @@ class Engine:
             return self.handle.export_snapshot(path, tokenizer=self.tokenizer)
         return export_store(path, self.reuse.store, self.model, self.handle.config, tokenizer=self.tokenizer)
 
+    @_one_request_at_a_time
     def import_snapshot(self, path: str | os.PathLike[str]) -> int | KVPatchCache:
         """Load a snapshot after checking it fits this model, config and tokenizer: a chunk-store
         snapshot fills the store (returns how many chunks), a request snapshot returns a cache to
@@ -266,5 +342,6 @@ class Engine:
             return self.handle.import_snapshot(path, tokenizer=self.tokenizer)
         return import_store(path, self.reuse.store, self.model, self.handle.config, tokenizer=self.tokenizer)
 
+    @_one_request_at_a_time
     def stats(self) -> dict[str, Any]:
         return {"last_request": asdict(self.reuse.last), **self.handle.stats()}
