@@ -11,18 +11,24 @@ from collections.abc import Iterable
 import torch
 
 
-def storage_bytes_by_device(tensors: Iterable[torch.Tensor | None]) -> dict[str, int]:
-    """Bytes of the distinct storages behind `tensors`, per device (e.g. {'cuda:0': n, 'cpu': m})."""
-    seen: set[tuple[str, int]] = set()
+def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:
+    return str(tensor.device), tensor.untyped_storage().data_ptr()
+
+
+def storage_bytes_by_device(
+    tensors: Iterable[torch.Tensor | None], exclude: Iterable[torch.Tensor | None] = (),
+) -> dict[str, int]:
+    """Bytes of the distinct storages behind `tensors`, per device (e.g. {'cuda:0': n, 'cpu': m}),
+    leaving out storages that any tensor of `exclude` also uses (e.g. offloaded copies, so that
+    the rest is what stays resident)."""
+    seen = {_storage_key(t) for t in exclude if t is not None}
     totals: dict[str, int] = {}
     for tensor in tensors:
         if tensor is None:
             continue
-        storage = tensor.untyped_storage()
-        device = str(tensor.device)
-        key = (device, storage.data_ptr())
+        key = _storage_key(tensor)
         if key in seen:
             continue
         seen.add(key)
-        totals[device] = totals.get(device, 0) + storage.nbytes()
+        totals[key[0]] = totals.get(key[0], 0) + tensor.untyped_storage().nbytes()
     return totals

@@ -99,14 +99,20 @@ class PatchHandle:
 
     # -- reporting ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Resident K/V bytes (per device and total), tokens held, and each stage's counters."""
+        """K/V bytes, tokens held, and each stage's counters. `kv_bytes_resident`: what attention
+        reads; `kv_bytes_offloaded`: copies moved to host memory or files for restoring;
+        `kv_bytes_total`: the two together, also per device in `kv_bytes`."""
         cache = self.last_cache
         kv_bytes = cache.kv_bytes() if cache is not None else {}
+        resident = sum(cache.kv_bytes("resident").values()) if cache is not None else 0
+        offloaded = sum(cache.kv_bytes("offloaded").values()) if cache is not None else 0
         return {
             "config": self.config.name,
             "family": self.family.family,
             "kv_bytes": kv_bytes,
             "kv_bytes_total": sum(kv_bytes.values()),
+            "kv_bytes_resident": resident,
+            "kv_bytes_offloaded": offloaded,
             "tokens": cache.get_seq_length() if cache is not None else 0,
             "batch_size": cache.batch_size() if cache is not None else 0,
             "layers": len(cache.layers) if cache is not None else 0,

@@ -8,7 +8,7 @@ generation loop never special-case them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -38,17 +38,34 @@ def layer_layouts(model_config: Any) -> list[LayerLayout]:
 
 
 def layer_kv_tensors(layer: CacheLayerMixin) -> list[torch.Tensor | None]:
-    """The tensors a layer holds for K/V (layers with extra buffers override `kv_tensors`)."""
+    """Every tensor a layer holds for K/V, resident or offloaded (layers with extra buffers
+    override `kv_tensors`)."""
     custom = getattr(layer, "kv_tensors", None)
     if callable(custom):
         return list(custom())
     return [layer.keys, layer.values]
 
 
-def cache_kv_bytes(cache: Cache) -> dict[str, int]:
-    """Resident K/V bytes per device of any transformers cache (kvpatch's or an unpatched
-    model's DynamicCache), each distinct storage counted once."""
-    return storage_bytes_by_device(t for layer in cache.layers for t in layer_kv_tensors(layer))
+def layer_offloaded_kv_tensors(layer: CacheLayerMixin) -> list[torch.Tensor | None]:
+    """The part of `layer_kv_tensors` that attention does not read: copies moved off the
+    accelerator (layers that offload override `offloaded_kv_tensors`; others hold none)."""
+    custom = getattr(layer, "offloaded_kv_tensors", None)
+    return list(custom()) if callable(custom) else []
+
+
+#: Which K/V bytes to count: what attention reads, what was moved away, or both.
+KVPart = Literal["resident", "offloaded", "all"]
+
+
+def cache_kv_bytes(cache: Cache, part: KVPart = "all") -> dict[str, int]:
+    """K/V bytes per device of any transformers cache (kvpatch's or an unpatched model's
+    DynamicCache), each distinct storage counted once: `resident` (attention reads it),
+    `offloaded` (host or file copies kept for restoring) or `all` (the two together)."""
+    layers = cache.layers
+    if part == "offloaded":
+        return storage_bytes_by_device(t for layer in layers for t in layer_offloaded_kv_tensors(layer))
+    exclude = [t for layer in layers for t in layer_offloaded_kv_tensors(layer)] if part == "resident" else []
+    return storage_bytes_by_device((t for layer in layers for t in layer_kv_tensors(layer)), exclude=exclude)
 
 
 class KVPatchCache(Cache):
@@ -68,9 +85,10 @@ class KVPatchCache(Cache):
             self.recorder(layer_idx, key_states, value_states)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
-    def kv_bytes(self) -> dict[str, int]:
-        """Resident K/V bytes per device, all layers (distinct storages counted once)."""
-        return cache_kv_bytes(self)
+    def kv_bytes(self, part: KVPart = "all") -> dict[str, int]:
+        """K/V bytes per device, all layers (distinct storages counted once); `part` as in
+        `cache_kv_bytes`."""
+        return cache_kv_bytes(self, part)
 
     def restore(self) -> None:
         """Bring offloaded K/V back into every layer that keeps some (`evictor/budget` with an

@@ -170,6 +170,10 @@ class EvictingLayer(DynamicLayer):
     def kv_tensors(self) -> list[torch.Tensor | None]:
         return [self.keys, self.values, *(t for chunk in self.offloaded for t in chunk[:2])]
 
+    def offloaded_kv_tensors(self) -> list[torch.Tensor]:
+        """The evicted tokens' host copies: held, but not read by attention until `restore()`."""
+        return [t for chunk in self.offloaded for t in chunk[:2]]
+
     def get_seq_length(self) -> int:
         return self.seen
 

@@ -420,6 +420,10 @@ class TieredLayer(EvictingLayer):
         warm = self.warm.kv_tensors() if self.warm is not None else []
         return [self.keys, self.values, *warm, *(t for c in self.cold for t in c.kv_tensors())]
 
+    def offloaded_kv_tensors(self) -> list[torch.Tensor]:
+        """The cold tier (host memory): attention reads hot + warm only."""
+        return [t for c in self.cold for t in c.kv_tensors()]
+
     def _map_tiers(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.warm is not None:
             self.warm = self.warm.map(fn)
