@@ -370,7 +370,7 @@ E2E_CONFIGS: list[str | dict[str, Any]] = [
 
 
 def run_e2e(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from kvpatch.eval import EvalSettings, evaluate
+    from kvpatch.eval import EvalSettings, evaluate, reference_run
 
     model, tokenizer = kvpatch.models.load("kvpatch-ref")
     model = model.to(args.device)
@@ -378,10 +378,11 @@ def run_e2e(args: argparse.Namespace) -> list[dict[str, Any]]:
         EvalSettings.full(), ppl_max_tokens=args.ppl_tokens, needle_lengths=(1024, 2048), needle_per_cell=args.needle_per_cell,
     )
     results = []
+    reference = reference_run(model, tokenizer, settings)
     for config in tqdm(E2E_CONFIGS, desc="e2e"):
         if isinstance(config, str) and config not in kvpatch.config.bundled_configs():
             continue
-        result = evaluate(model, tokenizer, config, settings=settings)
+        result = evaluate(model, tokenizer, config, reference=reference)
         results.append(result.to_dict())
     return results
 

@@ -31,10 +31,7 @@ from tqdm import tqdm
 
 import kvpatch
 from kvpatch.compat import cache_kwarg, output_cache
-from kvpatch.data.needle import encode
-from kvpatch.eval import EvalSettings
-from kvpatch.eval.harness import _measure_side, _patched_kv_bytes, compare, default_text, patched
-from kvpatch.eval.metrics import dynamic_cache_bytes
+from kvpatch.eval import EvalSettings, evaluate, reference_run
 from kvpatch.stages.tiers import TieredLayer
 
 SCORERS = ["streaming", "key_norm", "tova", "snapkv", "h2o", "hybrid"]
@@ -196,9 +193,9 @@ def main() -> None:
     settings = dataclasses.replace(EvalSettings.full(), ppl_max_tokens=args.ppl_tokens, needle_lengths=tuple(args.needle_lengths),
                                    needle_depths=DEPTHS, needle_per_cell=args.needle_per_cell,
                                    decode_steps=args.decode_steps, progress=False)
-    ids = torch.tensor(encode(tokenizer, default_text()), dtype=torch.long)
     start = time.perf_counter()
-    base = _measure_side(model, tokenizer, ids, settings, "full cache", dynamic_cache_bytes)
+    reference = reference_run(model, tokenizer, settings)
+    ids = reference.ids
     rows: list[dict[str, Any]] = json.loads(args.out.read_text())["rows"] if args.resume and args.out.exists() else []
     report: dict[str, Any] = {"device": args.device, "settings": dataclasses.asdict(settings), "rows": rows}
     done = {(r["method"], r["budget"]) for r in rows}
@@ -208,10 +205,7 @@ def main() -> None:
             print(f"stopping after {args.max_minutes} min; rerun with --resume for the rest")
             break
         config = kvpatch.load_config(method_config(method, budget))
-        row_start = time.perf_counter()
-        with patched(model, config):
-            side = _measure_side(model, tokenizer, ids, settings, config.name, _patched_kv_bytes(model))
-        result = compare(config, base, side, None, time.perf_counter() - row_start, settings).to_dict()
+        result = evaluate(model, tokenizer, config, reference=reference).to_dict()
         rows.append({"method": method, "budget": budget, **result,
                      "needle_by_depth": by_depth(result["needle_patched"]),
                      "needle_by_depth_full": by_depth(result["needle_unpatched"]),

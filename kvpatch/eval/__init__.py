@@ -8,7 +8,7 @@ See docs/fidelity.md for what each number means.
 
 from __future__ import annotations
 
-from .harness import EvalResult, EvalSettings, evaluate
+from .harness import EvalResult, EvalSettings, Reference, evaluate, reference_run
 from .plot import plot_fidelity_vs_memory
 
-__all__ = ["EvalResult", "EvalSettings", "evaluate", "plot_fidelity_vs_memory"]
+__all__ = ["EvalResult", "EvalSettings", "Reference", "evaluate", "plot_fidelity_vs_memory", "reference_run"]

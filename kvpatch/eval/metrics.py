@@ -6,6 +6,7 @@ so the harness can run the same code on the unpatched and the patched model and 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,7 +14,6 @@ from typing import Any
 import torch
 
 from ..compat import cache_kwarg, output_cache
-from ..patch.cache import cache_kv_bytes
 
 
 def window_spans(n_tokens: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
@@ -38,51 +38,74 @@ def window_spans(n_tokens: int, window: int, stride: int) -> Iterator[tuple[int,
             return
 
 
+def window_batches(n_tokens: int, window: int, stride: int, batch_rows: int) -> list[tuple[list[int], int, int]]:
+    """The windows of `window_spans` as batches of equal shape: (begins, length, n_scored) each,
+    at most `batch_rows` windows per batch, so a batch needs neither padding nor a mask (only
+    the first and the last window differ from the rest)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for begin, end, n_scored in window_spans(n_tokens, window, stride):
+        groups.setdefault((end - begin, n_scored), []).append(begin)
+    return [
+        (begins[i : i + batch_rows], length, n_scored)
+        for (length, n_scored), begins in groups.items()
+        for i in range(0, len(begins), max(1, batch_rows))
+    ]
+
+
 @torch.no_grad()
 def sliding_window_nll(
     model: Any,
     ids: torch.Tensor,
     window: int,
     stride: int,
-    on_window: Callable[[], None] | None = None,
+    on_windows: Callable[[int], None] | None = None,
     chunk: int | None = None,
+    batch_rows: int = 1,
 ) -> tuple[float, int]:
     """Summed next-token NLL and number of scored tokens over sliding windows of a 1-D id stream.
 
-    With `chunk=None` each window is one forward. With `chunk=C`, each window's unscored context
-    is prefilled and its scored tokens are fed through the cache C at a time (chunked prefill):
-    then every scored token is predicted from the cache as the storage stage keeps it
-    (quantized, evicted), which a single forward would hide, since a prefill attends to its own
-    tokens in full precision.
+    Windows of one shape go through the model `batch_rows` at a time (the same numbers as one by
+    one, up to float reordering). With `chunk=None` each batch is one forward. With `chunk=C`,
+    each window's unscored context is prefilled and its scored tokens are fed through the cache
+    C at a time (chunked prefill): then every scored token is predicted from the cache as the
+    storage stage keeps it (quantized, evicted), which a single forward would hide, since a
+    prefill attends to its own tokens in full precision. `on_windows(n)` reports progress.
     """
     device = next(model.parameters()).device
     ids = ids.flatten().to(device)
     total_nll, total_count = 0.0, 0
-    for begin, end, n_scored in window_spans(ids.numel(), window, stride):
-        window_ids = ids[begin:end][None]
+    for begins, length, n_scored in window_batches(ids.numel(), window, stride, batch_rows):
+        rows = torch.stack([ids[b : b + length] for b in begins])
         if chunk is None:
-            logits = model(input_ids=window_ids, use_cache=True).logits[0, -n_scored - 1 : -1].float()
+            logits = model(input_ids=rows, use_cache=True).logits[:, -n_scored - 1 : -1].float()
         else:
-            logits = _chunked_logits(model, window_ids, window_ids.shape[1] - n_scored, chunk)
-        targets = window_ids[0, -n_scored:]
-        total_nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-        total_count += n_scored
-        if on_window is not None:
-            on_window()
+            logits = _chunked_logits(model, rows, length - n_scored, chunk)
+        targets = rows[:, -n_scored:]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        total_nll += nll.item()
+        total_count += targets.numel()
+        if on_windows is not None:
+            on_windows(len(begins))
     return total_nll, total_count
 
 
-def _chunked_logits(model: Any, window_ids: torch.Tensor, context: int, chunk: int) -> torch.Tensor:
-    """Logits predicting `window_ids[0, context:]`: prefill `[:context]`, then feed the rest
-    (all but the last id) through the cache `chunk` ids at a time."""
+def last_logits_only(model: Any) -> dict[str, int]:
+    """Keyword that makes a forward compute the last position's logits only (`logits_to_keep`),
+    where the model takes it: a long prefill then skips a [B, T, vocab] tensor it never uses."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def _chunked_logits(model: Any, rows: torch.Tensor, context: int, chunk: int) -> torch.Tensor:
+    """Logits [B, n, vocab] predicting `rows[:, context:]`: prefill `[:, :context]`, then feed the
+    rest (all but the last id) through the cache `chunk` ids at a time."""
     kwarg = cache_kwarg(model)
-    out = model(input_ids=window_ids[:, :context], use_cache=True)
-    logits = [out.logits[0, -1:].float()]
-    for start in range(context, window_ids.shape[1] - 1, chunk):
-        stop = min(start + chunk, window_ids.shape[1] - 1)
-        out = model(input_ids=window_ids[:, start:stop], use_cache=True, **{kwarg: output_cache(out)})
-        logits.append(out.logits[0].float())
-    return torch.cat(logits)
+    out = model(input_ids=rows[:, :context], use_cache=True, **last_logits_only(model))
+    logits = [out.logits[:, -1:].float()]
+    for start in range(context, rows.shape[1] - 1, chunk):
+        stop = min(start + chunk, rows.shape[1] - 1)
+        out = model(input_ids=rows[:, start:stop], use_cache=True, **{kwarg: output_cache(out)})
+        logits.append(out.logits.float())
+    return torch.cat(logits, dim=1)
 
 
 def perplexity_from_nll(total_nll: float, count: int) -> float:
@@ -110,9 +133,3 @@ def logit_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> tuple[t
     cosine = row_cosine(reference, candidate)
     top1 = reference.argmax(dim=-1) == candidate.argmax(dim=-1)
     return cosine, top1
-
-
-def dynamic_cache_bytes(cache: Any) -> int:
-    """Resident K/V bytes of a transformers cache (each distinct storage once), e.g. the
-    DynamicCache an unpatched model returns: the baseline kvpatch's own count is compared with."""
-    return sum(cache_kv_bytes(cache).values())

@@ -49,10 +49,10 @@ def _check_files(directory: Path, name: str | os.PathLike[str]) -> None:
     if not missing:
         return
     raise ReferenceModelMissingError(
-        f"reference model '{name}' is not available: {directory} lacks {', '.join(missing)}. "
-        f"kvpatch ships models it trained itself; train one with `{TRAIN_COMMAND}` "
-        "(about 10 minutes on one GPU; `--tiny --device cpu` makes a toy one in seconds), "
-        "or pass the path of a trained model directory."
+        f"model '{name}' is not available: {directory} lacks {', '.join(missing)}. "
+        "Pass a folder written by `save_pretrained` (single-file or sharded weights), or train "
+        f"kvpatch's own reference model with `{TRAIN_COMMAND}` "
+        "(about 10 minutes on one GPU; `--tiny --device cpu` makes a toy one in seconds)."
     )
 
 
