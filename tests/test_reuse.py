@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kvpatch
+from kvpatch.compat import output_cache
 from kvpatch.reuse.chunk_hash import ChunkHasher
 from kvpatch.reuse.chunker import chunk_spans
 from kvpatch.reuse.rope import KeyRotator
@@ -208,13 +209,9 @@ def test_rerotated_keys_equal_keys_computed_at_the_new_position(family: str) -> 
     ids = tokens(6, 3)
 
     def layer0_kv(offset: int) -> torch.Tensor:
-        cache = kvpatch.KVPatchCache.__new__(kvpatch.KVPatchCache)
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(input_ids=ids, position_ids=torch.arange(6)[None] + offset, use_cache=True, past_key_values=cache)
-        layer = cache.layers[0]
+            out = model(input_ids=ids, position_ids=torch.arange(6)[None] + offset, use_cache=True)
+        layer = output_cache(out).layers[0]
         return torch.stack([layer.keys[0], layer.values[0]])[None]
 
     moved = KeyRotator.for_model(model).rotate(layer0_kv(0), 7)
