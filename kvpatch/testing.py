@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from .params import Weight
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
@@ -144,3 +146,51 @@ def bench_model(shape: str, device: str = "cpu", dtype: torch.dtype = torch.floa
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(_config("llama", **BENCH_SHAPES[shape]), dtype=dtype)
     return model.eval()
+
+
+# -- a deliberately wrong "lossless" storage (for checking that fidelity bounds can fail) ----------
+
+NOISY_STORAGE = "_testing_noisy_values"
+
+
+def noisy_values_config(eps: float) -> dict[str, Any]:
+    """A config whose storage claims to be lossless but stores every value tensor with relative
+    Gaussian noise `eps` (seeded): the harness's lossless bounds must flag it from eps ~1e-3.
+    Registers the stage on first use (kept out of the registry otherwise, so the config matrix
+    and plug-in tests never see it)."""
+    from .registry import available_stages
+
+    if NOISY_STORAGE not in available_stages()["storage"]:
+        _register_noisy_storage()
+    return {"name": f"noisy-{eps:g}", "fidelity": {"lossless": True},
+            "stages": [{"kind": "storage", "impl": NOISY_STORAGE, "params": {"eps": eps}}]}
+
+
+def _register_noisy_storage() -> None:
+    from transformers.cache_utils import DynamicLayer
+
+    from .registry import Stage, StageParams, register_stage
+
+    class NoisyValueLayer(DynamicLayer):
+        def __init__(self, eps: float) -> None:
+            super().__init__()
+            self.eps = eps
+            self.generator: torch.Generator | None = None
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self.generator is None:
+                self.generator = torch.Generator(value_states.device).manual_seed(0)
+            noise = torch.randn(value_states.shape, generator=self.generator, device=value_states.device)
+            scale = value_states.float().pow(2).mean().sqrt()
+            noisy = (value_states.float() + self.eps * scale * noise).to(value_states.dtype)
+            return super().update(key_states, noisy, *args, **kwargs)
+
+    @register_stage("storage", NOISY_STORAGE)
+    class NoisyStorage(Stage):
+        builds_layers = True
+
+        class Params(StageParams):
+            eps: Weight = 1e-3
+
+        def make_layer(self, layout: Any) -> DynamicLayer:
+            return NoisyValueLayer(self.params.eps)

@@ -14,10 +14,12 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 import kvpatch
-from kvpatch.eval import EvalResult, EvalSettings, evaluate, plot_fidelity_vs_memory
+from kvpatch.eval import EvalResult, EvalSettings, evaluate, plot_fidelity_vs_memory, reference_run
+from kvpatch.eval.bounds import EXACT, Deviation
 from kvpatch.eval.harness import add_eval_arguments, attention_modules, run_eval_cli
 from kvpatch.eval.metrics import window_spans
-from kvpatch.testing import tiny_model, tiny_tokenizer
+from kvpatch.models import load_named
+from kvpatch.testing import noisy_values_config, tiny_model, tiny_tokenizer
 
 QUICK = EvalSettings.quick()
 
@@ -162,3 +164,40 @@ def test_plot_has_one_point_per_config(tmp_path: Path, default_result, broken_re
     path = tmp_path / "f.png"
     plot_fidelity_vs_memory([default_result.to_dict(), broken_result.to_dict()], path)
     assert path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("dtype, passes, fails", [
+    ("float32", 1e-4, 1e-3),  # float32: the floor is ~0, so the exact allowance decides
+    ("bfloat16", 1e-3, 1e-1),  # bf16: ~4x the measured noise floor is allowed, a real error is not
+])
+def test_lossless_bounds_follow_the_dtype_and_still_fail_real_errors(dtype: str, passes: float, fails: float) -> None:
+    model, tokenizer = kvpatch.models.load("kvpatch-ref", dtype=dtype)
+    reference = reference_run(model, tokenizer, QUICK)
+    assert reference.floor_backend != model.config._attn_implementation
+    allowance = Deviation.from_dict(evaluate(model, tokenizer, "default", reference=reference).lossless_allowance)
+    if dtype == "bfloat16":
+        assert reference.floor.attention > 1e-6 and allowance.attention > EXACT.attention  # widened by the dtype
+    else:
+        assert allowance == EXACT
+    assert evaluate(model, tokenizer, "default", reference=reference).violations() == []
+    assert evaluate(model, tokenizer, noisy_values_config(passes), reference=reference).violations() == []
+    flagged = evaluate(model, tokenizer, noisy_values_config(fails), reference=reference).violations()
+    assert flagged and all(v.startswith("lossless:") for v in flagged)
+
+
+def test_a_sharded_model_folder_loads_like_a_single_file(tmp_path: Path, reference) -> None:
+    model, tokenizer = reference
+    model.save_pretrained(tmp_path, max_shard_size="10MB")
+    tokenizer.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").is_file() and not (tmp_path / "model.safetensors").exists()
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    loaded, loaded_tokenizer = load_named(str(tmp_path))
+    ids = torch.tensor([loaded_tokenizer("def main():\n    return 1").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_a_folder_without_weights_names_what_it_lacks(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(kvpatch.KVPatchError, match="weights"):
+        load_named(str(tmp_path))
