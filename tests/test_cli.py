@@ -4,6 +4,7 @@ export / inspect / verify / import for request caches and chunk stores (in-proce
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import kvpatch.cli
 from kvpatch.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, build_parser, main
 from kvpatch.models import load_named
 from kvpatch.reuse.disk_tier import SUBDIR
+from kvpatch.testing import noisy_values_config
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 7  # > 2 chunks of 128 byte tokens
 
@@ -143,3 +145,43 @@ def test_chunk_store_import_persists_into_the_disk_tier(capsys: pytest.CaptureFi
     assert code == EXIT_OK and "3 chunks" in out  # no prompt: what the disk tier holds
     code, _, err = run(capsys, "snapshot", "import", path, "--model", "tiny-llama", "--config", "prefix_reuse")
     assert code == EXIT_FAILED and "pipeline.digest" in err
+
+
+def test_run_shows_a_memory_saving_row_and_names_each_continuation(capsys: pytest.CaptureFixture[str],
+                                                                   tmp_path: Path) -> None:
+    out_json = tmp_path / "run.json"
+    code, out, _ = run(capsys, "run", "--config", "default", "--config", "kivi4", "--max-new-tokens", "4",
+                       "--repeats", "2", "--json", out_json)
+    assert code == EXIT_OK
+    rows = {r["config"]: r for r in json.loads(out_json.read_text())}
+    assert list(rows) == ["unpatched", "default", "kivi4"]
+    assert rows["default"]["kv_bytes"] == rows["unpatched"]["kv_bytes"] and rows["default"]["token_agreement"] == 1.0
+    assert 0 < rows["kivi4"]["kv_bytes"] < 0.6 * rows["unpatched"]["kv_bytes"]  # the prompt outgrows its window
+    assert all(len(r["ttft_ms_runs"]) == 2 for r in rows.values())
+    assert "continuation (unpatched" in out and "kivi4" in out.split("continuation (unpatched", 1)[1]
+
+
+def test_run_stops_at_eos_and_compares_runs_of_different_length() -> None:
+    from kvpatch.runner import agreement, greedy_run
+
+    model, _ = load_named("tiny-llama")
+    ids = torch.tensor([[5, 6, 7]])
+    free = greedy_run(model, ids, 6)
+    stopped = greedy_run(model, ids, 6, eos_token_id=free.tokens[1])
+    assert stopped.tokens == free.tokens[:2]
+    assert agreement(free.tokens, stopped.tokens) == pytest.approx(2 / 6)
+
+
+def test_run_refuses_a_non_positive_token_count(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--max-new-tokens", "-3"])
+    assert exit_info.value.code == EXIT_BAD_INPUT and "expected a positive integer, got -3" in capsys.readouterr().err
+
+
+def test_run_exits_1_when_a_lossless_config_changes_the_output(capsys: pytest.CaptureFixture[str],
+                                                              tmp_path: Path) -> None:
+    path = tmp_path / "noisy.yaml"
+    path.write_text(yaml.safe_dump(noisy_values_config(1.0)))  # claims lossless, perturbs every value
+    code, _, err = run(capsys, "run", "--model", "tiny-llama", "--config", path, "--max-new-tokens", "8",
+                       "--repeats", "1", "--prompt", "hello there, general kenobi")
+    assert code == EXIT_FAILED and "lossless configs that changed the output: noisy-1" in err

@@ -3,6 +3,7 @@ honours the config's compile options, and decode steps of growing length do not 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -12,6 +13,7 @@ import torch._dynamo
 
 import kvpatch
 from kvpatch.compat import cache_kwarg
+from kvpatch.runner import greedy_run
 from kvpatch.testing import prompt_ids, tiny_model
 
 KVPATCH_DIR = str(Path(kvpatch.__file__).resolve().parent)
@@ -82,3 +84,25 @@ def test_compiled_prefill_and_decode_match_eager_without_recompiling() -> None:
     assert torch.equal(tokens, reference.sequences[:, ids.shape[1]:])
     for got, ref in zip(logits, reference.logits):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hints", [True, False])
+def test_a_new_prompt_length_does_not_recompile(hints: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pre-forward hook marks growing lengths dynamic, so after one prompt (prefill, first and
+    steady decode steps compiled) a prompt of another length runs on the same graphs. Without the
+    hints (the second case) dynamo specialises the prefill on the first length and recompiles."""
+    if not hints:
+        monkeypatch.setattr(sys.modules["kvpatch.patch.apply"], "mark_growing_dims_dynamic", lambda *a: None)
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    kvpatch.apply(model, COMPILED)
+    try:
+        greedy_run(model, prompt_ids(batch=1, length=12), 5)
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        greedy_run(model, prompt_ids(batch=1, length=19), 5)
+        recompiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames
+    finally:
+        kvpatch.unpatch(model)
+    assert frames > 0
+    assert (recompiled == 0) == hints

@@ -25,6 +25,7 @@ from .attention import ATTENTION_NAME, KERNEL_ATTR, probe_attention_calls, regis
 from .cache import KVPatchCache
 from .cache_args import CacheResolver, as_keywords, positional_names, take_cache_argument, use_cache_flag
 from .cache_events import CacheEvents
+from .compile_hints import mark_growing_dims_dynamic
 from ..reuse.controller import ReuseController, reuse_namespace
 
 logger = logging.getLogger("kvpatch")
@@ -83,6 +84,8 @@ class PatchHandle:
         kwargs = as_keywords(self._forward_params, args, kwargs)
         cache = take_cache_argument(kwargs, self._cache_kwarg)
         cache = self._caches.resolve(cache, use_cache_flag(kwargs, self.model))
+        if self._compiled:
+            mark_growing_dims_dynamic(kwargs, cache)
         if cache is None:
             return (), kwargs
         kwargs[self._cache_kwarg] = cache
