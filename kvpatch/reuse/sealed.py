@@ -44,9 +44,15 @@ def resolve_secret(configured: str | bytes | None, field: str) -> bytes | None:
     if value is None:
         return None
     secret = value.encode() if isinstance(value, str) else bytes(value)
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ConfigError(f"{source}: a chunk secret must be at least {MIN_SECRET_BYTES} bytes, got {len(secret)}")
+    problem = secret_problem(secret)
+    if problem is not None:
+        raise ConfigError(f"{source}: {problem}, got {len(secret)}")
     return secret
+
+
+def secret_problem(secret: bytes) -> str | None:
+    """Why `secret` is unfit (too short to resist offline guessing), never echoing it; None: fit."""
+    return f"a chunk secret must be at least {MIN_SECRET_BYTES} bytes" if len(secret) < MIN_SECRET_BYTES else None
 
 
 def seal(chunk: StoredChunk, secret: bytes | None = None) -> bytes:

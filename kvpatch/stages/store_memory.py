@@ -31,15 +31,16 @@ from ..registry import Stage, StageParams, register_stage
 from ..reuse.codecs import Codec
 from ..reuse.disk_tier import DiskTier
 from ..reuse.memory_store import TieredChunkStore
-from ..reuse.sealed import MIN_SECRET_BYTES
+from ..reuse.sealed import secret_problem
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def _check_secret(secret: SecretStr | None) -> SecretStr | None:
     """Long enough to resist offline guessing; never echoed in the error."""
-    if secret is not None and len(secret.get_secret_value().encode()) < MIN_SECRET_BYTES:
-        raise ValueError(f"a chunk secret must be at least {MIN_SECRET_BYTES} bytes")
+    problem = secret_problem(secret.get_secret_value().encode()) if secret is not None else None
+    if problem is not None:
+        raise ValueError(problem)
     return secret
 
 
