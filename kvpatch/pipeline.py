@@ -13,7 +13,7 @@ from transformers.cache_utils import CacheLayerMixin
 from .config import PipelineConfig, StageConfig
 from .errors import ConfigError
 from .model_shapes import ModelShapes
-from .patch.cache import KVPatchCache, LayerLayout, layer_layouts
+from .cache import KVPatchCache, LayerLayout, layer_layouts
 from .registry import Stage
 
 

@@ -18,7 +18,7 @@ import torch
 from .compat import cache_kwarg, output_cache
 from .config import ConfigSource, PipelineConfig, load_config
 from .patch import apply, unpatch
-from .patch.cache import cache_kv_bytes
+from .cache import cache_kv_bytes
 
 #: Decode steps of the untimed warm-up run: prefill, the first decode step (whose cache still
 #: holds the prefill's K/V views) and steady-state steps, so a compiled decoder has compiled each.

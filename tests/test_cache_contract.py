@@ -25,7 +25,7 @@ import kvpatch
 from kvpatch.compat import cache_kwarg, output_cache
 from kvpatch.config import bundled_configs
 from kvpatch.errors import CacheContractError
-from kvpatch.patch.cache import KVPatchCache
+from kvpatch.cache import KVPatchCache
 from kvpatch.patch.cache_args import CACHE_ARGUMENT_NAMES
 from kvpatch.testing import TINY_CONFIGS, prompt_ids, tiny_model
 

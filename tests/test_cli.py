@@ -14,7 +14,7 @@ import torch
 import yaml
 
 import kvpatch
-import kvpatch.cli
+import kvpatch.cli.listing
 from kvpatch.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, build_parser, main
 from kvpatch.models import load_named
 from kvpatch.reuse.disk_tier import SUBDIR
@@ -74,8 +74,43 @@ def test_interrupt_exits_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
     def interrupted(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(kvpatch.cli, "_cmd_configs", interrupted)
+    monkeypatch.setattr(kvpatch.cli.listing, "configs", interrupted)
     assert run(capsys, "configs")[0] == EXIT_INTERRUPTED
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["configs"], ["bench", "list"], ["snapshot", "--help"]],
+                         ids=" ".join)
+def test_quick_commands_import_neither_torch_nor_transformers(argv: list[str]) -> None:
+    """Help and listings answer in about a second: the heavy imports belong to the
+    commands that run a model."""
+    script = ("import sys\nfrom kvpatch.cli import main\ntry:\n    code = main(sys.argv[1:])\n"
+              "except SystemExit as done:\n    code = done.code\n"
+              "heavy = sorted({'torch', 'transformers'} & set(sys.modules))\n"
+              "print('HEAVY', heavy)\nsys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout
+
+
+def test_dtype_names_match_the_loader() -> None:
+    from kvpatch.cli.parser import DTYPE_NAMES
+    from kvpatch.models import DTYPES
+
+    assert set(DTYPE_NAMES) == set(DTYPES)
+
+
+def test_validate_counts_stages_in_words(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "validate", "default", "long_context")
+    assert code == EXIT_OK and "(1 stage," in out and "stages," in out and "1 stages" not in out
+
+
+def test_bench_summaries_are_whole_sentences(tmp_path: Path) -> None:
+    script = tmp_path / "bench_x.py"
+    script.write_text('"""Decode speed per config against the bandwidth\nfloor of the device. Details follow.\n\nMore."""\n')
+    assert kvpatch.cli.listing.summary(script) == "Decode speed per config against the bandwidth floor of the device."
+    for name, path in kvpatch.cli.parser.benchmarks().items():
+        text = kvpatch.cli.listing.summary(path)
+        assert text.endswith((".", "?", "!")) and "issue" not in text.lower(), (name, text)
 
 
 def test_bench_lists_and_dispatches(capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,7 +16,9 @@ from transformers.cache_utils import DynamicLayer
 import kvpatch
 from kvpatch.eval import EvalResult, EvalSettings, evaluate, plot_fidelity_vs_memory, reference_run
 from kvpatch.eval.bounds import EXACT, Deviation
-from kvpatch.eval.harness import add_eval_arguments, attention_modules, run_eval_cli
+from kvpatch.cli.evaluate import eval_command
+from kvpatch.cli.parser import add_eval_arguments
+from kvpatch.eval.harness import attention_modules
 from kvpatch.eval.metrics import window_spans
 from kvpatch.models import load_named
 from kvpatch.testing import noisy_values_config, tiny_model, tiny_tokenizer
@@ -153,11 +155,15 @@ def test_attention_capture_skipped_with_reason_for_other_layouts() -> None:
 def test_cli_writes_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
-    args = parser.parse_args(["--model", "tiny-llama", "--config", "default", "--out", str(tmp_path)])
-    assert run_eval_cli(args) == 0
+    runs = [["--model", "tiny-llama", "--config", "default", "--out", str(tmp_path)],
+            ["--model", "tiny-llama", "--config", "default", "--out", str(tmp_path), "--name", "second"]]
+    for argv in runs:
+        assert eval_command(parser.parse_args(argv)) == 0
+        assert "default" in capsys.readouterr().out
     assert json.loads((tmp_path / "eval-default.json").read_text())["top1_agreement"] == 1.0
-    assert (tmp_path / "fidelity.png").read_bytes()[:4] == b"\x89PNG"
-    assert "default" in capsys.readouterr().out
+    # one plot per run name: the second run (named) does not overwrite the first (default name)
+    for name in ("tiny-llama-quick", "second"):
+        assert (tmp_path / f"fidelity-{name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_plot_has_one_point_per_config(tmp_path: Path, default_result, broken_result) -> None:

@@ -8,7 +8,7 @@ from transformers import pipeline
 
 import kvpatch
 from kvpatch.compat import cache_kwarg, output_cache
-from kvpatch.patch.cache import KVPatchCache
+from kvpatch.cache import KVPatchCache
 from kvpatch.testing import TINY_CONFIGS, prompt_ids, tiny_model, tiny_tokenizer
 
 FAMILIES = sorted(kvpatch.supported_families())

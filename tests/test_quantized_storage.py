@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import kvpatch
 from kvpatch.compat import cache_kwarg, output_cache
 from kvpatch.config import StageConfig
-from kvpatch.patch.cache import cache_kv_bytes, layer_layouts
+from kvpatch.cache import cache_kv_bytes, layer_layouts
 from kvpatch.quant.groupwise import SCALE_DTYPE
 from kvpatch.stages.storage_quantized import QuantizedLayer
 from kvpatch.testing import prompt_ids, tiny_model

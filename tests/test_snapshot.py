@@ -27,7 +27,7 @@ import kvpatch
 from kvpatch.cli import main
 from kvpatch.compat import cache_kwarg
 from kvpatch.errors import SnapshotCorruptError, SnapshotError, SnapshotMismatchError
-from kvpatch.patch.cache import layer_kv_tensors
+from kvpatch.cache import layer_kv_tensors
 from kvpatch.snapshot import (
     export_snapshot, list_snapshots, list_temp_files, load_snapshot, read_metadata, read_snapshot, verify_snapshot,
 )
@@ -94,7 +94,7 @@ import json, sys, torch
 from safetensors.torch import save_file
 import kvpatch
 from kvpatch.compat import cache_kwarg
-from kvpatch.patch.cache import layer_kv_tensors
+from kvpatch.cache import layer_kv_tensors
 from kvpatch.snapshot import read_metadata
 from kvpatch.testing import tiny_model
 

@@ -9,7 +9,7 @@ import torch
 
 import kvpatch
 from kvpatch.compat import cache_kwarg, output_cache
-from kvpatch.patch.cache import LayerLayout
+from kvpatch.cache import LayerLayout
 from kvpatch.patch.cache_events import PaddedBatchError
 from kvpatch.pipeline import Pipeline
 from kvpatch.stages.offloader import CpuOffloader

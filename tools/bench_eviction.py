@@ -32,6 +32,7 @@ from tqdm import tqdm
 import kvpatch
 from kvpatch.compat import cache_kwarg, output_cache
 from kvpatch.eval import EvalSettings, evaluate, reference_run
+from kvpatch.eval.harness import patched
 from kvpatch.stages.tiers import TieredLayer
 
 SCORERS = ["streaming", "key_norm", "tova", "snapkv", "h2o", "hybrid"]

@@ -1,4 +1,4 @@
-"""Fused Triton decode attention vs bf16 SDPA vs dequantize-then-SDPA, on the GPU (issue 8).
+"""Fused Triton decode attention vs bf16 SDPA vs dequantize-then-SDPA, on the GPU.
 
 Parts (all by default):
 - copy: the device's copy bandwidth (bytes read + written by a large device-to-device copy), the

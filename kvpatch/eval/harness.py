@@ -9,25 +9,21 @@ measures both once, to share across configs (`kvpatch eval` does).
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ConfigSource, FidelityConfig, PipelineConfig, bundled_configs, load_config
+from ..config import ConfigSource, FidelityConfig, PipelineConfig, load_config
 from ..data.needle import encode
 from ..errors import PatchStateError
-from ..models import DTYPES, load_named
 from ..patch import apply, get_handle, unpatch
-from ..patch.cache import cache_kv_bytes
+from ..cache import cache_kv_bytes
 from .battery import SideResult, attention_modules, battery_units, measure_side
 from .bounds import Deviation, lossless_allowance, lossless_violations
 from .metrics import logit_agreement, row_cosine
@@ -267,19 +263,6 @@ def evaluate(
 # -- command line -----------------------------------------------------------------------------------
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `kvpatch eval`."""
-    parser.add_argument("--model", default="kvpatch-ref",
-                        help="kvpatch-ref (default), tiny-llama, or any local model folder transformers loads")
-    parser.add_argument("--config", action="append",
-                        help="config path or bundled name (repeatable; default: every bundled config)")
-    parser.add_argument("--preset", choices=("quick", "full"), default="quick")
-    parser.add_argument("--out", type=Path, default=None, help="write eval-<config>.json and fidelity.png here")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                        help="model dtype (default: float32 on CPU, bfloat16 on accelerators; auto: the folder's)")
-
-
 #: (header, width, cell) of each table column.
 _COLUMNS: tuple[tuple[str, int, Callable[[EvalResult], str]], ...] = (
     ("config", -14, lambda r: r.config),
@@ -306,53 +289,3 @@ def format_table(results: list[EvalResult]) -> str:
     rows = [line([name for name, _, _ in _COLUMNS])]
     rows += [line([cell(r) for _, _, cell in _COLUMNS]) for r in results]
     return "\n".join([*rows, _LEGEND])
-
-
-def _floor_line(reference: Reference) -> str:
-    floor, allowed = reference.floor, lossless_allowance(reference.floor)
-
-    def fmt(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.2g}"
-
-    return (f"noise floor (unpatched, {reference.floor_backend} vs the model's own backend): "
-            f"logit {fmt(floor.logit)}, attn {fmt(floor.attention)}, ppl {fmt(floor.ppl)}, top1 {fmt(floor.top1)}; "
-            f"lossless allows logit {fmt(allowed.logit)}, attn {fmt(allowed.attention)}, ppl {fmt(allowed.ppl)}, "
-            f"top1 {fmt(allowed.top1)}")
-
-
-def run_eval_cli(args: argparse.Namespace) -> int:
-    """`kvpatch eval`: evaluate each config against one reference run, print the table (and each
-    config's seconds as it finishes), write JSON and the plot; exit 1 if any config breaks its
-    declared bounds."""
-    settings = EvalSettings.full() if args.preset == "full" else EvalSettings.quick()
-    sources = args.config or list(bundled_configs())
-    configs = [load_config(s) for s in sources]  # fail on a bad config before any model work
-    model, tokenizer = load_named(args.model, args.device, getattr(args, "dtype", None))
-    reference = reference_run(model, tokenizer, settings)
-    tqdm.write(f"reference (unpatched + floor): {reference.wall_s:.1f} s", file=sys.stderr)
-    results, failed = [], False
-    for config in configs:
-        result = evaluate(model, tokenizer, config, reference=reference)
-        tqdm.write(f"{config.name}: {result.wall_s:.1f} s", file=sys.stderr)
-        violations = result.violations()
-        failed |= bool(violations)
-        for message in violations:
-            print(f"{config.name}: {message}", file=sys.stderr)
-        results.append(result)
-    dtype = next(model.parameters()).dtype
-    print(f"model {args.model} ({str(dtype).removeprefix('torch.')}, {next(model.parameters()).device}), "
-          f"preset {args.preset}, reference {reference.wall_s:.1f} s")
-    print(_floor_line(reference))
-    print(format_table(results))
-    if args.out is not None:
-        _write_outputs(results, args.out)
-    return 1 if failed else 0
-
-
-def _write_outputs(results: list[EvalResult], out: Path) -> None:
-    from .plot import plot_fidelity_vs_memory
-
-    out.mkdir(parents=True, exist_ok=True)
-    for result in results:
-        (out / f"eval-{result.config}.json").write_text(result.to_json())
-    plot_fidelity_vs_memory([r.to_dict() for r in results], out / "fidelity.png")

@@ -22,7 +22,7 @@ from ..errors import PatchStateError, UnsupportedModelError
 from ..families import FamilySpec, family_spec
 from ..pipeline import Pipeline
 from .attention import ATTENTION_NAME, KERNEL_ATTR, probe_attention_calls, register_attention
-from .cache import KVPatchCache
+from ..cache import KVPatchCache
 from .cache_args import CacheResolver, as_keywords, positional_names, take_cache_argument, use_cache_flag
 from .cache_events import CacheEvents
 from .compile_hints import mark_growing_dims_dynamic

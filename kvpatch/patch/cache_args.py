@@ -29,7 +29,7 @@ import torch
 from transformers import DynamicCache
 
 from ..errors import CacheContractError
-from .cache import KVPatchCache
+from ..cache import KVPatchCache
 
 logger = logging.getLogger("kvpatch")
 

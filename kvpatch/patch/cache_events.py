@@ -17,7 +17,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from .attention import add_observer, remove_observer
-from .cache import KVPatchCache
+from ..cache import KVPatchCache
 
 
 class PaddedBatchError(UnsupportedModelError):

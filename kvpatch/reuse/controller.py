@@ -23,7 +23,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..model_shapes import ModelShapes
-from ..patch.cache import KVPatchCache
+from ..cache import KVPatchCache
 from ..registry import first_stage_of
 from ..stages.reuse import (
     CacheBlendRecompute,

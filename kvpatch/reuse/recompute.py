@@ -17,7 +17,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..compat import cache_kwarg, query_length
-from ..patch.cache import LayerLayout, layer_layouts
+from ..cache import LayerLayout, layer_layouts
 
 #: Called with (layer index, positions, fresh keys, fresh values, stale keys, stale values)
 #: before a layer's K/V are overwritten (CacheBlend measures deviation here).

@@ -19,7 +19,7 @@ import torch
 from ..config import PipelineConfig
 from ..model_shapes import ModelShapes
 from ..errors import SnapshotError
-from ..patch.cache import KVPatchCache
+from ..cache import KVPatchCache
 from ..pipeline import Pipeline
 from . import checks
 from .cache_codec import encode_cache, restore_cache

@@ -12,7 +12,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..errors import SnapshotError
-from ..patch.cache import KVPatchCache
+from ..cache import KVPatchCache
 from ..quant.codes import Codes
 from ..stages.storage_quantized import QuantizedLayer
 from .format import CodesRecord, LayerKind, LayerRecord, TensorRecord, layer_tensor_name

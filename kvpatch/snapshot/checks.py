@@ -14,7 +14,7 @@ import torch
 
 from ..config import PipelineConfig
 from ..errors import SnapshotCorruptError, SnapshotMismatchError
-from ..patch.cache import KVPatchCache, layer_layouts
+from ..cache import KVPatchCache, layer_layouts
 from .cache_codec import ROLES, codes_tensor_name, layer_kind
 from .fingerprint import model_fingerprint, tokenizer_digest
 from .format import AnyMetadata, LayerRecord, ModelFingerprint, SnapshotMetadata

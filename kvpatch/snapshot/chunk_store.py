@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..config import PipelineConfig
 from ..model_shapes import ModelShapes
 from ..errors import SnapshotCorruptError, SnapshotMismatchError
-from ..patch.cache import layer_layouts
+from ..cache import layer_layouts
 from ..reuse.chunk import ChunkFormatError, StoredChunk
 from ..reuse.codecs import kv_shape
 from . import checks

@@ -23,7 +23,7 @@ from transformers.cache_utils import CacheLayerMixin, DynamicLayer, DynamicSlidi
 
 from ..compat import init_empty_layer, query_length
 from ..params import Count, Fraction, PositiveFraction, Size
-from ..patch.cache import LayerLayout
+from ..cache import LayerLayout
 from ..registry import Stage, StageParams, first_stage_of, register_stage
 from .offloader import CpuOffloader
 from .scorers import ScoreContext, ScorerStage

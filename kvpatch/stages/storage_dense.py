@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
-from ..patch.cache import LayerLayout
+from ..cache import LayerLayout
 from ..registry import Stage, StageParams, register_stage
 
 

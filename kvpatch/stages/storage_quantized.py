@@ -30,7 +30,7 @@ from ..compat import init_empty_layer, query_length
 from ..kernels.packed import PackedKV, kivi_layout
 from ..model_shapes import ModelShapes
 from ..params import Count, Size
-from ..patch.cache import LayerLayout
+from ..cache import LayerLayout
 from ..quant.base import QuantizerStage
 from ..quant.codes import Codes
 from ..registry import Stage, StageParams, first_stage_of, register_stage

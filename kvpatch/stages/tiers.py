@@ -37,7 +37,7 @@ from pydantic import model_validator
 from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 
 from ..params import Count, PositiveFraction, Size
-from ..patch.cache import LayerLayout
+from ..cache import LayerLayout
 from ..quant.base import QuantizerStage, Role
 from ..quant.codes import Codes
 from ..registry import Stage, StageParams, first_stage_of, register_stage

@@ -1,4 +1,5 @@
-"""`kvpatch snapshot inspect | verify | gc | export | import`: snapshot files from the command line.
+"""`kvpatch snapshot inspect | verify | gc | export | import`: snapshot files from the command line
+(the arguments are in parser.py).
 
 Both kinds of snapshot: a request's cache (`request`) and a whole chunk store (`chunk_store`).
 Exit codes as for every kvpatch command: 0 ok, 1 a snapshot failed verification or was refused,
@@ -13,82 +14,21 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
 
-from ..cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+import torch
+from tqdm.auto import tqdm
+
+from ..compat import cache_kwarg
+from ..config import load_config
+from ..engine import Engine
+from ..models import load_named
+from ..patch import apply
 from ..errors import SnapshotError
-from .api import read_metadata, verify_snapshot
-from .chunk_store import KIND, export_store, import_store, read_store_snapshot
-from .directory import gc, list_snapshots, list_temp_files
-from .format import AnyMetadata, ChunkStoreMetadata, SnapshotMetadata
-
-
-def add_snapshot_commands(parser: argparse.ArgumentParser) -> None:
-    commands = parser.add_subparsers(dest="snapshot_command", required=True, metavar="COMMAND")
-
-    inspect = commands.add_parser("inspect", help="print a snapshot's metadata, or list the snapshots of a directory",
-                                  description="Reads the metadata only (its own checksum is checked); "
-                                              "`verify` also checks the tensors.")
-    inspect.add_argument("path", metavar="PATH", help="a .safetensors snapshot or a directory of them")
-    inspect.add_argument("--json", action="store_true", help="print the metadata as JSON")
-    inspect.set_defaults(func=_cmd_inspect)
-
-    verify = commands.add_parser("verify", help="check a snapshot's integrity (and that it fits a model and config)",
-                                 description="Exit 0 if every applicable check passes, 1 otherwise.")
-    verify.add_argument("path", metavar="PATH")
-    verify.add_argument("--model", metavar="NAME", help="also check the model fingerprint, shapes and tokenizer "
-                                                        "(kvpatch-ref, tiny-llama, or a model dir)")
-    verify.add_argument("--config", metavar="C", help="also check the pipeline config digest and layer kinds")
-    verify.add_argument("--device", default="cpu")
-    verify.set_defaults(func=_cmd_verify)
-
-    collect = commands.add_parser("gc", help="remove abandoned temp files, and optionally old snapshots",
-                                  description="Temp files of writers that died are always removed.")
-    collect.add_argument("directory", metavar="DIR")
-    policy = collect.add_mutually_exclusive_group()
-    policy.add_argument("--keep", type=_non_negative(int), metavar="N", help="keep the N newest snapshots")
-    policy.add_argument("--older-than", type=_non_negative(float), metavar="DAYS", help="remove snapshots older than this")
-    collect.set_defaults(func=_cmd_gc)
-
-    export = commands.add_parser("export", help="prefill prompts on a named model and export its cache or chunk store",
-                                 description="Request snapshot: one --prompt, its cache after prefill. With "
-                                             "--chunk-store: the chunks of a reuse config's store after warming "
-                                             "each --prompt (none: what its disk tier holds). The API "
-                                             "(handle.export_snapshot, snapshot.export_store) exports a live process.")
-    export.add_argument("--model", required=True, metavar="NAME", help="kvpatch-ref, tiny-llama, or a model dir")
-    export.add_argument("--config", required=True, metavar="C", help="config path or bundled name")
-    export.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                        help="prompt to prefill (repeatable with --chunk-store)")
-    export.add_argument("--chunk-store", action="store_true",
-                        help="export the config's chunk store (a reuse config, e.g. prefix_reuse)")
-    export.add_argument("--out", required=True, metavar="PATH", help="the .safetensors file to write")
-    export.add_argument("--device", default="cpu")
-    export.set_defaults(func=_cmd_export)
-
-    load = commands.add_parser("import", help="load a snapshot into a fresh process and continue from it",
-                               description="A request snapshot: verified and loaded into a cache; with --prompt, "
-                                           "generation continues after its tokens and that text. A chunk-store "
-                                           "snapshot: verified and put into the config's store (persisted if the "
-                                           "store has a disk or Redis tier); with --prompt, a generation shows the "
-                                           "reuse it gets. Exit 1 if the snapshot is refused.")
-    load.add_argument("path", metavar="PATH")
-    load.add_argument("--model", required=True, metavar="NAME", help="kvpatch-ref, tiny-llama, or a model dir")
-    load.add_argument("--config", required=True, metavar="C", help="config path or bundled name")
-    load.add_argument("--prompt", metavar="TEXT", help="request: text to append to the cached tokens, then generate "
-                                                       "greedily; chunk store: a prompt to generate from after importing")
-    load.add_argument("--max-new-tokens", type=_non_negative(int), default=16, metavar="N")
-    load.add_argument("--device", default="cpu")
-    load.set_defaults(func=_cmd_import)
-
-
-def _non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
-
-    return parse
+from ..snapshot.api import read_metadata, verify_snapshot
+from ..snapshot.chunk_store import KIND, export_store, import_store, read_store_snapshot
+from ..snapshot.directory import gc, list_snapshots, list_temp_files
+from ..snapshot.format import AnyMetadata, ChunkStoreMetadata, SnapshotMetadata
+from .exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 
 
 def _missing(path: Path) -> bool:
@@ -99,7 +39,7 @@ def _missing(path: Path) -> bool:
     return True
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
+def inspect_command(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.is_dir():
         return _inspect_directory(path)
@@ -175,10 +115,7 @@ def describe_store(path: Path, m: ChunkStoreMetadata) -> str:
     return "\n".join(lines)
 
 
-def _cmd_verify(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..models import load_named
-
+def verify_command(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if _missing(path):
         return EXIT_BAD_INPUT
@@ -200,7 +137,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_gc(args: argparse.Namespace) -> int:
+def gc_command(args: argparse.Namespace) -> int:
     directory = Path(args.directory)
     if not directory.is_dir():
         print(f"kvpatch: error: {directory} is not a directory", file=sys.stderr)
@@ -213,18 +150,12 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
+def export_command(args: argparse.Namespace) -> int:
     if args.chunk_store:
         return _export_store(args)
     if len(args.prompt) != 1 or not args.prompt[0]:
         print("kvpatch: error: a request snapshot needs exactly one non-empty --prompt", file=sys.stderr)
         return EXIT_BAD_INPUT
-    import torch
-
-    from ..compat import cache_kwarg
-    from ..models import load_named
-    from ..patch import apply
-
     model, tokenizer = load_named(args.model, args.device)
     handle = apply(model, args.config)
     input_ids = tokenizer(args.prompt[0], return_tensors="pt").input_ids.to(next(model.parameters()).device)
@@ -240,18 +171,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _engine(args: argparse.Namespace) -> Any:
+def _engine(args: argparse.Namespace) -> Engine:
     """An Engine (chunk reuse) for a named model and a reuse config."""
-    from ..engine import Engine
-    from ..models import load_named
-
     model, tokenizer = load_named(args.model, args.device)
     return Engine(model, tokenizer, args.config)
 
 
 def _export_store(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     engine = _engine(args)
     for prompt in tqdm(args.prompt, desc="warm", unit="prompt", disable=len(args.prompt) < 2):
         engine.warm(prompt)
@@ -262,7 +188,7 @@ def _export_store(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_import(args: argparse.Namespace) -> int:
+def import_command(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if _missing(path):
         return EXIT_BAD_INPUT
@@ -275,12 +201,6 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _import_request(args: argparse.Namespace, path: Path) -> int:
-    import torch
-
-    from ..compat import cache_kwarg
-    from ..models import load_named
-    from ..patch import apply
-
     model, tokenizer = load_named(args.model, args.device)
     handle = apply(model, args.config)
     try:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Literal
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..memory import storage_bytes_by_device
+from .memory import storage_bytes_by_device
 
 
 @dataclass(frozen=True)
