@@ -31,6 +31,10 @@ class CacheContractError(KVPatchError, ValueError):
     kvpatch.patch.cache_args): refused instead of running a different computation."""
 
 
+class OffloadSpaceError(KVPatchError, OSError):
+    """The offloader's backing files cannot get the space they need (disk or quota full)."""
+
+
 class SnapshotError(KVPatchError):
     """A cache snapshot cannot be written, read or used; the message names the path and field."""
 

@@ -16,7 +16,9 @@ from kvpatch.compat import cache_kwarg, output_cache
 from kvpatch.config import bundled_configs
 from kvpatch.testing import prompt_ids, tiny_model
 
-CONFIGS = sorted(bundled_configs())
+#: Compiled configs pay a torch.compile per family (~20 s each on a 2-core CPU): marked slow.
+CONFIGS = [pytest.param(name, marks=pytest.mark.slow) if kvpatch.load_config(path).compile.enabled else name
+           for name, path in bundled_configs().items()]
 FAMILIES = sorted(kvpatch.supported_families())
 
 

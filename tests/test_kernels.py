@@ -315,6 +315,7 @@ if not torch.cuda.is_available() and not interpreting():
     for _name in [name for name in globals() if name.startswith("test_")]:
         del globals()[_name]
 
+    @pytest.mark.slow  # ~100 s: every kernel test again under TRITON_INTERPRET=1
     def test_kernels_in_triton_interpreter() -> None:
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `kvpatch configs | head`: the reader stopped early, nothing went wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return EXIT_OK
+    except OSError as err:  # a path the user named cannot be read or written (permissions, missing folder)
+        print(f"kvpatch: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("kvpatch: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..host_memory import host_empty
 from ..model_shapes import ModelShapes
 from ..stages.index import ChunkIndex, DictIndex
 from .chunk import ChunkForeignError, ChunkFormatError, StoredChunk
@@ -272,7 +273,7 @@ class TieredChunkStore:
             t.untyped_storage().nbytes() == t.numel() * t.element_size())
         if owned and (t.is_pinned() or not self.pin_memory):
             return t
-        return torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin_memory).copy_(t)
+        return host_empty(t.shape, t.dtype, pin=self.pin_memory).copy_(t)
 
     def _insert(self, chunk: StoredChunk, skip_spill: bool = False) -> _Entry:
         """Add `chunk` to RAM, evicting (and spilling) others to fit; a chunk larger than the

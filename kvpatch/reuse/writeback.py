@@ -67,7 +67,7 @@ class ChunkWriter:
             for c, tensors in zip(chunks, encoded):
                 host = {}
                 for name, t in tensors.items():
-                    host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    host[name] = host_empty(t.shape, t.dtype, pin=True)
                     host[name].copy_(t, non_blocking=True)
                     t.record_stream(self._stream)
                 stored.append(self._stored(c, host, codec))
@@ -85,7 +85,11 @@ class ChunkWriter:
         caching host allocator."""
         chunk_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         count = self.prewarm_bytes // max(chunk_bytes, 1)
-        blocks = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for _ in range(count) for t in tensors.values()]
+        fallbacks, blocks = pinned_fallbacks(), []
+        for _ in range(count):
+            blocks += [host_empty(t.shape, t.dtype, pin=True) for t in tensors.values()]
+            if pinned_fallbacks() > fallbacks:  # the host is out of page-locked memory: stop asking
+                break
         del blocks
 
     def flush(self, wait: bool = True) -> None:

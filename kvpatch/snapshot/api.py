@@ -110,10 +110,10 @@ def read_checked(path: Path, kind: str) -> tuple[AnyMetadata, dict[str, torch.Te
     for _ in range(3):
         before = _inode(path)
         header, _ = read_header(path)
+        metadata = decode_metadata(path, header, kind)  # before any tensor is read: a foreign file costs nothing
         tensors = read_tensors(path)
         if _inode(path) == before:
             break  # both reads saw the same file, not one each side of a concurrent replace
-    metadata = decode_metadata(path, header, kind)
     checks.check_integrity(path, metadata, tensors)
     return metadata, tensors
 

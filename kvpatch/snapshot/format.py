@@ -183,6 +183,8 @@ def decode_metadata(path: Path, header: dict[str, str], kind: str | None = None)
         data: Any = json.loads(text)
     except ValueError as err:
         raise SnapshotCorruptError(f"snapshot {path}: metadata is not valid JSON ({err})") from None
+    except RecursionError:
+        raise SnapshotCorruptError(f"snapshot {path}: metadata is nested too deeply to be kvpatch's") from None
     if not isinstance(data, dict):
         raise SnapshotCorruptError(f"snapshot {path}: metadata is not a JSON object")
     found = data.get("kind", "request")

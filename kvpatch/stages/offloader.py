@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import shutil
 import tempfile
 import weakref
@@ -23,6 +24,8 @@ from typing import Any, Literal
 import torch
 from pydantic import field_validator
 
+from ..errors import OffloadSpaceError
+from ..host_memory import host_empty
 from ..registry import Stage, StageParams, register_stage
 
 
@@ -76,7 +79,7 @@ class CpuOffloader(Stage):
     def _host_empty(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         if self.params.backing == "mmap":
             return self._mapped(shape, dtype)
-        return torch.empty(shape, dtype=dtype, pin_memory=self.params.pin_memory and torch.cuda.is_available())
+        return host_empty(shape, dtype, pin=self.params.pin_memory and torch.cuda.is_available())
 
     def to_device(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         """`tensor` (from `to_host`) on `device`, after every pending host copy has finished."""
@@ -97,9 +100,10 @@ class CpuOffloader(Stage):
             self._mmap_dir = Path(tempfile.mkdtemp(prefix="kvpatch-offload-", dir=self.params.mmap_dir))
             self._finalizer = weakref.finalize(self, shutil.rmtree, self._mmap_dir, True)
         path = self._mmap_dir / f"{next(self._file_ids)}.bin"
+        count = max(1, math.prod(shape))  # size 0 would map nothing: one element of backing
+        _reserve(path, count * dtype.itemsize)
         self.files_created += 1
-        # size 0 would map nothing: give empty tensors one element of backing
-        flat = torch.from_file(str(path), shared=True, size=max(1, math.prod(shape)), dtype=dtype)
+        flat = torch.from_file(str(path), shared=True, size=count, dtype=dtype)
         return flat[: math.prod(shape)].view(shape)
 
     @property
@@ -130,3 +134,19 @@ class CpuOffloader(Stage):
     def stats(self) -> dict[str, Any]:
         return {"bytes_offloaded": self.bytes_offloaded, "bytes_restored": self.bytes_restored,
                 "backing": self.params.backing, "files_created": self.files_created}
+
+
+def _reserve(path: Path, nbytes: int) -> None:
+    """Create `path` with `nbytes` of disk blocks allocated now. A sparse file (what a plain
+    truncate or `torch.from_file` makes) on a full disk maps fine and then kills the process with
+    SIGBUS at the first write into a page that has no block; reserving first turns that into an
+    error raised here, naming the folder."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as err:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise OffloadSpaceError(err.errno, f"offloader/cpu: no room for {nbytes:,} bytes of offloaded K/V in "
+                                f"{path.parent} (params.mmap_dir): {os.strerror(err.errno or 0)}") from None
+    os.close(fd)
