@@ -28,7 +28,7 @@ from kvpatch.reuse.chunk import ChunkForeignError, ChunkFormatError, StoredChunk
 from kvpatch.reuse.chunk_hash import ChunkHasher, token_bytes
 from kvpatch.reuse.chunker import chunk_spans
 from kvpatch.reuse.controller import reuse_namespace
-from kvpatch.reuse.disk_tier import DiskTier, chunk_file_name
+from kvpatch.reuse.disk_tier import LOCK_NAME, DiskTier, chunk_file_name
 from kvpatch.reuse.memory_store import TieredChunkStore
 from kvpatch.reuse.sealed import SECRET_ENV, seal, unseal
 from kvpatch.reuse.writeback import ChunkWriter, NewChunk
@@ -297,7 +297,7 @@ def test_foreign_entries_are_never_opened_or_deleted(tmp_path: Path) -> None:
         assert len(tier.prefix_hashes()) == len(list(tier.iter_chunks())) == 3
     assert all(os.path.lexists(p) for p in entries.values()), [n for n, p in entries.items() if not os.path.lexists(p)]
     assert outside.read_bytes() == b"precious"
-    own = [p for p in tier.directory.iterdir() if p.is_file() and not p.is_symlink() and p.name != "notes.txt"]
+    own = [p for p in tier.directory.iterdir() if p.is_file() and not p.is_symlink() and p.name not in ("notes.txt", LOCK_NAME)]
     assert tier.evictions == 5 and len(own) == 3 and tier.stats()["bytes"] == sum(p.stat().st_size for p in own)
 
 
@@ -337,7 +337,7 @@ def test_full_or_read_only_disk_never_fails_generate(tmp_path: Path, reference, 
     for out in outs:
         torch.testing.assert_close(out, last_logits(reference, ids), atol=1e-5, rtol=0)
     assert tier.stats()["write_errors"] >= 3
-    assert not [p for p in tier.directory.iterdir()]  # nothing half-written left behind
+    assert not [p for p in tier.directory.iterdir() if p.name != LOCK_NAME]  # nothing half-written left behind
 
 
 # -- snapshot readers -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from kvpatch.errors import SnapshotCorruptError, SnapshotMismatchError
 from kvpatch.pipeline import Pipeline
 from kvpatch.reuse.chunk import ChunkFormatError, StoredChunk
 from kvpatch.reuse.codecs import BITS, GROUP_SIZE, dense_kv, encode_chunk, kv_shape
-from kvpatch.reuse.disk_tier import SUBDIR, DiskTier, chunk_file_name
+from kvpatch.reuse.disk_tier import FILE_NAME, SUBDIR, DiskTier, chunk_file_name
 from kvpatch.reuse.memory_store import TieredChunkStore
 from kvpatch.reuse.sealed import seal, unseal
 from kvpatch.snapshot import export_store, import_store, read_metadata, read_store_snapshot
@@ -208,7 +208,7 @@ def test_disk_budget_evicts_least_recently_used(tmp_path: Path) -> None:
     time.sleep(0.01)
     tier.write(make_chunk(3))
     assert [tier.contains(make_chunk(i).prefix_hash) for i in range(4)] == [True, False, True, True]
-    assert tier.stats()["bytes"] == sum(p.stat().st_size for p in tier.directory.iterdir()) <= tier.budget_bytes
+    assert tier.stats()["bytes"] == folder_chunk_bytes(tier.directory) <= tier.budget_bytes
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "unsealed", "garbage"])
@@ -308,8 +308,25 @@ def test_concurrent_writers_share_a_directory(tmp_path: Path) -> None:
     for key in keys:
         index = int(key, 16)
         assert torch.equal(tier.read(key).tensors["kv"], make_chunk(index).tensors["kv"])
-    tier.write(make_chunk(99))  # a write re-reads the directory and enforces the budget
-    assert sum(p.stat().st_size for p in tier.directory.iterdir()) <= budget
+    assert folder_chunk_bytes(tier.directory) <= budget  # the last writer's turn saw every other file
+
+
+def folder_chunk_bytes(folder: Path) -> int:
+    """What the chunk files of a tier folder really take (the lock file is not a chunk)."""
+    return sum(p.stat().st_size for p in folder.iterdir() if FILE_NAME.fullmatch(p.name))
+
+
+def test_tiers_sharing_a_folder_keep_its_budget_after_every_write(tmp_path: Path) -> None:
+    """Each tier counts the files the others wrote (it recounts when the folder's write generation
+    moved): two tiers writing in turns never hold more than one budget between them."""
+    budget = 3 * len(seal(make_chunk(0)))
+    tiers = [DiskTier(tmp_path, budget), DiskTier(tmp_path, budget)]
+    for i in range(12):
+        tiers[i % 2].write(make_chunk(i))
+        assert folder_chunk_bytes(tiers[0].directory) <= budget, i
+    assert sum(t.evictions for t in tiers) == 12 - 3
+    newest = {int(k, 16) for k in tiers[0].prefix_hashes()}
+    assert newest == {9, 10, 11}  # least recently used went first, whoever wrote them
 
 
 # -- chunk-store snapshots ----------------------------------------------------------------------------

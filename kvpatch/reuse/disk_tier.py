@@ -1,7 +1,8 @@
 """The disk tier of a chunk store: one sealed safetensors file per chunk in a directory of its own.
 
 The tier owns only `<path>/kvpatch-chunks-v<format>/` (created mode 0700) and, in it, only names it
-writes: `<64 hex>.safetensors` (`chunk_file_name`) and their writers' temp files. Anything else
+writes: `<64 hex>.safetensors` (`chunk_file_name`), their writers' temp files and its lock file
+(LOCK_NAME). Anything else
 under the path (other files, directories, symlinks, FIFOs, devices) is never opened, never
 counted and never deleted; entries are classified with `lstat` and files are read through
 `snapshot.io.read_regular` (no symlinks followed, non-blocking open, size capped at the budget).
@@ -10,7 +11,10 @@ The directory is the source of truth, so several processes can share it: a file 
 atomically (`snapshot.io.atomic_file`: unique temp file, fsync, rename; the last writer of a key
 wins and both wrote the same K/V), and its modification time is its recency: a hit touches it, and
 eviction (over `budget_bytes`) removes the least recently used files after re-reading the
-directory, so files other processes wrote count too. A damaged file, or one holding another key's
+directory, so files other processes wrote count too. Writers of one folder take turns under an
+advisory lock (`flock` on LOCK_NAME, which also holds a write generation): a writer that finds the
+generation moved since its own last write (another process wrote) recounts the folder before
+adding its file, so the budget holds across processes after every write. A damaged file, or one holding another key's
 chunk, is refused (`sealed.unseal`) and removed, never loaded.
 
 Authentication: with a secret (the `secret` argument or `$KVPATCH_CHUNK_SECRET`) every file carries
@@ -24,6 +28,7 @@ A disk that is full or read-only never fails a request: the write is dropped, co
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -31,6 +36,7 @@ import stat
 import threading
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +48,8 @@ from .sealed import SECRET_ENV, resolve_secret, seal, unseal
 
 #: The tier's own folder under the configured path (a new format gets a new folder).
 SUBDIR = f"kvpatch-chunks-v{CHUNK_FORMAT_VERSION}"
+#: The folder's lock file: `flock`ed around every write; its 8 bytes count writes (a generation).
+LOCK_NAME = ".kvpatch-tier.lock"
 #: The only chunk file names the tier writes, reads, counts or deletes.
 FILE_NAME = re.compile(r"[0-9a-f]{64}" + re.escape(SUFFIX))
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -69,6 +77,7 @@ class DiskTier:
         #: content hash -> prefix hash of the files this process knows (read at open, then kept up).
         self._by_content: dict[str, str] = {}
         self._bytes = 0
+        self._generation: int | None = None  # the lock file's count after this tier's last write
         if self._prepare():
             self._collect_temps()
             for path, size, _ in self._scan():
@@ -125,18 +134,17 @@ class DiskTier:
             return
         path = self.path(chunk.prefix_hash)
         try:
-            existing = _regular_size(path)
-            write_bytes_atomic(path, data)
+            with self._lock, self._folder_turn():
+                existing = _regular_size(path)
+                write_bytes_atomic(path, data)
+                self._by_content[chunk.content_hash] = chunk.prefix_hash
+                self._bytes += len(data) - existing
+                if self._bytes > self.budget_bytes:
+                    self._evict()
         except OSError as err:
             self._write_failed(err)
             return
         self._failing = False
-        with self._lock:
-            self._by_content[chunk.content_hash] = chunk.prefix_hash
-            self._bytes += len(data) - existing
-            over = self._bytes > self.budget_bytes
-        if over:
-            self._evict()
 
     def remove(self, prefix_hash: str) -> None:
         """Delete the key's file if it is a regular file (this tier's name in its own folder)."""
@@ -219,22 +227,38 @@ class DiskTier:
             if writer is not None and FILE_NAME.fullmatch(final) and is_stale_temp(temp):
                 temp.unlink(missing_ok=True)
 
+    @contextmanager
+    def _folder_turn(self) -> Iterator[None]:
+        """This process's turn to change the folder: the lock held, the byte count recounted if
+        another writer changed the folder since this tier's last write, the generation bumped."""
+        fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            raw = os.pread(fd, 8, 0)
+            generation = int.from_bytes(raw, "little") if len(raw) == 8 else 0
+            if generation != self._generation:
+                self._bytes = sum(size for _, size, _ in self._scan())
+            yield
+            self._generation = (generation + 1) % 2**64
+            os.pwrite(fd, self._generation.to_bytes(8, "little"), 0)
+        finally:
+            os.close(fd)  # releases the lock
+
     def _evict(self) -> None:
-        """Re-read the directory (other processes write to it too) and remove the least recently
-        used files until the total fits the budget."""
+        """Remove the least recently used files until the folder fits the budget (the caller
+        holds the folder's turn, so the listing is the whole truth)."""
         files = sorted(self._scan(), key=lambda f: (f[2], f[0].name))
-        with self._lock:
-            self._bytes = sum(size for _, size, _ in files)
-            for path, size, _ in files:
-                if self._bytes <= self.budget_bytes:
-                    break
-                try:
-                    path.unlink(missing_ok=True)
-                except OSError as err:
-                    self._write_failed(err)
-                    break
-                self._bytes -= size
-                self.evictions += 1
+        self._bytes = sum(size for _, size, _ in files)
+        for path, size, _ in files:
+            if self._bytes <= self.budget_bytes:
+                break
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as err:
+                self._write_failed(err)
+                break
+            self._bytes -= size
+            self.evictions += 1
 
     def _scan(self) -> list[tuple[Path, int, int]]:
         """(path, size, mtime_ns) of every regular file named like this tier's chunk files."""
