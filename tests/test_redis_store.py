@@ -147,6 +147,35 @@ def test_budget_evicts_least_recently_used(server: RedisServer) -> None:
     assert remote.stats()["rejected"] == 1 and not remote.contains("big")
 
 
+@pytest.mark.parametrize("damage", ["garbage", "wrong-type"])
+def test_damaged_bookkeeping_is_repaired_not_an_outage(server: RedisServer, damage: str) -> None:
+    """Someone who can write the namespace overwrites its byte count, clock and chunk list: stats
+    still answer, the next put recounts and keeps the budget, and nothing is reported down."""
+    size = len(seal(make_chunk(0), SECRET.encode()))
+    remote = tier(server, budget_bytes=2 * size + size // 2)
+    remote.write(make_chunk(0))
+    remote.write(make_chunk(1))
+    client = redis.Redis(port=server.port)
+    if damage == "garbage":
+        client.set("test:bytes", "garbage")
+        client.set("test:clock", "not a time")
+        client.hset("test:meta", make_chunk(1).prefix_hash, "no size here")
+    else:
+        client.delete("test:bytes", "test:clock")
+        client.rpush("test:bytes", "a list")
+        client.rpush("test:clock", "a list")
+    assert "bytes" in remote.stats()  # no ValueError out of stats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StoreUnavailableWarning)  # a repair is not an outage
+        remote.write(make_chunk(2))
+        remote.write(make_chunk(3))
+        assert remote.read(make_chunk(3).prefix_hash) is not None
+    assert remote.errors == 0 and remote.stats()["available"]
+    held = [i for i in range(4) if remote.contains(make_chunk(i).prefix_hash)]
+    assert 3 in held and len(held) <= 2
+    assert remote.stats()["bytes"] == sum(len(client.get(f"test:c:{make_chunk(i).prefix_hash}")) for i in held)
+
+
 def test_ttl_expires_unused_chunks(server: RedisServer) -> None:
     remote = tier(server, ttl_s=0.4)
     remote.write(make_chunk(0))

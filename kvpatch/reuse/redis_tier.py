@@ -52,10 +52,18 @@ __all__ = ["RedisTier", "StoreUnavailableWarning"]
 #: uses within one microsecond, from any processes, still have an order). Formatted with %d: Lua
 #: would print a number this large in exponent notation.
 _CLOCK = """
+local function number_at(key)
+  -- the number a bookkeeping key holds; nil (and the key dropped) if anything else is there
+  local value = redis.pcall('GET', key)
+  if type(value) == 'table' and value.err then redis.call('DEL', key); return nil end
+  local n = tonumber(value)
+  if value and not n then redis.call('DEL', key) end
+  return n
+end
 local function clock()
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local last = tonumber(redis.call('GET', ARGV[1] .. ':clock') or '0')
+  local last = number_at(ARGV[1] .. ':clock') or 0
   if now <= last then now = last + 1 end
   redis.call('SET', ARGV[1] .. ':clock', string.format('%d', now))
   return now
@@ -69,8 +77,9 @@ local function forget(m)
   if not info then return end
   local size, content = string.match(info, '^(%d+) (.*)$')
   redis.call('HDEL', KEYS[2], m)
-  redis.call('DECRBY', KEYS[3], size)
   redis.call('DEL', ARGV[1] .. ':c:' .. m)
+  if not size then return end  -- a damaged entry: its value is gone, its bytes are recounted
+  redis.call('DECRBY', KEYS[3], size)
   if redis.call('GET', ARGV[1] .. ':h:' .. content) == m then redis.call('DEL', ARGV[1] .. ':h:' .. content) end
 end
 """
@@ -82,6 +91,17 @@ local p, c, data = ARGV[2], ARGV[3], ARGV[4]
 local ttl, budget = tonumber(ARGV[5]), tonumber(ARGV[6])
 local size = string.len(data)
 if budget > 0 and size > budget then return -1 end
+if redis.call('TYPE', KEYS[1]).ok ~= 'zset' then redis.call('DEL', KEYS[1]) end
+if redis.call('TYPE', KEYS[2]).ok ~= 'hash' then redis.call('DEL', KEYS[2]) end
+if number_at(KEYS[3]) == nil then
+  -- the byte count was damaged (or never set): recount it from the chunk list
+  local total, entries = 0, redis.call('HGETALL', KEYS[2])
+  for i = 1, #entries, 2 do
+    local size = tonumber(string.match(entries[i + 1], '^(%d+) '))
+    if size then total = total + size else forget(entries[i]) end  -- an entry without a size goes
+  end
+  redis.call('SET', KEYS[3], string.format('%d', total))
+end
 local now = clock()
 if ttl > 0 then
   for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now - ttl * 1000))) do
@@ -153,6 +173,7 @@ class RedisTier:
         self.budget_bytes, self.ttl_ms = budget_bytes or 0, int((ttl_s or 0) * 1000)
         self.retry_s = retry_s
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._wrong_type = redis.ResponseError
         self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._put = self._client.register_script(_PUT)
         self._get = self._client.register_script(_GET)
@@ -184,7 +205,15 @@ class RedisTier:
 
     def bytes_used(self) -> int | None:
         """Bytes the namespace holds on the server (every process's chunks), None if unreachable."""
-        return self._call("stats", lambda: int(self._client.get(self._keys[2]) or 0), None)
+        return self._call("stats", self._read_count, None)
+
+    def _read_count(self) -> int | None:
+        """The namespace's byte count; None if the key holds something else (the next put
+        recounts it): damaged bookkeeping is not an outage."""
+        try:
+            return _as_count(self._client.get(self._keys[2]))
+        except self._wrong_type:  # WRONGTYPE: another kind of value under the key
+            return None
 
     def stats(self) -> dict[str, Any]:
         return {"bytes": self.bytes_used(), "evictions": self.evictions, "available": self._retry_at is None,
@@ -229,3 +258,14 @@ class RedisTier:
             log.warning("redis chunk store %s is back", self.url)
             self._retry_at = None
         return result
+
+
+def _as_count(raw: object) -> int | None:
+    """A byte count read from the server; None if the key holds something else (the next put
+    recounts it), 0 if it is not set."""
+    if raw is None:
+        return 0
+    try:
+        return int(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
