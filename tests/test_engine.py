@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kvpatch
-from kvpatch.concurrency import ForwardGuard, RequestLock
+from kvpatch.concurrency import RequestLock
 from kvpatch.models import load_named
 from kvpatch.testing import prompt_ids, tiny_model
 
@@ -131,12 +131,13 @@ def test_request_lock_makes_other_threads_wait() -> None:
 
 
 def test_forward_guard_serialises_a_patched_model_shared_by_threads(switch_often: None) -> None:
+    """`apply` installs the guard: threads sharing one patched model (no Engine) take turns per
+    forward and get what they would get alone; `unpatch` takes the hooks off again."""
     reference, model = tiny_model("llama"), tiny_model("llama")
+    hooks = len(model._forward_pre_hooks), len(model._forward_hooks)
     kvpatch.apply(model, {"name": "reuse8", "stages": [
         {"kind": "chunker", "impl": "fixed", "params": {"size": 8}}, {"kind": "matcher", "impl": "exact"},
         {"kind": "store", "impl": "memory", "params": {"budget_bytes": 2**26}}]})
-    hooks = len(model._forward_pre_hooks), len(model._forward_hooks)
-    guard = ForwardGuard(model)
     shared = prompt_ids(batch=1, length=24, seed=3)
     prompts = [torch.cat([shared, prompt_ids(batch=1, length=6, seed=seed)], dim=1) for seed in range(4)]
 
@@ -148,5 +149,5 @@ def test_forward_guard_serialises_a_patched_model_shared_by_threads(switch_often
 
     expected = [greedy(reference, ids) for ids in prompts]
     assert _in_threads([lambda ids=ids: greedy(model, ids) for ids in prompts * 2]) == expected * 2
-    guard.remove()
+    kvpatch.unpatch(model)
     assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks

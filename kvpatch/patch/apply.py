@@ -26,6 +26,7 @@ from ..cache import KVPatchCache
 from .cache_args import CacheResolver, as_keywords, positional_names, take_cache_argument, use_cache_flag
 from .cache_events import CacheEvents
 from .compile_hints import mark_growing_dims_dynamic
+from ..concurrency import ForwardGuard
 from ..reuse.controller import ReuseController, reuse_namespace
 
 logger = logging.getLogger("kvpatch")
@@ -51,6 +52,8 @@ class PatchHandle:
         self._caches = CacheResolver(self.new_cache, self.owns, config.fidelity.lossless, config.name)
         self._events: CacheEvents | None = None
         self._post_hook: torch.utils.hooks.RemovableHandle | None = None
+        #: Serialises top-level forwards across threads (installed last by `apply`).
+        self._guard: ForwardGuard | None = None
         #: Chunk reuse across requests, when the config has reuse stages (kvpatch.reuse).
         self.reuse: ReuseController | None = None
 
@@ -196,6 +199,9 @@ def apply(model: torch.nn.Module, config: ConfigSource = "default") -> PatchHand
     handle._hook = model.register_forward_pre_hook(handle._pre_forward, with_kwargs=True)
     if getattr(handle.pipeline.layer_builder, "needs_cache_events", False):
         handle._events = CacheEvents(model, handle._attention_modules, handle._cache_kwarg, lambda: handle.last_cache)
+    # last: its pre-hook runs first and its post-hook last, so threads sharing the model take turns
+    # per top-level forward (the hooks above keep per-forward state; concurrency.py)
+    handle._guard = ForwardGuard(model)
     if pipeline_config.compile.enabled:
         options = pipeline_config.compile
         model.base_model.compile(mode=options.mode, dynamic=options.dynamic, fullgraph=options.fullgraph)
@@ -211,6 +217,8 @@ def unpatch(model: torch.nn.Module) -> None:
     handle: PatchHandle | None = getattr(model, HANDLE_ATTR, None)
     if handle is None:
         raise PatchStateError("model is not patched by kvpatch (nothing to unpatch)")
+    if handle._guard is not None:
+        handle._guard.remove()
     if handle._hook is not None:
         handle._hook.remove()
     if handle._post_hook is not None:
