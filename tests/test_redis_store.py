@@ -108,6 +108,39 @@ def test_two_processes_share_chunks(server: RedisServer) -> None:
     assert stats["hits_by_tier"]["redis"] == 4 and stats["promotions"] == 4 and stats["misses"] == 1
 
 
+_CONCURRENT_WRITER = """
+import sys, torch
+from kvpatch.reuse.chunk import StoredChunk
+from kvpatch.reuse.redis_tier import RedisTier
+url, worker, budget = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+remote = RedisTier(url, namespace="test", budget_bytes=budget)
+for step in range(30):
+    i = (worker * 5 + step) % 12  # workers overlap on keys
+    kv = torch.randn(2, 2, 2, 16, 8, generator=torch.Generator().manual_seed(i))
+    remote.write(StoredChunk(f"{i:064x}", f"c{i:063x}", torch.arange(16), 0, {"kv": kv}))
+    remote.read(f"{(i + 3) % 12:064x}")
+assert remote.errors == 0, remote.errors
+"""
+
+
+def test_processes_writing_at_once_keep_the_budget_and_whole_chunks(server: RedisServer) -> None:
+    """Three processes put and get concurrently in one namespace: the budget holds, the
+    bookkeeping agrees with what is stored, and every stored value is one whole chunk."""
+    size = len(seal(make_chunk(0), SECRET.encode()))
+    budget = 5 * size + size // 2
+    writers = [subprocess.Popen([sys.executable, "-c", _CONCURRENT_WRITER, server.url, str(w), str(budget)],
+                                stderr=subprocess.PIPE, text=True) for w in range(3)]
+    for writer in writers:
+        assert writer.wait(120) == 0, writer.stderr.read()
+    remote, client = tier(server), redis.Redis(port=server.port)
+    held = [i for i in range(12) if remote.contains(make_chunk(i).prefix_hash)]
+    assert 0 < len(held) <= 5
+    assert client.zcard("test:lru") == client.hlen("test:meta") == len(held) == len(client.keys("test:c:*"))
+    assert remote.stats()["bytes"] == len(held) * size <= budget
+    for i in held:
+        assert torch.equal(remote.read(make_chunk(i).prefix_hash).tensors["kv"], make_chunk(i).tensors["kv"])
+
+
 def test_server_down_means_misses_and_one_warning(server: RedisServer) -> None:
     remote = tier(server, retry_s=0.2)
     store = TieredChunkStore(10**8, remote=remote)
@@ -297,6 +330,35 @@ def test_other_model_and_copied_values_never_change_outputs(server: RedisServer)
     torch.testing.assert_close(out, last_logits(tiny_model("llama"), ids_a), atol=1e-5, rtol=0)
     stats = fresh_handle.reuse.store.stats()
     assert stats["foreign"] == len(mine) and stats["hits"] == 0 and fresh_handle.reuse.last.reused_tokens == 0
+
+
+def test_values_sealed_under_another_secret_are_misses_end_to_end(server: RedisServer) -> None:
+    """A client with the wrong secret (or none) writes this model's chunks under the right keys:
+    every one is an unauthenticated miss, nothing is reused, outputs equal the no-reuse run."""
+    import kvpatch
+    from kvpatch.testing import tiny_model
+
+    def config(secret: str) -> dict:
+        redis_params = {"url": server.url, "namespace": "auth", "secret": secret}
+        return {"name": "redis_auth", "stages": [
+            {"kind": "chunker", "impl": "fixed", "params": {"size": 8}}, {"kind": "matcher", "impl": "exact"},
+            {"kind": "store", "impl": "memory", "params": {"redis": redis_params}}]}
+
+    ids = torch.randint(5, 300, (1, 20), generator=torch.Generator().manual_seed(5))
+    gen = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    intruder = tiny_model("llama")  # the same model: the same keys, plausible K/V
+    kvpatch.apply(intruder, config("an-intruder-secret-0123456789"))
+    with torch.no_grad():
+        intruder.generate(ids, **gen)  # writes its chunks through to Redis
+    assert redis.Redis(port=server.port).keys("auth:c:*")
+    victim = tiny_model("llama")
+    handle = kvpatch.apply(victim, config(SECRET))
+    with pytest.warns(RuntimeWarning), torch.no_grad():
+        out = victim.generate(ids, **gen)
+    with torch.no_grad():
+        assert torch.equal(out, tiny_model("llama").generate(ids, **gen))
+    stats = handle.reuse.store.stats()
+    assert stats["unauthenticated"] >= 2 and stats["hits"] == 0
 
 
 # -- end to end: the Engine with a Redis tier ----------------------------------------------------------
