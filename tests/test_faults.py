@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import subprocess
 import sys
+import tracemalloc
 import warnings
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import kvpatch.host_memory
 from kvpatch.cli import EXIT_BAD_INPUT, EXIT_FAILED, main
 from kvpatch.errors import OffloadSpaceError, SnapshotCorruptError
 from kvpatch.host_memory import PinnedMemoryWarning, host_empty, pinned_fallbacks
-from kvpatch.snapshot import read_metadata
+from kvpatch.snapshot import read_metadata, read_snapshot
 from kvpatch.snapshot.format import METADATA_KEY, METADATA_SHA_KEY
 from kvpatch.stages.offloader import CpuOffloader
 from kvpatch.testing import tiny_model
@@ -140,3 +142,49 @@ def test_a_path_the_cli_cannot_read_is_bad_input_not_a_traceback(tmp_path: Path,
     code = main(["validate", str(folder)])
     err = capsys.readouterr().err
     assert code == EXIT_BAD_INPUT and "Traceback" not in err
+
+
+def _crafted(path: Path, header: bytes, data: bytes = b"", length: int | None = None) -> Path:
+    """A file laid out as safetensors (u64 header length, JSON header, data) with any content."""
+    size = len(header) if length is None else length
+    path.write_bytes(size.to_bytes(8, "little", signed=length is not None and length < 0) + header + data)
+    return path
+
+
+def _entries(**tensors: dict) -> bytes:
+    return json.dumps(tensors).encode()
+
+
+CRAFTED = {
+    "header length past the end": dict(header=b"{}", length=2**40),
+    "header length of 2**64 - 1": dict(header=b"{}", length=2**64 - 1),
+    "negative header length": dict(header=b"{}", length=-1),
+    "offsets past the end": dict(header=_entries(x={"dtype": "F32", "shape": [4], "data_offsets": [0, 1 << 40]}),
+                                 data=bytes(16)),
+    "overlapping tensors": dict(header=_entries(a={"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                                                b={"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}),
+                                data=bytes(24)),
+    "shape that disagrees with the offsets": dict(
+        header=_entries(x={"dtype": "F32", "shape": [1 << 30, 1 << 30], "data_offsets": [0, 16]}), data=bytes(16)),
+    "unknown dtype": dict(header=_entries(x={"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}),
+                          data=bytes(16)),
+    "negative shape": dict(header=_entries(x={"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}),
+                           data=bytes(16)),
+    "deeply nested header": dict(header=b"[" * 200_000 + b"]" * 200_000),
+    "header that is not JSON": dict(header=b"\xff\xfe not json"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED), ids=list(CRAFTED))
+def test_crafted_safetensors_are_refused_before_any_large_allocation(case: str, tmp_path: Path) -> None:
+    path = _crafted(tmp_path / "crafted.safetensors", **CRAFTED[case])
+    tracemalloc.start()
+    try:
+        with pytest.raises(SnapshotCorruptError):
+            read_metadata(path)
+        with pytest.raises(SnapshotCorruptError):
+            read_snapshot(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"{case}: {peak:,} bytes allocated before refusing"

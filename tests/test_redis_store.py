@@ -3,7 +3,9 @@ free port; CI installs the Debian package). Skipped only when the binary is abse
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -160,6 +162,26 @@ def test_server_down_means_misses_and_one_warning(server: RedisServer) -> None:
         warnings.simplefilter("error")
         store.put(make_chunk(7))
         assert remote.contains(make_chunk(7).prefix_hash) and remote.stats()["available"]
+
+
+def test_a_server_that_stops_answering_costs_at_most_its_timeout(server: RedisServer) -> None:
+    """A hung server (SIGSTOP: connections accepted, never answered): the first call waits
+    `timeout_s`, the next ones skip it for `retry_s`; once it answers again the tier is back."""
+    remote = tier(server, timeout_s=0.3, retry_s=0.5)
+    remote.write(make_chunk(0))
+    key = make_chunk(0).prefix_hash
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.warns(StoreUnavailableWarning, match="unavailable"):
+            start = time.monotonic()
+            results = [remote.read(key) for _ in range(5)]
+            elapsed = time.monotonic() - start
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    assert results == [None] * 5 and elapsed < 0.3 * 2 + 0.5  # one timeout (connect + read), then skips
+    assert remote.skipped >= 4
+    time.sleep(0.6)  # past retry_s
+    assert remote.read(key) is not None and remote.stats()["available"]
 
 
 def test_budget_evicts_least_recently_used(server: RedisServer) -> None:
