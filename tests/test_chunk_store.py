@@ -392,3 +392,16 @@ def test_store_snapshot_refusals(tmp_path: Path, model: torch.nn.Module) -> None
     with pytest.raises(SnapshotCorruptError, match="content checksum mismatch"):
         import_store(path, target, model, config)
     assert target.stats()["puts"] == 0  # nothing is imported from a file that fails a check
+
+
+def test_the_content_index_forgets_evicted_files(tmp_path: Path) -> None:
+    """Long-running processes: the disk tier's content index holds what the folder holds, not
+    every chunk ever written (found by tools/soak.py: one entry per spill, never pruned)."""
+    tier = DiskTier(tmp_path, 3 * len(seal(make_chunk(0))))
+    for i in range(40):
+        tier.write(make_chunk(i))
+    assert len(tier._by_content) == len(tier.prefix_hashes()) == 3
+    assert tier.read_by_content(make_chunk(39).content_hash) is not None
+    assert tier.read_by_content(make_chunk(0).content_hash) is None
+    tier.remove(make_chunk(39).prefix_hash)
+    assert len(tier._by_content) == 2

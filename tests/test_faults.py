@@ -57,9 +57,12 @@ def test_out_of_pinned_memory_falls_back_to_pageable_with_one_warning(
     assert len([w for w in caught if issubclass(w.category, PinnedMemoryWarning)]) == 1
 
 
-def test_a_store_asked_to_pin_on_a_host_that_cannot_still_reuses_exactly(fresh_fallback_count: None) -> None:
-    """On a CPU-only host there is no pinned allocator at all: `pin_memory: true` used to raise
-    inside generate's write-back; now the chunks are kept in pageable memory and reused."""
+def test_a_store_asked_to_pin_on_a_host_that_cannot_still_reuses_exactly(
+        monkeypatch: pytest.MonkeyPatch, fresh_fallback_count: None) -> None:
+    """`pin_memory: true` on a host that cannot pin (no pinned allocator on a CPU-only host, none
+    left on a GPU host: simulated here for both) used to raise inside generate's write-back; now
+    the chunks are kept in pageable memory and reused."""
+    _no_pinned_memory(monkeypatch)
     model, reference = tiny_model("llama"), tiny_model("llama")
     config = {"name": "pinned", "stages": [
         {"kind": "chunker", "impl": "fixed", "params": {"size": 16}},

@@ -74,20 +74,23 @@ def folder_bytes(directory: Path) -> tuple[int, int, int]:
     return total, chunks, count
 
 
-def ram_tensor_bytes(store: Any) -> int | None:
-    """Bytes of the storages behind the tensors the RAM tier holds (each storage once), counted
-    independently of the store's own counter; None if the store does not expose its slots."""
+def ram_tensor_bytes(store: Any) -> tuple[int | None, int | None]:
+    """(bytes of the storages behind the K/V payload tensors the RAM tier holds, each storage
+    once; bytes of the chunks' token ids), counted independently of the store's own counter
+    (which counts the payload only); (None, None) if the store does not expose its slots."""
     slots = getattr(store, "_slots", None)
     if slots is None:
-        return None
+        return None, None
     seen: dict[tuple[int, int], int] = {}
+    ids = 0
     for entry in list(slots):
         if entry is None:
             continue
         for t in entry.chunk.tensors.values():
             storage = t.untyped_storage()
             seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
-    return sum(seen.values())
+        ids += entry.chunk.token_ids.untyped_storage().nbytes()
+    return sum(seen.values()), ids
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -130,7 +133,7 @@ class PromptMix:
                  max_prompt_tokens: int = 600) -> None:
         self.engine, self.rng = engine, random.Random(seed)
         self.text = heldout_text()
-        sample = self.text[: 20000]
+        sample = self.text[: 5000]
         self.tokens_per_char = len(engine.tokenizer(sample, add_special_tokens=False).input_ids) / len(sample)
         self.max_prompt_tokens = max_prompt_tokens
         self.suffix_tokens = suffix_tokens
@@ -141,12 +144,21 @@ class PromptMix:
         self.weights = [w / total for w in weights]
         self.prefix_lengths = [int(engine.encode(p)[0].shape[1]) for p in self.prefixes]
 
+    def _count(self, text: str) -> int:
+        return len(self.engine.tokenizer(text, add_special_tokens=False).input_ids)
+
     def _slice(self, tokens: int, tag: str = "") -> str:
-        """About `tokens` tokens of the held-out text from a random line start."""
+        """At most (about) `tokens` tokens of the held-out text from a random line start, `tag` first."""
         chars = max(1, round(tokens / self.tokens_per_char))
-        start = self.rng.randrange(0, len(self.text) - chars - 1)
+        start = self.rng.randrange(0, len(self.text) - 2 * chars - 1)
         line = self.text.rfind("\n", 0, start) + 1
-        return tag + self.text[line: line + chars]
+        piece = self.text[line: line + chars]
+        for _ in range(8):  # the text's density varies (code, prose): shrink to the token target
+            n = self._count(tag + piece)
+            if n <= tokens or len(piece) < 8:
+                break
+            piece = piece[: max(1, int(len(piece) * tokens / n * 0.97))]
+        return tag + piece
 
     def prompt(self, index: int) -> tuple[int, list[str]]:
         """(pool index, [prefix, question]) of request `index` (call in order: one RNG stream)."""
@@ -162,33 +174,54 @@ class PromptMix:
 # -- the loop ----------------------------------------------------------------------------------------
 
 class BudgetWatch:
-    """Checks both budgets against the store's counters and the real bytes, after every store
-    write (`put`, disk `write`) and every request; counts each step that exceeds a budget."""
+    """Checks both budgets after every store write (`put`, disk `write`: the stores' byte
+    counters, O(1), so that the check costs the timed request nothing) and after every request
+    (the counters and the real bytes: tensors held in RAM, files in the disk folder, listed
+    afresh); counts each step that exceeds a budget. Also times the store writes of a request."""
 
     def __init__(self, store: Any, ram_budget: int, disk_budget: int) -> None:
         self.store, self.ram_budget, self.disk_budget = store, ram_budget, disk_budget
-        self.disk_dir = Path(store.disk.directory)
+        self.disk_dir = Path(store.disk.root) / SUBDIR  # the tier's own folder under the configured path
         self.checks = self.ram_violations = self.disk_violations = 0
         self.max_ram = self.max_disk = 0
         self.first: list[str] = []  # the first few violations, described
+        self.put_ms = self.disk_write_ms = 0.0  # this request's time in store.put / disk.write
+        self.disk_writes = 0
         put, write = store.put, store.disk.write
 
         def checked_put(chunk: Any) -> bool:
+            start = time.perf_counter()
             result = put(chunk)
-            self.check("put")
+            self.put_ms += (time.perf_counter() - start) * 1e3
+            self._check_counters("put")
             return result
 
         def checked_write(chunk: Any) -> None:
+            start = time.perf_counter()
             write(chunk)
-            self.check("disk write")
+            self.disk_write_ms += (time.perf_counter() - start) * 1e3
+            self.disk_writes += 1
+            self._check_counters("disk write")
 
         store.put, store.disk.write = checked_put, checked_write  # instance attributes: this engine only
 
-    def check(self, where: str) -> dict[str, Any]:
+    def _check_counters(self, where: str) -> None:
         self.checks += 1
-        ram_counter = int(self.store._bytes) if hasattr(self.store, "_bytes") else int(self.store.stats()["ram"]["bytes"])
-        ram_real = ram_tensor_bytes(self.store)
-        disk_counter = int(self.store.disk._bytes)
+        ram, disk = int(self.store._bytes), int(self.store.disk._bytes)
+        self.max_ram, self.max_disk = max(self.max_ram, ram), max(self.max_disk, disk)
+        if ram > self.ram_budget:
+            self.ram_violations += 1
+            self._note(f"{where}: RAM counter {ram} > {self.ram_budget}")
+        if disk > self.disk_budget:
+            self.disk_violations += 1
+            self._note(f"{where}: disk counter {disk} > {self.disk_budget}")
+
+    def check(self, where: str) -> dict[str, Any]:
+        """The full check (after a request, outside its timing); returns the sizes and resets the
+        request's write timers."""
+        self.checks += 1
+        ram_counter, disk_counter = int(self.store._bytes), int(self.store.disk._bytes)
+        ram_real, ram_ids = ram_tensor_bytes(self.store)
         disk_real, disk_chunks, disk_files = folder_bytes(self.disk_dir)
         ram = max(ram_counter, ram_real or 0)
         disk = max(disk_counter, disk_real)
@@ -199,8 +232,13 @@ class BudgetWatch:
         if disk > self.disk_budget:
             self.disk_violations += 1
             self._note(f"{where}: disk {disk_counter} (counter) / {disk_real} (files) > {self.disk_budget}")
-        return {"ram_bytes": ram_counter, "ram_tensor_bytes": ram_real, "disk_bytes": disk_counter,
-                "disk_file_bytes": disk_real, "disk_chunk_file_bytes": disk_chunks, "disk_files": disk_files}
+        sizes = {"ram_bytes": ram_counter, "ram_tensor_bytes": ram_real, "ram_token_id_bytes": ram_ids,
+                 "disk_bytes": disk_counter, "disk_file_bytes": disk_real, "disk_chunk_file_bytes": disk_chunks,
+                 "disk_files": disk_files, "put_ms": self.put_ms, "disk_write_ms": self.disk_write_ms,
+                 "disk_writes": self.disk_writes}
+        self.put_ms = self.disk_write_ms = 0.0
+        self.disk_writes = 0
+        return sizes
 
     def _note(self, text: str) -> None:
         if len(self.first) < 10:
@@ -209,7 +247,7 @@ class BudgetWatch:
 
 def window_summary(rows: list[dict[str, Any]], window: int) -> list[dict[str, Any]]:
     """Per `window` requests: chunk hit ratio (lookups that hit, any tier), RAM share of the hits,
-    token-weighted reuse ratio, TTFT and latency median/p95."""
+    token-weighted reuse ratio, TTFT and latency median/p95, time in store writes."""
     out = []
     for start in range(0, len(rows), window):
         part = rows[start: start + window]
@@ -227,6 +265,10 @@ def window_summary(rows: list[dict[str, Any]], window: int) -> list[dict[str, An
             "requests_with_reuse": sum(r["kv_reuse_ratio"] > 0 for r in part) / len(part),
             "ttft_ms_median": statistics.median(ttft), "ttft_ms_p95": percentile(ttft, 95),
             "latency_ms_median": statistics.median(latency), "latency_ms_p95": percentile(latency, 95),
+            "store_put_ms_mean": statistics.fmean(r["put_ms"] for r in part),
+            "disk_write_ms_per_write": (sum(r["disk_write_ms"] for r in part) / writes
+                                        if (writes := sum(r["disk_writes"] for r in part)) else None),
+            "disk_files_at_end": part[-1]["disk_files"],
         })
     return out
 
@@ -252,7 +294,7 @@ def run_soak(model: str = "kvpatch-ref", requests: int = 1000, warmup: int = 100
         mix = PromptMix(engine, seed, pool, zipf, max_prompt_tokens=cap)
         build_s = time.perf_counter() - started
         rows: list[dict[str, Any]] = []
-        bar = tqdm(range(requests), desc=f"soak {model}", disable=not progress, unit="req")
+        bar = tqdm(range(requests), desc=f"soak {model}", disable=not progress, unit="req", mininterval=2.0)
         for i in bar:
             which, prompt = mix.prompt(i)
             t0 = time.perf_counter()
@@ -272,10 +314,13 @@ def run_soak(model: str = "kvpatch-ref", requests: int = 1000, warmup: int = 100
                 "disk_write_errors": stats["disk"]["write_errors"],
                 "refused": stats["corrupt"] + stats["foreign"] + stats["unauthenticated"],
                 "ram_violations": watch.ram_violations, "disk_violations": watch.disk_violations,
+                # Sizes of the stores' bookkeeping (growth here is a leak the byte budgets do not see).
+                "ram_heap_items": len(getattr(store, "_heap", ())),
+                "disk_content_index": len(getattr(store.disk, "_by_content", ())),
             }
             rows.append(row)
             if i % 10 == 0:
-                bar.set_postfix(rss=f"{row['rss_bytes'] / MiB:.0f}MiB", reuse=f"{row['kv_reuse_ratio']:.2f}")
+                bar.set_postfix(rss=f"{row['rss_bytes'] / MiB:.0f}MiB", reuse=f"{row['kv_reuse_ratio']:.2f}", refresh=False)
         bar.close()
         final_stats = store.stats()
     wall_s = time.perf_counter() - started
@@ -285,6 +330,8 @@ def run_soak(model: str = "kvpatch-ref", requests: int = 1000, warmup: int = 100
     growth = final / baseline - 1
     disk_drift = sum(r["disk_bytes"] != r["disk_chunk_file_bytes"] for r in rows)
     ram_drift = sum(r["ram_tensor_bytes"] is not None and r["ram_bytes"] != r["ram_tensor_bytes"] for r in rows)
+    with_ids = sum(r["ram_token_id_bytes"] is not None and r["ram_bytes"] + r["ram_token_id_bytes"] > ram_budget
+                   for r in rows)
     summary = {
         "requests": requests, "warmup": warmup,
         "rss_baseline_bytes": baseline, "rss_final_bytes": final, "rss_growth": growth,
@@ -293,6 +340,10 @@ def run_soak(model: str = "kvpatch-ref", requests: int = 1000, warmup: int = 100
         "budget_checks": watch.checks, "first_violations": watch.first,
         "max_ram_bytes": watch.max_ram, "max_disk_bytes": watch.max_disk,
         "requests_counter_differs_from_files_disk": disk_drift, "requests_counter_differs_from_tensors_ram": ram_drift,
+        # Informational: the RAM budget counts the K/V payload only (StoredChunk.nbytes), not token ids.
+        "requests_ram_over_budget_counting_token_ids": with_ids,
+        "max_ram_heap_items": max(r["ram_heap_items"] for r in rows),
+        "final_disk_content_index": rows[-1]["disk_content_index"], "final_disk_files": rows[-1]["disk_files"],
         "store": {k: final_stats[k] for k in ("hits", "misses", "evictions", "spills", "promotions", "rejected",
                                               "puts", "corrupt", "foreign", "unauthenticated", "hits_by_tier")},
         "disk": final_stats["disk"],
@@ -353,7 +404,7 @@ def plot(result: dict[str, Any], path: str | os.PathLike[str], width: int = 50) 
     ax.axhline(cfg["ram_budget"] / MiB, color="C0", ls="--", lw=1, label="RAM budget")
     ax.axhline(cfg["disk_budget"] / MiB, color="C1", ls="--", lw=1, label="disk budget")
     ax.set_ylabel("store bytes (MiB)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="center right", fontsize=8)
     ax = axes[2]
     ax.plot(x, _windowed_mean([r["kv_reuse_ratio"] for r in rows], width), color="C2",
             label=f"reuse ratio (mean of {width})")
@@ -398,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     result["settings"]["command_line"] = " ".join([Path(sys.executable).name, *sys.argv])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    out.write_text(json.dumps(_rounded(result), separators=(",", ":")) + "\n", encoding="utf-8")
     if args.plot:
         plot(result, args.plot)
     s = result["summary"]
@@ -412,6 +463,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}" + (f" and {args.plot}" if args.plot else ""))
     print("PASS" if s["passed"] else "FAIL")
     return 0 if s["passed"] else 1
+
+
+def _rounded(value: Any) -> Any:
+    """Floats to 4 significant digits (timings and ratios; byte counts are ints): a small file."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
 
 
 if __name__ == "__main__":

@@ -76,6 +76,8 @@ class DiskTier:
         self._lock = threading.Lock()
         #: content hash -> prefix hash of the files this process knows (read at open, then kept up).
         self._by_content: dict[str, str] = {}
+        #: file name -> the content hash it was indexed under, so a removed file leaves the index too.
+        self._content_of: dict[str, str] = {}
         self._bytes = 0
         self._generation: int | None = None  # the lock file's count after this tier's last write
         if self._prepare():
@@ -84,7 +86,7 @@ class DiskTier:
                 self._bytes += size
                 keys = _keys(path)
                 if keys is not None:
-                    self._by_content[keys[1]] = keys[0]
+                    self._index(path.name, keys[0], keys[1])
 
     def path(self, prefix_hash: str) -> Path:
         return self.directory / chunk_file_name(prefix_hash)
@@ -137,7 +139,7 @@ class DiskTier:
             with self._lock, self._folder_turn():
                 existing = _regular_size(path)
                 write_bytes_atomic(path, data)
-                self._by_content[chunk.content_hash] = chunk.prefix_hash
+                self._index(path.name, chunk.prefix_hash, chunk.content_hash)
                 self._bytes += len(data) - existing
                 if self._bytes > self.budget_bytes:
                     self._evict()
@@ -158,6 +160,7 @@ class DiskTier:
             return
         with self._lock:
             self._bytes -= info.st_size
+            self._unindex(path.name)
 
     def discard(self, prefix_hash: str) -> None:
         """A chunk read from here was refused by the store (another model, wrong shape): delete it
@@ -227,6 +230,17 @@ class DiskTier:
             if writer is not None and FILE_NAME.fullmatch(final) and is_stale_temp(temp):
                 temp.unlink(missing_ok=True)
 
+    def _index(self, file_name: str, prefix_hash: str, content_hash: str) -> None:
+        self._unindex(file_name)
+        self._by_content[content_hash] = prefix_hash
+        self._content_of[file_name] = content_hash
+
+    def _unindex(self, file_name: str) -> None:
+        """Forget the content hash of a file that is gone (the index stays as large as the folder)."""
+        content = self._content_of.pop(file_name, None)
+        if content is not None and self.path(self._by_content.get(content, "")).name == file_name:
+            del self._by_content[content]
+
     @contextmanager
     def _folder_turn(self) -> Iterator[None]:
         """This process's turn to change the folder: the lock held, the byte count recounted if
@@ -259,6 +273,7 @@ class DiskTier:
                 break
             self._bytes -= size
             self.evictions += 1
+            self._unindex(path.name)
 
     def _scan(self) -> list[tuple[Path, int, int]]:
         """(path, size, mtime_ns) of every regular file named like this tier's chunk files."""
