@@ -32,7 +32,7 @@ from .config import ConfigSource
 from .data.needle import newline_ids
 from .errors import ConfigError
 from .patch import KVPatchCache, PatchHandle, apply
-from .reuse.controller import ReuseController
+from .patch.reuse_controller import ReuseController
 
 Prompt = str | Sequence[str]
 P = ParamSpec("P")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 import kvpatch
-from kvpatch.reuse.controller import reuse_namespace
+from kvpatch.patch.reuse_controller import reuse_namespace
 from kvpatch.testing import tiny_model
 
 SECRET = b"format-test-secret-0123456789"

@@ -27,16 +27,16 @@ from kvpatch.model_shapes import ModelShapes
 from kvpatch.reuse.chunk import ChunkForeignError, ChunkFormatError, StoredChunk, StoreUnavailableWarning
 from kvpatch.reuse.chunk_hash import ChunkHasher, token_bytes
 from kvpatch.reuse.chunker import chunk_spans
-from kvpatch.reuse.controller import reuse_namespace
+from kvpatch.patch.reuse_controller import reuse_namespace
 from kvpatch.reuse.disk_tier import LOCK_NAME, DiskTier, chunk_file_name
 from kvpatch.reuse.memory_store import TieredChunkStore
 from kvpatch.reuse.sealed import SECRET_ENV, seal, unseal
 from kvpatch.reuse.writeback import ChunkWriter, NewChunk
 from kvpatch.stages.store_memory import MemoryStore
 from kvpatch.snapshot import export_store, import_store, read_metadata, read_store_snapshot
-from kvpatch.snapshot.directory import gc
+from kvpatch.files.folders import gc
 from kvpatch.snapshot.format import METADATA_KEY, METADATA_SHA_KEY
-from kvpatch.snapshot.io import read_header, read_tensors, write_atomic
+from kvpatch.files.safetensors_io import read_header, read_tensors, write_atomic
 from kvpatch.testing import tiny_model
 
 CHUNK = 8

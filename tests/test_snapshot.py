@@ -32,7 +32,7 @@ from kvpatch.snapshot import (
     export_snapshot, list_snapshots, list_temp_files, load_snapshot, read_metadata, read_snapshot, verify_snapshot,
 )
 from kvpatch.snapshot.format import METADATA_KEY, METADATA_SHA_KEY
-from kvpatch.snapshot.io import content_sha256, read_header, read_tensors
+from kvpatch.files.safetensors_io import content_sha256, read_header, read_tensors
 from kvpatch.testing import TINY_CONFIGS, prompt_ids, tiny_model, tiny_tokenizer
 
 PROMPT_LEN = 30

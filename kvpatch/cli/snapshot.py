@@ -26,7 +26,7 @@ from ..patch import apply
 from ..errors import SnapshotError
 from ..snapshot.api import read_metadata, verify_snapshot
 from ..snapshot.chunk_store import KIND, export_store, import_store, read_store_snapshot
-from ..snapshot.directory import gc, list_snapshots, list_temp_files
+from ..files.folders import gc, list_snapshots, list_temp_files
 from ..snapshot.format import AnyMetadata, ChunkStoreMetadata, SnapshotMetadata
 from .exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 

@@ -27,7 +27,7 @@ from .cache_args import CacheResolver, as_keywords, positional_names, take_cache
 from .cache_events import CacheEvents
 from .compile_hints import mark_growing_dims_dynamic
 from ..concurrency import ForwardGuard
-from ..reuse.controller import ReuseController, reuse_namespace
+from .reuse_controller import ReuseController, reuse_namespace
 
 logger = logging.getLogger("kvpatch")
 

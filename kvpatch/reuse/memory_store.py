@@ -36,7 +36,7 @@ import torch
 
 from ..host_memory import host_empty
 from ..model_shapes import ModelShapes
-from ..stages.index import ChunkIndex, DictIndex
+from .index import ChunkIndex, DictSlots
 from .chunk import ChunkForeignError, ChunkFormatError, StoredChunk
 from .chunk_hash import ChunkHasher
 from .codecs import encode_chunk, kv_shape
@@ -76,7 +76,7 @@ class TieredChunkStore:
         self.budget_bytes, self.codec = budget_bytes, codec
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.disk, self.remote = disk, remote
-        self.index: ChunkIndex = index if index is not None else DictIndex(DictIndex.Params())
+        self.index: ChunkIndex = index if index is not None else DictSlots()
         self._slots: list[_Entry | None] = []
         self._free: list[int] = []
         self._by_content: dict[str, dict[str, None]] = {}  # content hash -> prefix hashes in RAM

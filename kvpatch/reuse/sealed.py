@@ -24,7 +24,7 @@ import json
 import os
 
 from ..errors import ConfigError, SnapshotCorruptError
-from ..snapshot.io import header_bytes, parse_header
+from ..files.safetensors_io import header_bytes, parse_header
 from .chunk import ChunkAuthError, ChunkForeignError, ChunkFormatError, StoredChunk
 
 SEAL_KEY = "kvpatch.chunk.sha256"

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..host_memory import host_empty, pinned_fallbacks
 from .chunk import ChunkStore, StoredChunk
 from .codecs import encode_chunk
 

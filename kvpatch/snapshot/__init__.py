@@ -10,7 +10,7 @@ The format is documented in docs/snapshot-format.md (format_version 1).
 from .api import Snapshot, export_snapshot, load_snapshot, read_metadata, read_snapshot, verify_snapshot
 from .cache_codec import encode_cache, restore_cache
 from .chunk_store import export_store, import_store, read_store_snapshot
-from .directory import GcReport, gc, list_snapshots, list_temp_files
+from ..files.folders import GcReport, gc, list_snapshots, list_temp_files
 from .fingerprint import architecture_digest, model_fingerprint, tokenizer_digest, weights_digest
 from .format import FORMAT_VERSION, ChunkStoreMetadata, LayerRecord, SnapshotMetadata
 

@@ -28,7 +28,7 @@ from .format import (
     FORMAT_VERSION, AnyMetadata, PipelineFingerprint, SnapshotMetadata, TensorRecord, decode_metadata, encode_metadata,
     state_tensor_name,
 )
-from .io import content_sha256, dtype_name, read_header, read_tensors, write_atomic
+from ..files.safetensors_io import content_sha256, dtype_name, read_header, read_tensors, write_atomic
 from .stage_state import collect_stage_state, restore_stage_state
 
 TokenIds = torch.Tensor | list[int] | list[list[int]]

@@ -16,7 +16,7 @@ from ..cache import KVPatchCache
 from ..quant.codes import Codes
 from ..stages.storage_quantized import QuantizedLayer
 from .format import CodesRecord, LayerKind, LayerRecord, TensorRecord, layer_tensor_name
-from .io import dtype_name
+from ..files.safetensors_io import dtype_name
 
 ROLES = ("key", "value")
 

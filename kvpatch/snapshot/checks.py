@@ -18,7 +18,7 @@ from ..cache import KVPatchCache, layer_layouts
 from .cache_codec import ROLES, codes_tensor_name, layer_kind
 from .fingerprint import model_fingerprint, tokenizer_digest
 from .format import AnyMetadata, LayerRecord, ModelFingerprint, SnapshotMetadata
-from .io import content_sha256, dtype_name
+from ..files.safetensors_io import content_sha256, dtype_name
 
 
 def check_integrity(path: Path, metadata: AnyMetadata, tensors: dict[str, torch.Tensor]) -> None:

@@ -36,7 +36,7 @@ from .format import (
     CHUNK_STORE_FORMAT_VERSION, ChunkRecord, ChunkStoreMetadata, PipelineFingerprint, TensorRecord, chunk_tensor_name,
     encode_metadata,
 )
-from .io import content_sha256, dtype_name, write_atomic
+from ..files.safetensors_io import content_sha256, dtype_name, write_atomic
 
 KIND = "chunk_store"
 

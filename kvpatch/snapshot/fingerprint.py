@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .format import ModelFingerprint
-from .io import dtype_name, update_digest
+from ..files.safetensors_io import dtype_name, update_digest
 
 #: Config keys that change with how a model was loaded or saved, not with what it computes.
 VOLATILE_CONFIG_KEYS = frozenset({

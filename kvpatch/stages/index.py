@@ -1,29 +1,17 @@
 """Index stages: map chunk keys to store slots. `index/fibonacci` is the open-addressing
 `HashIndex`; `index/dict` is a plain Python dict, the baseline it is measured against. Both
-implement `ChunkIndex`, so the chunk store takes whichever a config names."""
+implement `reuse.index.ChunkIndex`, so the chunk store takes whichever a config names."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional, Protocol, Union
+from typing import Annotated, Any, Optional
 
 from pydantic import Field
 
 from ..hashing.index import HashIndex, IndexConfig, PowerOfTwo
 from ..params import PositiveFraction
 from ..registry import Stage, StageParams, register_stage
-
-ChunkKey = Union[int, bytes]
-
-
-class ChunkIndex(Protocol):
-    """What the chunk store needs from an index stage."""
-
-    def put(self, key: ChunkKey, slot: int) -> None: ...
-    def get(self, key: ChunkKey) -> Optional[int]: ...
-    def delete(self, key: ChunkKey) -> bool: ...
-    def __len__(self) -> int: ...
-    def stats(self) -> dict[str, Any]: ...
-
+from ..reuse.index import ChunkKey, DictSlots
 
 @register_stage("index", "fibonacci")
 class FibonacciIndex(Stage):
@@ -57,31 +45,11 @@ class FibonacciIndex(Stage):
 
 
 @register_stage("index", "dict")
-class DictIndex(Stage):
+class DictIndex(DictSlots, Stage):
     """A Python dict: the baseline (CPython's dict is fast for scalar lookups)."""
 
     params: StageParams
 
     def __init__(self, params: StageParams) -> None:
-        super().__init__(params)
-        self._slots: dict[ChunkKey, int] = {}
-        self.lookups = self.hits = 0
-
-    def put(self, key: ChunkKey, slot: int) -> None:
-        self._slots[key] = slot
-
-    def get(self, key: ChunkKey) -> Optional[int]:
-        self.lookups += 1
-        slot = self._slots.get(key)
-        self.hits += slot is not None
-        return slot
-
-    def delete(self, key: ChunkKey) -> bool:
-        return self._slots.pop(key, None) is not None
-
-    def __len__(self) -> int:
-        return len(self._slots)
-
-    def stats(self) -> dict[str, Any]:
-        return {"size": len(self._slots), "lookups": self.lookups, "hits": self.hits,
-                "hit_rate": self.hits / self.lookups if self.lookups else None}
+        Stage.__init__(self, params)
+        DictSlots.__init__(self)

@@ -1,6 +1,6 @@
 """Stages of chunk reuse: chunker, hasher, matcher and seam recompute.
 
-They only hold validated settings; `kvpatch.reuse.controller.ReuseController` runs them around
+They only hold validated settings; `kvpatch.patch.reuse_controller.ReuseController` runs them around
 each prefill. The chunk store stages (`store/*`) live in their own modules.
 """
 

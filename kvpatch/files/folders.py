@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import SUFFIX, temp_writer
+from .safetensors_io import SUFFIX, temp_writer
 
 #: A temp file this old is abandoned whoever wrote it (no snapshot write takes a day).
 DEFAULT_TEMP_GRACE_S = 24 * 3600.0

@@ -25,20 +25,21 @@ from ..errors import UnsupportedModelError
 from ..model_shapes import ModelShapes
 from ..cache import KVPatchCache
 from ..registry import first_stage_of
+from ..snapshot.fingerprint import model_fingerprint
 from ..stages.reuse import (
     CacheBlendRecompute,
     ChainedHasher,
     FixedChunker,
     RecomputeStage,
 )
-from .blend import RepairPolicy, blend
-from .chunk import ChunkStore
-from .chunk_hash import ChunkHasher, token_bytes
-from .chunker import chunk_spans
-from .codecs import dense_kv
-from .matcher import MatchPlan, match_chunks
-from .rope import KeyRotator
-from .writeback import ChunkWriter, NewChunk
+from ..reuse.blend import RepairPolicy, blend
+from ..reuse.chunk import ChunkStore
+from ..reuse.chunk_hash import ChunkHasher, token_bytes
+from ..reuse.chunker import chunk_spans
+from ..reuse.codecs import dense_kv
+from ..reuse.matcher import MatchPlan, match_chunks
+from ..reuse.rope import KeyRotator
+from ..reuse.writeback import ChunkWriter, NewChunk
 
 logger = logging.getLogger("kvpatch")
 
@@ -269,8 +270,6 @@ def repair_policy(matcher: Any, recompute: RecomputeStage | None) -> RepairPolic
 
 def reuse_namespace(model: torch.nn.Module) -> str:
     """What chunk keys are namespaced by: the model's type, dtype, architecture and weights."""
-    from ..snapshot.fingerprint import model_fingerprint
-
     return model_fingerprint(model).model_dump_json()
 
 
