@@ -10,5 +10,5 @@ timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_chunk_store.py t
 timeout 200 python3 tools/bench_overhead.py --shape llama-1b --device cuda --dtype bf16 --prompt-len 512 \
     --decode-steps 64 --repeats 10 --out "$OUT/overhead-h200-eager.json" 2>&1 | grep -v "it/s" | tail -3
 # the main job on the GPU, through the refactored CLI
-timeout 240 python3 -m kvpatch.cli run --device cuda --config default --config kivi4 --config long_context \
+timeout 240 python3 -m kvpatch.cli run --device cuda --config default --config kivi4 --config long_context --config prefix_reuse \
     --json "$OUT/run-h200.json" 2>&1 | grep -v -E "Loading weights|it/s" | tail -14
