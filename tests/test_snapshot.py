@@ -39,7 +39,7 @@ PROMPT_LEN = 30
 
 
 def small_quantized(name: str) -> dict[str, Any]:
-    """A bundled KIVI config with a residual window and groups small enough that a 30-token
+    """A bundled quantized config with a residual window and groups small enough that a 30-token
     prompt already has codes (the bundled 128-token window would keep it all in full precision)."""
     config = kvpatch.load_config(name).model_dump()
     quantizer, storage = config["stages"]
@@ -48,7 +48,8 @@ def small_quantized(name: str) -> dict[str, Any]:
     return config
 
 
-CONFIGS: dict[str, Any] = {"default": "default", "kivi4": small_quantized("kivi4"), "kivi2": small_quantized("kivi2")}
+CONFIGS: dict[str, Any] = {"default": "default", "kivi4": small_quantized("kivi4"), "kivi2": small_quantized("kivi2"),
+                           "fp8": small_quantized("fp8")}
 
 
 def patched(family: str, config: str = "default", dtype: torch.dtype = torch.float32, seed: int = 0):
@@ -86,7 +87,8 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, cache: kvpatch.KVPatchCach
 CASES = [
     (family, config, dtype)
     for family in ("llama", "gemma2", "qwen2")
-    for config, dtype in (("default", "float32"), ("default", "bfloat16"), ("kivi4", "float32"), ("kivi2", "bfloat16"))
+    for config, dtype in (("default", "float32"), ("default", "bfloat16"), ("kivi4", "float32"), ("kivi2", "bfloat16"),
+                          ("fp8", "bfloat16"))
 ]
 
 CHILD = r"""
