@@ -206,32 +206,29 @@ class BudgetWatch:
         store.put, store.disk.write = checked_put, checked_write  # instance attributes: this engine only
 
     def _check_counters(self, where: str) -> None:
-        self.checks += 1
         ram, disk = int(self.store._bytes), int(self.store.disk._bytes)
+        self._judge(where, ram, disk, f"RAM counter {ram}", f"disk counter {disk}")
+
+    def _judge(self, where: str, ram: int, disk: int, ram_seen: str, disk_seen: str) -> None:
+        """Count one check of both budgets; a violation is noted with what was seen."""
+        self.checks += 1
         self.max_ram, self.max_disk = max(self.max_ram, ram), max(self.max_disk, disk)
         if ram > self.ram_budget:
             self.ram_violations += 1
-            self._note(f"{where}: RAM counter {ram} > {self.ram_budget}")
+            self._note(f"{where}: {ram_seen} > {self.ram_budget}")
         if disk > self.disk_budget:
             self.disk_violations += 1
-            self._note(f"{where}: disk counter {disk} > {self.disk_budget}")
+            self._note(f"{where}: {disk_seen} > {self.disk_budget}")
 
     def check(self, where: str) -> dict[str, Any]:
         """The full check (after a request, outside its timing); returns the sizes and resets the
         request's write timers."""
-        self.checks += 1
         ram_counter, disk_counter = int(self.store._bytes), int(self.store.disk._bytes)
         ram_real, ram_ids = ram_tensor_bytes(self.store)
         disk_real, disk_chunks, disk_files = folder_bytes(self.disk_dir)
-        ram = max(ram_counter, ram_real or 0)
-        disk = max(disk_counter, disk_real)
-        self.max_ram, self.max_disk = max(self.max_ram, ram), max(self.max_disk, disk)
-        if ram > self.ram_budget:
-            self.ram_violations += 1
-            self._note(f"{where}: RAM {ram_counter} (counter) / {ram_real} (tensors) > {self.ram_budget}")
-        if disk > self.disk_budget:
-            self.disk_violations += 1
-            self._note(f"{where}: disk {disk_counter} (counter) / {disk_real} (files) > {self.disk_budget}")
+        self._judge(where, max(ram_counter, ram_real or 0), max(disk_counter, disk_real),
+                    f"RAM {ram_counter} (counter) / {ram_real} (tensors)",
+                    f"disk {disk_counter} (counter) / {disk_real} (files)")
         sizes = {"ram_bytes": ram_counter, "ram_tensor_bytes": ram_real, "ram_token_id_bytes": ram_ids,
                  "disk_bytes": disk_counter, "disk_file_bytes": disk_real, "disk_chunk_file_bytes": disk_chunks,
                  "disk_files": disk_files, "put_ms": self.put_ms, "disk_write_ms": self.disk_write_ms,

@@ -238,7 +238,8 @@ class DiskTier:
     def _unindex(self, file_name: str) -> None:
         """Forget the content hash of a file that is gone (the index stays as large as the folder)."""
         content = self._content_of.pop(file_name, None)
-        if content is not None and self.path(self._by_content.get(content, "")).name == file_name:
+        prefix_hash = self._by_content.get(content) if content is not None else None
+        if prefix_hash is not None and chunk_file_name(prefix_hash) == file_name:
             del self._by_content[content]
 
     @contextmanager

@@ -211,8 +211,12 @@ class RedisTier:
         """The namespace's byte count; None if the key holds something else (the next put
         recounts it): damaged bookkeeping is not an outage."""
         try:
-            return _as_count(self._client.get(self._keys[2]))
+            raw = self._client.get(self._keys[2])
         except self._wrong_type:  # WRONGTYPE: another kind of value under the key
+            return None
+        try:
+            return int(raw) if raw is not None else 0
+        except ValueError:  # garbage under the key
             return None
 
     def stats(self) -> dict[str, Any]:
@@ -258,14 +262,3 @@ class RedisTier:
             log.warning("redis chunk store %s is back", self.url)
             self._retry_at = None
         return result
-
-
-def _as_count(raw: object) -> int | None:
-    """A byte count read from the server; None if the key holds something else (the next put
-    recounts it), 0 if it is not set."""
-    if raw is None:
-        return 0
-    try:
-        return int(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
