@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, Validati
 from .config_yaml import read_yaml
 from .errors import ConfigError, echo
 from .params import Fraction
-from .registry import Stage, get_stage_class
+from .registry import Stage, StageSpec, get_stage_class, get_stage_spec
 from .resources import bundled_dir
 
 
@@ -41,6 +41,10 @@ class StageConfig(_Strict):
         _check_params(self)
         return self
 
+    def stage_spec(self) -> StageSpec:
+        """The stage's declaration: all that validation needs (no implementation is imported)."""
+        return get_stage_spec(self.kind, self.impl)
+
     def stage_class(self) -> type[Stage]:
         return get_stage_class(self.kind, self.impl)
 
@@ -52,7 +56,7 @@ class StageConfig(_Strict):
 def _check_params(stage: StageConfig) -> None:
     """Re-raise a params validation failure as a ValueError pydantic can place under the stage."""
     try:
-        stage.stage_class().Params.model_validate(stage.params)
+        stage.stage_spec().Params.model_validate(stage.params)
     except ValidationError as err:
         problems = _listed([_format_error(e, prefix="params") for e in err.errors()], "; ")
         raise ValueError(f"{stage.kind}/{stage.impl}: {problems}") from None
@@ -105,16 +109,16 @@ class PipelineConfig(_Strict):
         if len(storage) > 1:
             raise ValueError(f"at most one storage stage is allowed, found {len(storage)}")
         builders = [f"{s.kind}/{s.impl}" for s in self.stages
-                    if s.stage_class().builds_layers and (s.kind, s.impl) != ("storage", "dense")]
+                    if s.stage_spec().builds_layers and (s.kind, s.impl) != ("storage", "dense")]
         if len(builders) > 1:
             raise ValueError(f"these stages each build the cache layers and cannot be combined: {', '.join(builders)}")
         kinds = {s.kind for s in self.stages}
         for s in self.stages:
-            missing = [kind for kind in s.stage_class().requires if kind not in kinds]
+            missing = [kind for kind in s.stage_spec().requires if kind not in kinds]
             if missing:
                 raise ValueError(f"stage {s.kind}/{s.impl} needs a {' and a '.join(missing)} stage in the same config")
         lossy = [f"{s.kind}/{s.impl}" for s in self.stages
-                 if not s.stage_class().is_lossless(s.stage_class().Params.model_validate(s.params))]
+                 if not s.stage_spec().is_lossless(s.stage_spec().Params.model_validate(s.params))]
         if self.fidelity.lossless and lossy:
             raise ValueError(
                 f"fidelity.lossless is true but these stages are lossy: {', '.join(lossy)}; "

@@ -1,17 +1,31 @@
 """The one registry of pipeline stages.
 
-A stage is a class with a `kind` (what job it does in the pipeline), a `name` (which
-implementation), a typed `Params` model (what a YAML may set), and `lossless` (whether it can
-change the model's outputs). Adding a stage is one new module in `kvpatch/stages/` that defines
-the class under `@register_stage(kind, name)`; it is discovered automatically, validated by
-`load_config`, and picked up by the parametrised tests.
+A stage has a `kind` (what job it does in the pipeline), a `name` (which implementation), a typed
+`Params` model (what a YAML may set), and facts that config validation needs: `lossless` (whether
+it leaves the model's outputs unchanged; a bool, or a rule on its params), `requires` (stage kinds
+it works with) and `builds_layers`. Those live in a `StageSpec`, apart from the implementation, so
+that `load_config` and `kvpatch validate` check a config without importing torch.
+
+Built-in stages are declared in `kvpatch/stage_specs/` (torch-free: the Params model, the facts,
+and the implementation as "module:Class") and implemented in `kvpatch/stages/`, whose class sets
+`Params` to the declared model and registers under `@register_stage(kind, name)`;
+`get_stage_class` imports the implementation module on first use. Adding a built-in stage is a
+declaration plus an implementation module; both are picked up by the parametrised tests.
+
+A plug-in needs no declaration: a `@register_stage(kind, name)` class with a nested `Params` and
+class attributes `lossless` / `requires` / `builds_layers` (defaults: True, (), False; a
+subclass of a registered stage starts from its parent's) gets a spec made from the class when it
+registers. A plug-in whose losslessness depends on its params declares itself with
+`declare_stage` (a rule for `lossless`) before its class registers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict
@@ -45,27 +59,57 @@ class StageParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+@dataclass(frozen=True)
+class StageSpec:
+    """What config validation knows of a stage, without importing its implementation."""
+
+    kind: str
+    name: str
+    #: "module:Class" of the implementation; `get_stage_class` imports the module on first use.
+    implementation: str
+    Params: type[StageParams] = StageParams
+    #: Whether the stage leaves outputs unchanged, or a rule that decides it from its params.
+    lossless: bool | Callable[[Any], bool] = True
+    #: Stage kinds this stage works with; a config that uses it without them is rejected.
+    requires: tuple[str, ...] = ()
+    #: Whether the stage builds the cache layers (`make_layer`). A config has at most one such
+    #: stage besides the default `storage/dense`.
+    builds_layers: bool = False
+
+    def is_lossless(self, params: StageParams) -> bool:
+        """Whether the stage, configured with `params`, leaves outputs unchanged."""
+        return self.lossless if isinstance(self.lossless, bool) else self.lossless(params)
+
+
+#: The facts a plug-in class may set as class attributes (`Stage` reads them through its spec).
+_FACTS = ("lossless", "requires", "builds_layers")
+
+
 class Stage:
-    """Base class of every stage. Subclasses set `Params` and may override `stats`."""
+    """Base class of every stage. Subclasses set `Params` and may override `stats`; the facts
+    (`lossless`, `requires`, `builds_layers`) are read from the stage's spec."""
 
     kind: ClassVar[str]
     name: ClassVar[str]
-    lossless: ClassVar[bool] = True
-    #: Stage kinds this stage works with; a config that uses it without them is rejected.
-    requires: ClassVar[tuple[str, ...]] = ()
-    #: Whether the stage builds the cache layers (`make_layer`). A config has at most one such
-    #: stage besides the default `storage/dense`.
-    builds_layers: ClassVar[bool] = False
+    #: The stage's declaration, set by `register_stage`.
+    spec: ClassVar[StageSpec]
     Params: ClassVar[type[StageParams]] = StageParams
 
     def __init__(self, params: StageParams) -> None:
         self.params = params
 
-    @classmethod
-    def is_lossless(cls, params: StageParams) -> bool:
-        """Whether the stage, configured with `params`, leaves outputs unchanged. Defaults to the
-        class's `lossless`; stages whose params decide it (a store's codec) override this."""
-        return cls.lossless
+    @property
+    def lossless(self) -> bool:
+        """Whether this stage, with its params, leaves outputs unchanged."""
+        return self.spec.is_lossless(self.params)
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        return self.spec.requires
+
+    @property
+    def builds_layers(self) -> bool:
+        return self.spec.builds_layers
 
     def connect(self, stages: "Sequence[Stage]") -> None:
         """Called once all of a pipeline's stages are built: find the ones named in `requires`."""
@@ -94,52 +138,108 @@ def first_stage_of(stages: Sequence[Stage], cls: type[T], needed_by: str) -> T:
             return stage
     raise ValueError(f"{needed_by} needs a {cls.__name__} in the same config")
 
-_REGISTRY: dict[str, dict[str, type[Stage]]] = {kind: {} for kind in STAGE_KINDS}
+
+_SPECS: dict[str, dict[str, StageSpec]] = {kind: {} for kind in STAGE_KINDS}
+_CLASSES: dict[str, dict[str, type[Stage]]] = {kind: {} for kind in STAGE_KINDS}
 _builtins_loaded = False
 
 
-def register_stage(kind: str, name: str) -> Callable[[S], S]:
-    """Class decorator: register `cls` as implementation `name` of stage `kind`."""
+def _check_kind(kind: str, name: str) -> None:
     if kind not in STAGE_KINDS:
         raise ValueError(f"cannot register stage {name!r}: unknown kind {kind!r}; kinds are {sorted(STAGE_KINDS)}")
+
+
+def declare_stage(kind: str, name: str, implementation: str, params: type[StageParams] = StageParams,
+                  **facts: Any) -> StageSpec:
+    """Declare stage `kind`/`name`: its Params model and facts (`lossless`, `requires`,
+    `builds_layers`, as in `StageSpec`), implemented by the "module:Class" `implementation`."""
+    _check_kind(kind, name)
+    _load_builtin_specs()
+    existing = _SPECS[kind].get(name)
+    if existing is not None:
+        raise ValueError(f"stage {kind}/{name} is declared twice: {existing.implementation} and {implementation}")
+    spec = StageSpec(kind, name, implementation, params, **facts)
+    _SPECS[kind][name] = spec
+    return spec
+
+
+def _own_facts(cls: type[Stage]) -> dict[str, Any]:
+    """The facts `cls` sets as class attributes (not `Stage`'s read-through properties)."""
+    return {fact: value for fact in _FACTS if not isinstance(value := getattr(cls, fact), property)}
+
+
+def register_stage(kind: str, name: str) -> Callable[[S], S]:
+    """Class decorator: register `cls` as implementation `name` of stage `kind`, under its
+    declaration if it has one (its `Params` must be the declared model), else under a spec made
+    from the class (a plug-in)."""
+    _check_kind(kind, name)
 
     def decorate(cls: S) -> S:
         if not (isinstance(cls, type) and issubclass(cls, Stage)):
             raise TypeError(f"{cls!r} must subclass kvpatch.registry.Stage")
-        existing = _REGISTRY[kind].get(name)
+        _load_builtin_specs()
+        path = f"{cls.__module__}:{cls.__qualname__}"
+        existing, spec = _CLASSES[kind].get(name), _SPECS[kind].get(name)
         if existing is not None and existing is not cls:
             raise ValueError(f"stage {kind}/{name} is registered twice: {existing} and {cls}")
-        cls.kind, cls.name = kind, name
-        _REGISTRY[kind][name] = cls
+        if existing is None and spec is not None and spec.implementation != path:
+            raise ValueError(f"stage {kind}/{name} is registered twice: declared as {spec.implementation}, and {cls}")
+        facts = _own_facts(cls)
+        if spec is None:
+            if cls.__module__.startswith("kvpatch.stages."):
+                raise TypeError(f"{path}: built-in stages are declared in kvpatch.stage_specs "
+                                f"(without a declaration, config validation never finds {kind}/{name})")
+            inherited = getattr(cls, "spec", None) or StageSpec(kind, name, path)
+            spec = dataclasses.replace(inherited, kind=kind, name=name, implementation=path, Params=cls.Params, **facts)
+            _SPECS[kind][name] = spec
+        if cls.Params is not spec.Params:
+            raise TypeError(f"{path}.Params is {cls.Params.__module__}.{cls.Params.__qualname__}, but {kind}/{name} "
+                            f"is declared with {spec.Params.__module__}.{spec.Params.__qualname__}")
+        for fact, value in facts.items():
+            if value != getattr(spec, fact):
+                raise TypeError(f"{path} sets {fact} = {value!r}, but {kind}/{name} is declared with "
+                                f"{fact} = {getattr(spec, fact)!r}; state it once, in the declaration")
+        cls.kind, cls.name, cls.spec = kind, name, spec
+        _CLASSES[kind][name] = cls
         return cls
 
     return decorate
 
 
-def _load_builtin_stages() -> None:
-    """Import every module of `kvpatch.stages` once, so their registrations run."""
+def _load_builtin_specs() -> None:
+    """Import every module of `kvpatch.stage_specs` once, so their declarations run (torch-free)."""
     global _builtins_loaded
     if _builtins_loaded:
         return
     _builtins_loaded = True
-    package = importlib.import_module("kvpatch.stages")
+    package = importlib.import_module("kvpatch.stage_specs")
     for module in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{package.__name__}.{module.name}")
 
 
-def get_stage_class(kind: str, name: str) -> type[Stage]:
-    """The class registered as `kind`/`name`; the error lists what is known."""
-    _load_builtin_stages()
-    if kind not in _REGISTRY:
-        raise UnknownStageError(f"unknown stage kind {kind!r}; known kinds: {', '.join(sorted(_REGISTRY))}")
-    implementations = _REGISTRY[kind]
-    if name not in implementations:
-        known = ", ".join(sorted(implementations)) or "(none registered yet)"
+def get_stage_spec(kind: str, name: str) -> StageSpec:
+    """The declaration of `kind`/`name` (no implementation is imported); the error lists what is known."""
+    _load_builtin_specs()
+    if kind not in _SPECS:
+        raise UnknownStageError(f"unknown stage kind {kind!r}; known kinds: {', '.join(sorted(_SPECS))}")
+    specs = _SPECS[kind]
+    if name not in specs:
+        known = ", ".join(sorted(specs)) or "(none registered yet)"
         raise UnknownStageError(f"unknown {kind} implementation {name!r}; known {kind} implementations: {known}")
-    return implementations[name]
+    return specs[name]
+
+
+def get_stage_class(kind: str, name: str) -> type[Stage]:
+    """The class implementing `kind`/`name`, its module imported on first use."""
+    spec = get_stage_spec(kind, name)
+    if name not in _CLASSES[kind]:
+        importlib.import_module(spec.implementation.partition(":")[0])
+        if name not in _CLASSES[kind]:
+            raise RuntimeError(f"{spec.implementation}, declared for {kind}/{name}, did not register it")
+    return _CLASSES[kind][name]
 
 
 def available_stages() -> dict[str, list[str]]:
-    """Registered implementation names by kind (kinds without any are listed empty)."""
-    _load_builtin_stages()
-    return {kind: sorted(impls) for kind, impls in sorted(_REGISTRY.items())}
+    """Declared and registered implementation names by kind (kinds without any are listed empty)."""
+    _load_builtin_specs()
+    return {kind: sorted(specs) for kind, specs in sorted(_SPECS.items())}

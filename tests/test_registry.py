@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 import kvpatch
-from kvpatch.registry import STAGE_KINDS, Stage, StageParams, get_stage_class, register_stage
+from kvpatch.registry import STAGE_KINDS, Stage, StageParams, get_stage_class, get_stage_spec, register_stage
 
 REGISTERED = [(kind, name) for kind, names in kvpatch.available_stages().items() for name in names]
 
@@ -23,15 +23,22 @@ def test_every_kind_is_listed() -> None:
 def test_registered_stage_is_well_formed(kind: str, name: str) -> None:
     cls = get_stage_class(kind, name)
     assert issubclass(cls, Stage) and cls.kind == kind and cls.name == name
+    assert cls.spec is get_stage_spec(kind, name) and cls.Params is cls.spec.Params
     assert issubclass(cls.Params, StageParams)
     assert cls.__doc__, f"{kind}/{name} needs a docstring saying what it is for"
     # Stages that work with others (storage/quantized needs a quantizer) get the first registered one.
-    helpers = [{"kind": k, "impl": kvpatch.available_stages()[k][0]} for k in cls.requires]
-    lossless = cls.lossless and all(get_stage_class(h["kind"], h["impl"]).lossless for h in helpers)
+    helpers = [(k, kvpatch.available_stages()[k][0]) for k in cls.spec.requires]
+    lossless = all(_lossless_by_default(*stage) for stage in [*helpers, (kind, name)])
     config = kvpatch.load_config({"name": "t", "fidelity": {"lossless": lossless, "min_logit_cosine": 0.0},
-                                  "stages": [*helpers, {"kind": kind, "impl": name}]})
+                                  "stages": [*({"kind": k, "impl": n} for k, n in helpers), {"kind": kind, "impl": name}]})
     stage = config.stages[-1].build()
     assert isinstance(stage, cls) and isinstance(stage.stats(), dict)
+    assert stage.lossless == _lossless_by_default(kind, name) and stage.requires == cls.spec.requires
+
+
+def _lossless_by_default(kind: str, name: str) -> bool:
+    spec = get_stage_spec(kind, name)
+    return spec.is_lossless(spec.Params())
 
 
 @pytest.mark.parametrize("kind, name", REGISTERED)

@@ -15,24 +15,16 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .fibonacci import HashMethod, key_to_u64, slot_function, table_bits
+from ..params import PowerOfTwo, power_of_two
+from .fibonacci import HashMethod, key_to_u64, slot_function
 
 IndexKey = Union[int, bytes]
 FORMAT = "kvpatch.hash_index"
 VERSION = 1
-
-
-def _power_of_two(value: int) -> int:
-    table_bits(value)
-    return value
-
-
-#: A pydantic int field that must be a power of two >= 1 (table capacities).
-PowerOfTwo = Annotated[int, AfterValidator(_power_of_two)]
 
 
 class IndexConfig(BaseModel):
@@ -286,7 +278,7 @@ class HashIndex:
             raise ValueError("hash index checksum mismatch: the file is corrupt or was edited")
         try:
             config = IndexConfig.model_validate(doc["config"])
-            capacity = _power_of_two(doc["capacity"])
+            capacity = power_of_two(doc["capacity"])
             entries = [_decode_entry(entry) for entry in doc["entries"]]
         except (KeyError, TypeError, ValueError, ValidationError) as err:
             raise ValueError(f"malformed hash index file: {err}") from None

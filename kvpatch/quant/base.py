@@ -20,7 +20,9 @@ Role = Literal["key", "value"]
 
 
 class QuantizerStage(Stage, ABC):
-    lossless: ClassVar[bool] = False
+    #: Quantizers change outputs: the default for plug-in quantizers (built-ins declare it in
+    #: their spec, and `register_stage` checks the two agree).
+    lossless: ClassVar[bool] = False  # type: ignore[misc]
 
     def block_tokens(self, role: Role) -> int:
         """Tokens that must be encoded together (encode lengths are multiples of it)."""

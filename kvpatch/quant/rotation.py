@@ -15,11 +15,10 @@ of one token equals the same row of a full decode, bit for bit.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Literal
 
 import torch
 
-RotationKind = Literal["hadamard", "orthogonal", "none"]
+from ..stage_specs.quantizer_fibquant import RotationKind
 
 #: Dense rotation matrices and the vectors they inverse-rotate are rounded to multiples of
 #: 2^-EXACT_BITS, so that float64 products of the two (2 * EXACT_BITS bits) are exact.

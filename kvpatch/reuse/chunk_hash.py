@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import torch
 
 from ..errors import ConfigError
+from ..stage_specs.reuse import HashAlgorithm
 from .chunk import StoredChunk
 from .chunker import Span
-
-HashAlgorithm = Literal["sha256", "blake2b", "xxhash"]
 
 
 def _hasher_factory(algorithm: HashAlgorithm) -> Callable[[bytes], str]:

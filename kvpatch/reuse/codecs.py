@@ -14,14 +14,14 @@ shapes), so it is a constant, not a setting.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 
 from ..quant.groupwise import dequantize_groups, quantize_groups
+from ..stage_specs.store_memory import Codec
 from .chunk import ChunkFormatError, StoredChunk
 
-Codec = Literal["dense", "int8", "int4"]
 CODECS: tuple[str, ...] = get_args(Codec)
 BITS: dict[str, int] = {"int8": 8, "int4": 4}
 GROUP_SIZE = 32

@@ -25,19 +25,18 @@ import os
 
 from ..errors import ConfigError, SnapshotCorruptError
 from ..files.safetensors_io import header_bytes, parse_header
+from ..stage_specs.store_memory import secret_problem
 from .chunk import ChunkAuthError, ChunkForeignError, ChunkFormatError, StoredChunk
 
 SEAL_KEY = "kvpatch.chunk.sha256"
 MAC_KEY = "kvpatch.chunk.hmac"
 #: Where a chunk secret comes from when the config does not give one.
 SECRET_ENV = "KVPATCH_CHUNK_SECRET"
-#: Shortest secret accepted (a short one can be guessed offline from any sealed value).
-MIN_SECRET_BYTES = 16
 
 
 def resolve_secret(configured: str | bytes | None, field: str) -> bytes | None:
     """The chunk secret: `configured` (a config param), else `$KVPATCH_CHUNK_SECRET`, else None.
-    ConfigError naming `field` (or the variable) if it is shorter than MIN_SECRET_BYTES."""
+    ConfigError naming `field` (or the variable) if it is too short (`secret_problem`)."""
     source, value = field, configured
     if value is None:
         source, value = SECRET_ENV, os.environ.get(SECRET_ENV) or None
@@ -48,11 +47,6 @@ def resolve_secret(configured: str | bytes | None, field: str) -> bytes | None:
     if problem is not None:
         raise ConfigError(f"{source}: {problem}, got {len(secret)}")
     return secret
-
-
-def secret_problem(secret: bytes) -> str | None:
-    """Why `secret` is unfit (too short to resist offline guessing), never echoing it; None: fit."""
-    return f"a chunk secret must be at least {MIN_SECRET_BYTES} bytes" if len(secret) < MIN_SECRET_BYTES else None
 
 
 def seal(chunk: StoredChunk, secret: bytes | None = None) -> bytes:

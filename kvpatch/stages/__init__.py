@@ -1,2 +1,3 @@
-"""Built-in stages: one module per implementation, each registering itself with
-`kvpatch.registry.register_stage`. Every module here is imported by the registry on first use."""
+"""Built-in stage implementations: each class registers with `kvpatch.registry.register_stage`
+under its declaration in `kvpatch/stage_specs/` (a module of the same name). The registry imports
+a module here when one of its stages is first built; validating a config never does."""

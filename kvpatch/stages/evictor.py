@@ -13,32 +13,18 @@ patch layer: a 2-D padding mask is indexed by positions that eviction has remove
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
-from pydantic import model_validator
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..compat import init_empty_layer, query_length
-from ..params import Count, Fraction, PositiveFraction, Size
 from ..cache import LayerLayout
-from ..registry import Stage, StageParams, first_stage_of, register_stage
+from ..registry import Stage, first_stage_of, register_stage
+from ..stage_specs.evictor import BudgetParams, budget_tokens
 from .offloader import CpuOffloader
 from .scorers import ScoreContext, ScorerStage
-
-
-DEFAULT_RATIO = 0.25
-
-
-def budget_tokens(max_tokens: int | None, ratio: float | None, seen: int) -> int | None:
-    """A budget given as a token count or as a fraction of the tokens seen; None: unlimited."""
-    if max_tokens is not None:
-        return max_tokens
-    if ratio is not None:
-        return max(1, math.ceil(ratio * seen))
-    return None
 
 
 def protected_tokens(positions: torch.Tensor, seen: int, sink_tokens: int, recent: int) -> torch.Tensor:
@@ -218,43 +204,13 @@ class EvictingLayer(DynamicLayer):
 class BudgetEvictor(Stage):
     """Keeps at most a token budget per layer (fixed, or a fraction of the sequence so far)."""
 
-    lossless: ClassVar[bool] = False
-    requires: ClassVar[tuple[str, ...]] = ("scorer",)
-    builds_layers: ClassVar[bool] = True
     #: Its layers need `observe_attention` / `after_forward` calls (kvpatch.patch.cache_events).
     needs_cache_events: ClassVar[bool] = True
 
-    class Params(StageParams):
-        #: Fixed budget in tokens per layer (and head) ...
-        max_tokens: Size | None = None
-        #: ... or a fraction of the tokens seen so far (0.25 = a 4x smaller cache; the default
-        #: when neither is set).
-        ratio: PositiveFraction | None = None
-        #: First tokens always kept (attention sinks).
-        sink_tokens: Count = 4
-        #: Most recent tokens always kept; `recent_fraction` reserves a share of the budget
-        #: for recency instead (the larger of the two applies): the "split ratio" of hybrid
-        #: truncation.
-        recent_tokens: Count = 16
-        recent_fraction: Fraction = 0.0
-        granularity: Literal["head", "layer"] = "head"
-        #: During decode, evict every `every` forwards (the cache grows by up to every-1 tokens
-        #: past the budget in between); prefills always evict.
-        every: Size = 1
+    Params = BudgetParams
+    params: BudgetParams
 
-        @model_validator(mode="before")
-        @classmethod
-        def _one_budget(cls, data: Any) -> Any:
-            if isinstance(data, dict):
-                if data.get("max_tokens") is not None and data.get("ratio") is not None:
-                    raise ValueError("set exactly one of max_tokens or ratio")
-                if data.get("max_tokens") is None and data.get("ratio") is None:
-                    data = {**data, "ratio": DEFAULT_RATIO}
-            return data
-
-    params: Params
-
-    def __init__(self, params: Params) -> None:
+    def __init__(self, params: BudgetParams) -> None:
         super().__init__(params)
         self.scorer: ScorerStage | None = None
         self.offloader: CpuOffloader | None = None

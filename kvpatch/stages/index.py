@@ -4,26 +4,21 @@ implement `reuse.index.ChunkIndex`, so the chunk store takes whichever a config 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import Any, Optional
 
-from pydantic import Field
-
-from ..hashing.index import HashIndex, IndexConfig, PowerOfTwo
-from ..params import PositiveFraction
+from ..hashing.index import HashIndex, IndexConfig
 from ..registry import Stage, StageParams, register_stage
 from ..reuse.index import ChunkKey, DictSlots
+from ..stage_specs.index import FibonacciIndexParams
 
 @register_stage("index", "fibonacci")
 class FibonacciIndex(Stage):
     """Fibonacci-hashed open-addressing index with probe and hit-rate statistics."""
 
-    class Params(StageParams):
-        initial_capacity: PowerOfTwo = 1024
-        max_load_factor: Annotated[PositiveFraction, Field(lt=1.0)] = 0.75
+    Params = FibonacciIndexParams
+    params: FibonacciIndexParams
 
-    params: Params
-
-    def __init__(self, params: Params) -> None:
+    def __init__(self, params: FibonacciIndexParams) -> None:
         super().__init__(params)
         self.index = HashIndex(IndexConfig(initial_capacity=params.initial_capacity,
                                            max_load_factor=params.max_load_factor, hash="fibonacci"))

@@ -19,40 +19,24 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import field_validator
 
 from ..errors import OffloadSpaceError
 from ..host_memory import host_empty
-from ..registry import Stage, StageParams, register_stage
+from ..registry import Stage, register_stage
+from ..stage_specs.offloader import CpuOffloaderParams
 
 
 @register_stage("offloader", "cpu")
 class CpuOffloader(Stage):
     """Host-memory offload of K/V with pinned buffers and an asynchronous side stream."""
 
-    class Params(StageParams):
-        #: Page-locked host buffers (needed for truly asynchronous copies; costs host RAM that
-        #: the OS cannot swap).
-        pin_memory: bool = True
-        #: `memory`: host RAM (pinned if `pin_memory`); `mmap`: memory-mapped files.
-        backing: Literal["memory", "mmap"] = "memory"
-        #: Where the mmap files go (a fresh temporary directory inside it); default: the
-        #: system temporary directory.
-        mmap_dir: str | None = None
+    Params = CpuOffloaderParams
+    params: CpuOffloaderParams
 
-        @field_validator("mmap_dir")
-        @classmethod
-        def _directory(cls, value: str | None) -> str | None:
-            if value is not None and Path(value).exists() and not Path(value).is_dir():
-                raise ValueError("expected a directory (or a path to create one at), found an existing non-directory")
-            return value
-
-    params: Params
-
-    def __init__(self, params: Params) -> None:
+    def __init__(self, params: CpuOffloaderParams) -> None:
         super().__init__(params)
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._mmap_dir: Path | None = None

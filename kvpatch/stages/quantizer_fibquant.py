@@ -14,19 +14,16 @@ token i alone gives exactly row i of a full decode (the inverse rotation is batc
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
 import torch
-from pydantic import Field, model_validator
 
 from ..model_shapes import ModelShapes, divisors, misfit
-from ..params import Count, Seed, Size
 from ..quant.base import QuantizerStage, Role
 from ..quant.codes import Codes
 from ..quant.fibquant_codebook import auto_radial_levels, lloyd_refine, nearest_codeword, source_refined_codebook
 from ..quant.packing import pack_bits, unpack_bits
-from ..quant.rotation import Rotation, RotationKind, check_rotation_dim, make_rotation
-from ..registry import StageParams, register_stage
+from ..quant.rotation import Rotation, check_rotation_dim, make_rotation
+from ..registry import register_stage
+from ..stage_specs.quantizer_fibquant import FibQuantParams
 
 NORM_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Tokens an encode call needs before `calibration: first_encode` trusts it as calibration data.
@@ -37,43 +34,10 @@ FIRST_ENCODE_MIN_TOKENS = 256
 class FibQuantizer(QuantizerStage):
     """Spherical vector quantization of each K/V token: a norm plus one codebook index per block."""
 
-    class Params(StageParams):
-        #: Bits of each block's codebook index (the codebook has at most 2**code_bits entries).
-        code_bits: Annotated[Size, Field(le=16)] = 8
-        #: Coordinates per block (k); must divide head_dim. code_bits / block_dim bits per element.
-        block_dim: Size = 8
-        #: Radii in the product codebook. None: the split with the lowest MSE on seeded samples
-        #: of the sphere, over powers of two (see `auto_radial_levels`). 1 when block_dim == head_dim.
-        radial_levels: Size | None = None
-        #: Place radii at quantiles of p(r)^(1/3) (Bennett-Gersho) rather than of p(r).
-        companding: bool = True
-        #: Random rotation before quantizing. "hadamard" needs a power-of-two head_dim.
-        rotation: RotationKind = "hadamard"
-        #: Seed of the rotation (the same seed gives the same codes on every machine).
-        seed: Seed = 0
-        norm_dtype: Literal["float16", "bfloat16"] = "float16"
-        #: Lloyd-Max steps on seeded samples of the spherical source model when the codebook is
-        #: built (data-independent; see `source_refined_codebook`). 0: the analytic codebook.
-        source_lloyd_iters: Count = 8
-        #: Lloyd-Max (k-means) iterations that `calibrate` runs on calibration data.
-        lloyd_iters: Count = 0
-        #: "first_encode": if a role's first encode has >= 256 tokens, that role's codebook is first
-        #: calibrated on it (lloyd_iters steps), so all codes depend on that data. A shorter first
-        #: encode fixes the analytic codebook for good (earlier codes must keep decoding). One
-        #: codebook serves every layer, so it is calibrated on the first layer that encodes.
-        calibration: Literal["none", "first_encode"] = "none"
+    Params = FibQuantParams
+    params: FibQuantParams
 
-        @model_validator(mode="after")
-        def _consistent(self) -> "FibQuantizer.Params":
-            if self.radial_levels is not None and self.radial_levels > 1 << self.code_bits:
-                raise ValueError(f"radial_levels ({self.radial_levels}) must be at most 2**code_bits = {1 << self.code_bits}")
-            if self.calibration == "first_encode" and self.lloyd_iters == 0:
-                raise ValueError("calibration 'first_encode' needs lloyd_iters > 0 (0 iterations would not calibrate)")
-            return self
-
-    params: Params
-
-    def __init__(self, params: Params) -> None:
+    def __init__(self, params: FibQuantParams) -> None:
         super().__init__(params)
         #: Codebooks in use, float32 on the CPU, by (role, head_dim): the state to persist.
         self._codebooks: dict[tuple[Role, int], torch.Tensor] = {}

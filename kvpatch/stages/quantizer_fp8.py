@@ -12,15 +12,13 @@ Cost: 8 bits per element + 32 / group_size for the scale (8.25 bits at head_dim 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from ..model_shapes import ModelShapes, divisors, misfit
-from ..params import Size
 from ..quant.base import QuantizerStage, Role
 from ..quant.codes import Codes
-from ..registry import StageParams, register_stage
+from ..registry import register_stage
+from ..stage_specs.quantizer_fp8 import Fp8Params
 
 FORMATS: dict[str, torch.dtype] = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
@@ -29,12 +27,8 @@ FORMATS: dict[str, torch.dtype] = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.fl
 class Fp8Quantizer(QuantizerStage):
     """8-bit floating-point K/V (e4m3 or e5m2), a float32 scale per token and channel group."""
 
-    class Params(StageParams):
-        format: Literal["e4m3", "e5m2"] = "e4m3"
-        #: Channels sharing one scale; None: the whole head (one scale per token and head).
-        group_size: Size | None = None
-
-    params: Params
+    Params = Fp8Params
+    params: Fp8Params
 
     def model_problems(self, shapes: ModelShapes) -> list[str]:
         group = self.params.group_size

@@ -9,29 +9,22 @@ a token never re-quantizes what is already stored.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from ..model_shapes import ModelShapes, divisors, misfit
-from ..params import Size
 from ..quant.base import QuantizerStage, Role
 from ..quant.codes import Codes
 from ..quant.groupwise import dequantize_groups, quantize_groups
-from ..registry import StageParams, register_stage
+from ..registry import register_stage
+from ..stage_specs.quantizer_kivi import KiviParams
 
 
 @register_stage("quantizer", "kivi")
 class KiviQuantizer(QuantizerStage):
     """Asymmetric 8/4/2-bit group quantization: keys per channel, values per token."""
 
-    class Params(StageParams):
-        bits: Literal[2, 4, 8] = 4
-        #: Tokens per key group (per-channel scales) and channels per value group (per-token
-        #: scales). Costs 32 / group_size bits per element for the float16 scale + zero point.
-        group_size: Size = 32
-
-    params: Params
+    Params = KiviParams
+    params: KiviParams
 
     def model_problems(self, shapes: ModelShapes) -> list[str]:
         if shapes.head_dim % self.params.group_size:

@@ -6,30 +6,26 @@ each prefill. The chunk store stages (`store/*`) live in their own modules.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
-
-from pydantic import Strict
+from typing import Any, ClassVar
 
 from ..model_shapes import ModelShapes, misfit
-from ..params import Count, Fraction, Size, TokenId
-from ..registry import Stage, StageParams, register_stage
-from ..reuse.chunk_hash import HashAlgorithm
+from ..registry import Stage, register_stage
+from ..stage_specs.reuse import (
+    ApproximateMatcherParams,
+    CacheBlendParams,
+    ChainedHasherParams,
+    FixedChunkerParams,
+    RecomputeParams,
+    SelectiveRecomputeParams,
+)
 
 
 @register_stage("chunker", "fixed")
 class FixedChunker(Stage):
     """Fixed-size chunks (default 128 tokens) with an optional boundary window and a tail chunk."""
 
-    requires: ClassVar[tuple[str, ...]] = ("matcher", "store")
-
-    class Params(StageParams):
-        size: Size = 128
-        #: Move each cut up to this many tokens to just after a boundary token (0: never).
-        boundary_window: Count = 0
-        #: Boundary tokens given by id; the Engine adds every token whose text contains a newline.
-        boundary_token_ids: Annotated[tuple[TokenId, ...], Strict(False)] = ()  # a YAML list is fine
-
-    params: Params
+    Params = FixedChunkerParams
+    params: FixedChunkerParams
 
     def model_problems(self, shapes: ModelShapes) -> list[str]:
         outside = sorted(i for i in self.params.boundary_token_ids if i >= shapes.vocab_size)
@@ -38,7 +34,7 @@ class FixedChunker(Stage):
                            f"token ids below {shapes.vocab_size}")]
         return []
 
-    def __init__(self, params: Params) -> None:
+    def __init__(self, params: FixedChunkerParams) -> None:
         super().__init__(params)
         self.boundary_tokens: frozenset[int] = frozenset(params.boundary_token_ids)
 
@@ -50,17 +46,14 @@ class FixedChunker(Stage):
 class ChainedHasher(Stage):
     """Prefix-chained and content-only chunk hashes (sha256 default; blake2b; xxhash opt-in)."""
 
-    class Params(StageParams):
-        algorithm: HashAlgorithm = "sha256"
-
-    params: Params
+    Params = ChainedHasherParams
+    params: ChainedHasherParams
 
 
 @register_stage("matcher", "exact")
 class ExactMatcher(Stage):
     """Reuse chunks whose whole history matches (prefix hash): lossless."""
 
-    requires: ClassVar[tuple[str, ...]] = ("chunker", "store")
     approximate: ClassVar[bool] = False
 
 
@@ -69,24 +62,15 @@ class ApproximateMatcher(Stage):
     """Exact prefix matches first, then content-hash matches (same tokens, other history or
     position), re-rotated and repaired by the recompute stage: lossy."""
 
-    requires: ClassVar[tuple[str, ...]] = ("chunker", "store")
-    lossless: ClassVar[bool] = False
     approximate: ClassVar[bool] = True
-
-    class Params(StageParams):
-        #: How approximate chunks are repaired: always CacheBlend (positions and history are
-        #: both wrong), or whatever the recompute stage does (to compare strategies).
-        repair: Literal["cacheblend", "configured"] = "cacheblend"
-
-    params: Params
+    Params = ApproximateMatcherParams
+    params: ApproximateMatcherParams
 
 
 class RecomputeStage(Stage):
     """Base of the seam-repair strategies; `sink_tokens` first tokens are always recomputed."""
 
-    class Params(StageParams):
-        sink_tokens: Count = 0
-
+    Params = RecomputeParams
     params: Any
 
 
@@ -100,10 +84,8 @@ class SelectiveRecompute(RecomputeStage):
     """Recompute the first `seam_tokens` tokens of each reused non-prefix chunk against the real
     preceding context, in every layer."""
 
-    class Params(RecomputeStage.Params):
-        seam_tokens: Count = 16
-
-    params: Params
+    Params = SelectiveRecomputeParams
+    params: SelectiveRecomputeParams
 
 
 @register_stage("recompute", "cacheblend")
@@ -111,13 +93,8 @@ class CacheBlendRecompute(RecomputeStage):
     """CacheBlend: recompute every reused token up to `check_layer`, pick the `ratio` most
     deviated there, and recompute only those in the later layers."""
 
-    class Params(RecomputeStage.Params):
-        ratio: Fraction = 0.15
-        #: Layer whose deviations pick the tokens to recompute (the default is clamped to the
-        #: model's last layer; a value set explicitly must exist).
-        check_layer: Count = 1
-
-    params: Params
+    Params = CacheBlendParams
+    params: CacheBlendParams
 
     def model_problems(self, shapes: ModelShapes) -> list[str]:
         layer = self.params.check_layer

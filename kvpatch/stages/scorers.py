@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
-from ..params import Fraction, Size, Weight
-from ..registry import Stage, StageParams, register_stage
+
+from ..registry import Stage, register_stage
+from ..stage_specs.scorers import HybridParams, SnapKVParams
 
 #: Queries scored at once, at most; fewer when keys are many, so that the transient
 #: `[B, Hq, chunk, Tk]` float32 probability block stays under PROBS_BUDGET elements.
@@ -135,12 +136,8 @@ class SnapKVScorer(ScorerStage):
     """SnapKV: attention from an observation window of the last queries, pooled over
     neighbouring tokens so that a kept token keeps its context."""
 
-    class Params(StageParams):
-        window: Size = 32
-        kernel: Size = 7
-        pooling: Literal["avg", "max"] = "avg"
-
-    params: Params
+    Params = SnapKVParams
+    params: SnapKVParams
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         mass = attention_mass(ctx.query, ctx.key, ctx.scaling, last_queries=self.params.window)
@@ -195,13 +192,8 @@ class HybridScorer(ScorerStage):
     queries (mean per query), recency as position / sequence length. Sinks are protected by the
     evictor's `sink_tokens`."""
 
-    class Params(StageParams):
-        decay: Fraction = 0.9
-        w_attn: Weight = 1.0
-        w_recency: Weight = 0.1
-        window: Size = 32
-
-    params: Params
+    Params = HybridParams
+    params: HybridParams
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         n_queries = min(self.params.window, ctx.query.shape[2])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from transformers.cache_utils import (
@@ -29,11 +29,11 @@ from transformers.cache_utils import (
 from ..compat import init_empty_layer, query_length
 from ..kernels.packed import PackedKV, kivi_layout
 from ..model_shapes import ModelShapes
-from ..params import Count, Size
 from ..cache import LayerLayout
 from ..quant.base import QuantizerStage
 from ..quant.codes import Codes
-from ..registry import Stage, StageParams, first_stage_of, register_stage
+from ..registry import Stage, first_stage_of, register_stage
+from ..stage_specs.storage_quantized import QuantizedStorageParams
 
 #: Forwards of at most this many new tokens get `PackedKV` from `update` (decode, speculative).
 PACKED_MAX_QUERY = 16
@@ -210,27 +210,10 @@ class QuantizedLayer(DynamicLayer):
 class QuantizedStorage(Stage):
     """Stores K/V as the config's quantizer codes, with a full-precision window of recent tokens."""
 
-    lossless: ClassVar[bool] = False
-    requires: ClassVar[tuple[str, ...]] = ("quantizer",)
-    builds_layers: ClassVar[bool] = True
+    Params = QuantizedStorageParams
+    params: QuantizedStorageParams
 
-    class Params(StageParams):
-        #: Most recent tokens kept in full precision (KIVI uses 32-128). Tokens beyond it are
-        #: quantized in whole blocks of the quantizer's group size.
-        residual_length: Count = 128
-        #: First tokens of the sequence kept in full precision (attention sinks).
-        sink_tokens: Count = 0
-        #: Decode the codes through torch.compile (6-10x faster decode on a GPU; the first calls
-        #: pay for compiling).
-        compile_decode: bool = False
-        #: Preallocate buffers for this many tokens per sequence and keep the layer's counters on
-        #: the device: decode steps then have fixed shapes and never sync with the host, so they
-        #: can be captured in a CUDA graph (`kvpatch.CudaGraphDecoder`). None: grow as needed.
-        capacity_tokens: Size | None = None
-
-    params: Params
-
-    def __init__(self, params: Params) -> None:
+    def __init__(self, params: QuantizedStorageParams) -> None:
         super().__init__(params)
         self.quantizer: QuantizerStage | None = None
 

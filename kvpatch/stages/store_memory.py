@@ -21,73 +21,13 @@ found through it. The stage is itself the `ChunkStore` (a `TieredChunkStore`) th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
-from urllib.parse import urlsplit
 
-from pydantic import ByteSize, Field, SecretStr, field_validator
+from pydantic import SecretStr
 
-from ..errors import echo
-from ..registry import Stage, StageParams, register_stage
-from ..reuse.codecs import Codec
+from ..registry import Stage, register_stage
 from ..reuse.disk_tier import DiskTier
 from ..reuse.memory_store import TieredChunkStore
-from ..reuse.sealed import secret_problem
-
-REDIS_SCHEMES = ("redis", "rediss", "unix")
-
-
-def _check_secret(secret: SecretStr | None) -> SecretStr | None:
-    """Long enough to resist offline guessing; never echoed in the error."""
-    problem = secret_problem(secret.get_secret_value().encode()) if secret is not None else None
-    if problem is not None:
-        raise ValueError(problem)
-    return secret
-
-
-class DiskParams(StageParams):
-    """A directory of chunk files (may be shared by processes on one machine)."""
-
-    path: str = Field(min_length=1)
-    budget_bytes: ByteSize = ByteSize(64 * 2**30)
-    #: HMAC secret for the chunk files (default: $KVPATCH_CHUNK_SECRET, if set).
-    secret: SecretStr | None = None
-
-    @field_validator("path")
-    @classmethod
-    def _directory(cls, path: str) -> str:
-        if Path(path).exists() and not Path(path).is_dir():
-            raise ValueError(f"{echo(path)} exists and is not a directory; expected a directory (created if missing)")
-        return path
-
-    _secret = field_validator("secret")(_check_secret)
-
-
-class RedisParams(StageParams):
-    """A Redis server shared by every process that names the same url and namespace."""
-
-    url: str = "redis://127.0.0.1:6379/0"
-    namespace: str = Field(default="kvpatch", pattern=r"^[^\s:]+$")
-    budget_bytes: ByteSize | None = None
-    ttl_s: float | None = Field(default=None, gt=0)
-    #: Socket timeouts; a server that does not answer within this is treated as down.
-    timeout_s: float = Field(default=0.5, gt=0)
-    #: While down, calls are skipped (misses) for this long before the next try.
-    retry_s: float = Field(default=5.0, ge=0)
-    #: HMAC secret shared by every process of the fleet (default: $KVPATCH_CHUNK_SECRET).
-    secret: SecretStr | None = None
-    #: false: values are not authenticated (only for a Redis that only trusted processes can write).
-    authenticate: bool = True
-
-    @field_validator("url")
-    @classmethod
-    def _scheme(cls, url: str) -> str:
-        scheme = urlsplit(url).scheme
-        if scheme not in REDIS_SCHEMES:
-            raise ValueError(f"{echo(url)} has scheme {echo(scheme)}; expected one of {', '.join(REDIS_SCHEMES)} "
-                             "(e.g. redis://host:6379/0)")
-        return url
-
-    _secret = field_validator("secret")(_check_secret)
+from ..stage_specs.store_memory import MemoryStoreParams
 
 
 @register_stage("store", "memory")
@@ -95,17 +35,10 @@ class MemoryStore(TieredChunkStore, Stage):
     """Chunk K/V in CPU RAM within a byte budget, spilling to an optional disk tier, shared
     through an optional Redis tier; quantized (int8/int4) if asked."""
 
-    class Params(StageParams):
-        budget_bytes: ByteSize = ByteSize(4 * 2**30)
-        codec: Codec = "dense"
-        #: Pinned host memory (fast, asynchronous copies to the GPU); None: when CUDA is available.
-        pin_memory: bool | None = None
-        disk: DiskParams | None = None
-        redis: RedisParams | None = None
+    Params = MemoryStoreParams
+    params: MemoryStoreParams
 
-    params: Params
-
-    def __init__(self, params: Params) -> None:
+    def __init__(self, params: MemoryStoreParams) -> None:
         Stage.__init__(self, params)
         d = params.disk
         disk = DiskTier(d.path, d.budget_bytes, _plain(d.secret)) if d is not None else None
@@ -117,10 +50,6 @@ class MemoryStore(TieredChunkStore, Stage):
             remote = RedisTier(r.url, r.namespace, r.budget_bytes, r.ttl_s, r.timeout_s, r.retry_s,
                                _plain(r.secret), r.authenticate)
         TieredChunkStore.__init__(self, params.budget_bytes, params.codec, params.pin_memory, disk, remote)
-
-    @classmethod
-    def is_lossless(cls, params: StageParams) -> bool:
-        return getattr(params, "codec", "dense") == "dense"
 
     def connect(self, stages: Sequence[Stage]) -> None:
         index = next((s for s in stages if s.kind == "index"), None)

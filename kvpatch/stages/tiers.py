@@ -30,18 +30,17 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
-from pydantic import model_validator
 from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 
-from ..params import Count, PositiveFraction, Size
 from ..cache import LayerLayout
 from ..quant.base import QuantizerStage, Role
 from ..quant.codes import Codes
-from ..registry import Stage, StageParams, first_stage_of, register_stage
-from .evictor import EvictingLayer, budget_tokens, protected_tokens
+from ..registry import Stage, first_stage_of, register_stage
+from ..stage_specs.tiers import TieredParams
+from .evictor import EvictingLayer, protected_tokens
 from .offloader import CpuOffloader
 from .scorers import ScoreContext, ScorerStage, attention_mass_under, key_logsumexp
 
@@ -143,27 +142,6 @@ class TierBlocks:
             c = cond.to(ta.device).repeat_interleave(a.per_block[name], dim=2)
             out[name] = torch.where(c.view(*c.shape, *([1] * (ta.dim() - 3))), ta, b.tensors[name].to(ta.device))
         return TierBlocks(out, a.per_block)
-
-
-class TierBudget(StageParams):
-    """A tier's budget per layer and KV head: tokens, or a fraction of the tokens seen; neither
-    means unlimited."""
-
-    max_tokens: Count | None = None
-    ratio: PositiveFraction | None = None
-
-    @model_validator(mode="after")
-    def _one(self) -> "TierBudget":
-        if self.max_tokens is not None and self.ratio is not None:
-            raise ValueError("a tier budget sets max_tokens or ratio, not both")
-        return self
-
-    def tokens(self, seen: int) -> int | None:
-        return budget_tokens(self.max_tokens, self.ratio, seen)
-
-    @property
-    def unlimited(self) -> bool:
-        return self.max_tokens is None and self.ratio is None
 
 
 class TieredLayer(EvictingLayer):
@@ -450,48 +428,12 @@ class TieredEvictor(Stage):
     """Hot / warm / cold tiers with a budget each, demotion by score and promotion by the
     recent queries' attention; builds `TieredLayer`s."""
 
-    lossless: ClassVar[bool] = False
-    requires: ClassVar[tuple[str, ...]] = ("scorer",)
-    builds_layers: ClassVar[bool] = True
     needs_cache_events: ClassVar[bool] = True
 
-    class Params(StageParams):
-        #: Full-precision tokens on the accelerator (sinks and the recent window included).
-        hot: TierBudget = TierBudget(max_tokens=256)
-        #: Quantized tokens on the accelerator; unlimited by default.
-        warm: TierBudget = TierBudget()
-        #: Quantized tokens in host memory (needs an offloader); unlimited by default,
-        #: `{max_tokens: 0}` drops what leaves warm.
-        cold: TierBudget = TierBudget()
-        sink_tokens: Count = 4
-        recent_tokens: Count = 32
-        granularity: Literal["head", "layer"] = "head"
-        #: Decode steps between promotion rounds (multi-token forwards always run one); None: off.
-        promote_every: Size | None = 16
-        #: Recent queries that promotion scores cold and warm blocks against.
-        promote_window: Size = 32
-        #: Most blocks per head swapped in one round.
-        promote_blocks: Size = 4
-        #: Decode steps whose queries are scored together, in one pass, instead of one pass per
-        #: step (the scorer's kernels are most of a step's overhead). H2O's sums come out the
-        #: same (each query is causally masked to the keys it saw, no token moves tier while
-        #: queries are pending); a decaying scorer decays once per pass instead of per step.
-        score_every: Size = 1
-        #: Decode warm codes and join them to hot through torch.compile on an accelerator: eager,
-        #: that is a dozen kernels per layer and forward, most of a decode step's overhead. Eager
-        #: on the CPU, where a compile costs more than it saves.
-        compile_decode: bool = False
+    Params = TieredParams
+    params: TieredParams
 
-        @model_validator(mode="after")
-        def _hot_holds_protected(self) -> "TieredEvictor.Params":
-            if self.hot.max_tokens is not None and self.hot.max_tokens < self.sink_tokens + self.recent_tokens:
-                raise ValueError(f"hot.max_tokens ({self.hot.max_tokens}) must hold the sink and recent tokens "
-                                 f"({self.sink_tokens} + {self.recent_tokens}), which never leave hot")
-            return self
-
-    params: Params
-
-    def __init__(self, params: Params) -> None:
+    def __init__(self, params: TieredParams) -> None:
         super().__init__(params)
         self.scorer: ScorerStage | None = None
         self.codec: Codec = FullPrecision()
