@@ -1,7 +1,8 @@
 """`kvpatch configs`, `validate` and `bench`: answers that need no model.
 
-`configs` and `bench list` import neither torch nor transformers; `validate` checks each stage's
-params against its class, so it imports the stage modules (and torch with them)."""
+`configs`, `validate` and `bench list` import neither torch nor transformers: `validate` checks
+each stage's params and facts against its declaration (`kvpatch/stage_specs/`), never importing
+the implementation (`tests/test_stage_specs.py` checks)."""
 
 from __future__ import annotations
 
