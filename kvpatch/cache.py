@@ -8,7 +8,7 @@ generation loop never special-case them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Protocol, runtime_checkable
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -51,6 +51,40 @@ def layer_offloaded_kv_tensors(layer: CacheLayerMixin) -> list[torch.Tensor | No
     accelerator (layers that offload override `offloaded_kv_tensors`; others hold none)."""
     custom = getattr(layer, "offloaded_kv_tensors", None)
     return list(custom()) if callable(custom) else []
+
+
+@runtime_checkable
+class GraphStepLayer(Protocol):
+    """A cache layer whose decode steps can be captured in a CUDA graph and replayed
+    (kvpatch/patch/decode_graphs.py): fixed buffers, valid lengths kept on the device, and a host
+    mirror of them that the replaying code keeps in step."""
+
+    @property
+    def capacity(self) -> int:
+        """Token slots of the layer's buffers (a static decode mask is this wide)."""
+
+    def graph_step_problem(self, new_tokens: int) -> str | None:
+        """Why the next step of `new_tokens` per row cannot be a replay (None: it can)."""
+
+    def graph_buffers(self) -> tuple[int, ...]:
+        """What a captured step bakes in (buffer addresses, sizes): a change means capture anew."""
+
+    def host_state(self) -> Any:
+        """The host mirror, saved before a capture (which runs the Python but not the kernels)."""
+
+    def restore_host_state(self, state: Any) -> None:
+        """Put back what `host_state` returned."""
+
+    def advance_host(self, new_tokens: int) -> None:
+        """After a replay: what the eager step of `new_tokens` does to the host mirror."""
+
+
+def graph_step_layers(cache: Any) -> list[GraphStepLayer] | None:
+    """The cache's layers if every one is a `GraphStepLayer`, else None."""
+    layers = list(getattr(cache, "layers", ()))
+    if not layers or not all(isinstance(layer, GraphStepLayer) for layer in layers):
+        return None
+    return layers  # type: ignore[return-value]
 
 
 #: Which K/V bytes to count: what attention reads, what was moved away, or both.

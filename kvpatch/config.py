@@ -80,6 +80,10 @@ class CompileConfig(_Strict):
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
     dynamic: bool | None = None
     fullgraph: bool = False
+    #: Replay each one-token decode step as a CUDA graph when every cache layer is static
+    #: (`storage/dense` with `static`, `storage/quantized` with `capacity_tokens`); needs
+    #: `kernels.attention: triton` (the torch kernels read lengths on the host). Eager elsewhere.
+    cuda_graphs: bool = False
 
 
 class FidelityConfig(_Strict):
@@ -105,6 +109,9 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "PipelineConfig":
+        if self.compile.cuda_graphs and self.kernels.attention != "triton":
+            raise ValueError("compile.cuda_graphs needs kernels.attention: triton (the fused kernel reads the "
+                             f"valid length on the device), got {self.kernels.attention!r}")
         storage = [s for s in self.stages if s.kind == "storage"]
         if len(storage) > 1:
             raise ValueError(f"at most one storage stage is allowed, found {len(storage)}")

@@ -184,6 +184,27 @@ def test_static_buffers_with_device_counts(first: int, count: int, blocks: int) 
         assert relative_error(out, reference(query, kv, 0.125)) < 1e-2
 
 
+@pytest.mark.parametrize(("capacity", "count", "sinks", "splits"), [(200, 131, 0, None), (64, 1, 0, 3), (96, 96, 3, 5)])
+def test_dense_static_buffer_is_split_over_its_valid_tokens(capacity: int, count: int, sinks: int,
+                                                            splits: int | None) -> None:
+    """A full-precision buffer valid up to a device count (a static dense layer): the splits share
+    the valid tokens and never read past them (the rest is NaN here), with or without a padding
+    mask spanning the whole capacity."""
+    kv = random_packed(2, 2, 64, 4, 16, sinks, 0, capacity, torch.bfloat16)
+    kv.keys[..., count:, :] = float("nan")
+    kv.values[..., count:, :] = float("nan")
+    kv.counts = torch.tensor([0, 0, count], device=DEVICE)
+    kv.host_counts = (0, 0, count)
+    query = torch.randn(2, 8, 1, 64, device=DEVICE, dtype=torch.bfloat16)
+    out = decode_attention(query, kv, 0.125, num_splits=splits)
+    assert not out.isnan().any()
+    assert relative_error(out, reference(query, kv, 0.125)) < 1e-2
+    mask = torch.rand(2, 1, 1, sinks + capacity, device=DEVICE) > 0.3
+    out = decode_attention(query, kv, 0.125, mask=mask, num_splits=splits)
+    assert not out.isnan().any()
+    assert relative_error(out, reference(query, kv, 0.125, mask=mask)) < 1e-2
+
+
 def _model_logits(kernel: str, quantizer: tuple[str, dict] = ("kivi", {"bits": 4, "group_size": 8}),
                   storage: dict | None = None, decode_steps: int = 10) -> tuple[torch.Tensor, list]:
     """Last-position logits of `decode_steps` single-token forwards after a 20-token prefill, and the
@@ -217,6 +238,23 @@ def test_static_layer_through_the_fused_kernel() -> None:
     dynamic, _ = _model_logits("triton", decode_steps=16)
     torch.testing.assert_close(static, dynamic, atol=1e-4 if DEVICE.type == "cpu" else 5e-2,
                                rtol=0)
+
+
+def test_static_dense_layer_through_the_fused_kernel() -> None:
+    """`default_graphs` (static dense buffers, fused kernel over the valid length, padding mask
+    over the whole buffer) gives `default`'s tokens and logits under plain generate."""
+    outs = []
+    for config in ("default", "default_graphs"):
+        model = tiny_model("llama").to(DEVICE)
+        kvpatch.apply(model, config)
+        ids = prompt_ids(batch=2, length=30).to(DEVICE)
+        mask = torch.ones_like(ids)
+        mask[1, :4] = 0
+        outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                   return_dict_in_generate=True, output_logits=True))
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    torch.testing.assert_close(torch.stack(outs[1].logits), torch.stack(outs[0].logits),
+                               atol=1e-4 if DEVICE.type == "cpu" else 2e-3, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")

@@ -70,6 +70,8 @@ class PackedKV:
         if self.host_counts is None:
             return self.keys, self.values
         _, start, count = self.host_counts
+        if start == 0:  # a buffer valid from its first slot (a static dense layer): views, no copy
+            return self.keys[..., :count, :], self.values[..., :count, :]
         slots = (torch.arange(count, device=self.keys.device) + start) % self.keys.shape[-2]
         return self.keys.index_select(-2, slots), self.values.index_select(-2, slots)
 

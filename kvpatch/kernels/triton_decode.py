@@ -4,7 +4,9 @@ and KIVI codes read packed (no dequantized copy of K/V ever reaches device memor
 Decode attention is memory-bound, so the kernel's job is to read each stored byte once:
 - split-K (flash-decoding): program (split, batch x kv head) runs an online softmax over one
   range of the quantized tokens; one extra split per (batch, kv head) covers the small dense
-  parts (sinks + residual). A second kernel merges the splits' partial (max, sum, output).
+  parts (sinks + residual). Without codes (a full-precision cache) the splits share the residual
+  instead and the extra one takes the sinks. A second kernel merges the splits' partial (max,
+  sum, output).
 - GQA: the rows of a program are all the query heads of one kv head times the Tq queries, so one
   read of K/V serves the whole group (rows padded to 16 for the tensor-core dot).
 - KIVI codes are read in `quantizer/kivi`'s packed layout (unchanged) and never unpacked into
@@ -43,13 +45,14 @@ MAX_QUERY_ROWS = 64
 
 @triton.jit
 def _dense_part(q, m_i, l_i, acc, K, V, bh, T, first, count, start, limit, qi, MASK, sm_b, sm_t, b,
-                HAS_MASK: tl.constexpr, D: tl.constexpr, BN: tl.constexpr):
-    """Online softmax over `count` tokens of a [B, Hkv, T, D] K/V ring starting at slot `first`
-    (a plain buffer: first 0, count T); token i is at sequence position `start + i`."""
+                tile_lo, tile_hi, HAS_MASK: tl.constexpr, D: tl.constexpr, BN: tl.constexpr):
+    """Online softmax over tiles [tile_lo, tile_hi) of the `count` tokens of a [B, Hkv, T, D] K/V
+    ring starting at slot `first` (a plain buffer: first 0, count T); token i is at sequence
+    position `start + i`."""
     n = tl.arange(0, BN)
     d = tl.arange(0, D)
     base = bh.to(tl.int64) * T * D
-    for t in range(tl.cdiv(count, BN)):
+    for t in range(tile_lo, tile_hi):
         tok = t * BN + n
         inside = tok < count
         slot = (first + tok) % T
@@ -65,9 +68,9 @@ def _dense_parts(q, m_i, l_i, acc, SK, SV, S, RK, RV, R, r_first, r_count, NQ, b
                  sm_t, b, HAS_MASK: tl.constexpr, D: tl.constexpr, BN: tl.constexpr):
     """The sinks (tokens [0, S)) and the residual (after the NQ quantized tokens)."""
     m_i, l_i, acc = _dense_part(q, m_i, l_i, acc, SK, SV, bh, S, 0, S, 0, limit, qi, MASK, sm_b, sm_t, b,
-                                HAS_MASK, D, BN)
+                                0, tl.cdiv(S, BN), HAS_MASK, D, BN)
     return _dense_part(q, m_i, l_i, acc, RK, RV, bh, R, r_first, r_count, S + NQ, limit, qi, MASK, sm_b,
-                       sm_t, b, HAS_MASK, D, BN)
+                       sm_t, b, 0, tl.cdiv(r_count, BN), HAS_MASK, D, BN)
 
 
 @triton.jit
@@ -135,9 +138,18 @@ def _decode_partial(
         else:
             m_i, l_i, acc = _dense_parts(q, m_i, l_i, acc, SK, SV, S, RK, RV, R, r_first, r_count, NQ, bh,
                                          limit, qi, MASK, sm_b, sm_t, b, HAS_MASK, D, DENSE_BN)
+    elif split < NSPLIT:
+        # full precision only (a dense cache, or a static buffer valid up to COUNTS): the splits
+        # share the tiles of the valid tokens, flash-decoding style; tiles past them are never read
+        tiles = tl.cdiv(r_count, DENSE_BN)
+        per_split = tl.cdiv(tl.cdiv(R, DENSE_BN), NSPLIT)
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, tiles)
+        m_i, l_i, acc = _dense_part(q, m_i, l_i, acc, RK, RV, bh, R, r_first, r_count, S, limit, qi, MASK, sm_b,
+                                    sm_t, b, lo, hi, HAS_MASK, D, DENSE_BN)
     else:
-        m_i, l_i, acc = _dense_parts(q, m_i, l_i, acc, SK, SV, S, RK, RV, R, r_first, r_count, NQ, bh,
-                                     limit, qi, MASK, sm_b, sm_t, b, HAS_MASK, D, DENSE_BN)
+        m_i, l_i, acc = _dense_part(q, m_i, l_i, acc, SK, SV, bh, S, 0, S, 0, limit, qi, MASK, sm_b, sm_t, b,
+                                    0, tl.cdiv(S, DENSE_BN), HAS_MASK, D, DENSE_BN)
     rows_out = (bh * (NSPLIT + 1) + split) * (GQA * TQ) + rows
     tl.store(M_PART + rows_out, m_i, mask=has_row)
     tl.store(L_PART + rows_out, l_i, mask=has_row)
@@ -317,12 +329,16 @@ def decode_attention(
         block_n = max(block_n, group)
         splits = num_splits or _num_splits(triton.cdiv(n_blocks * group, block_n), batch * kv_heads, query.device,
                                            split_policy or ("wave4" if fast_cvt else "cover8"))
-    else:
-        bits, group, n_blocks, splits, block_dim = 8, block_n, 0, 0, 1
+    else:  # the splits cover the residual buffer's capacity (fixed for a static layer's graph)
+        bits, group, n_blocks, block_dim = 8, block_n, 0, 1
         codes = [residual_k] * 6
+        splits = num_splits or _num_splits(triton.cdiv(residual_k.shape[-2], block_n), batch * kv_heads,
+                                           query.device, split_policy or "cover8")
     if mask is not None:
-        # a contiguous byte copy of [B, Tq, Tk] (small; inductor cannot lower a bool -> uint8 view)
-        mask = mask[:, 0, :, : kv.num_tokens].to(torch.uint8, memory_format=torch.contiguous_format)
+        # a contiguous byte copy of [B, Tq, Tk] (small; inductor cannot lower a bool -> uint8 view);
+        # a static layer's mask spans its capacity and is read only up to the valid tokens
+        width = mask.shape[-1] if kv.counts is not None else kv.num_tokens
+        mask = mask[:, 0, :, :width].to(torch.uint8, memory_format=torch.contiguous_format)
         mask_strides = (mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(1) if mask.shape[1] > 1 else 0)
     else:
         mask_strides = (0, 0)

@@ -27,6 +27,7 @@ from .cache_args import CacheResolver, as_keywords, positional_names, take_cache
 from .cache_events import CacheEvents
 from .compile_hints import mark_growing_dims_dynamic
 from ..concurrency import ForwardGuard
+from .decode_graphs import DecodeGraphs
 from .reuse_controller import ReuseController, reuse_namespace
 
 logger = logging.getLogger("kvpatch")
@@ -56,6 +57,8 @@ class PatchHandle:
         self._guard: ForwardGuard | None = None
         #: Chunk reuse across requests, when the config has reuse stages (kvpatch.reuse).
         self.reuse: ReuseController | None = None
+        #: Decode steps replayed as CUDA graphs (`compile: {cuda_graphs: true}`).
+        self.decode_graphs: DecodeGraphs | None = None
 
     # -- caches ---------------------------------------------------------------------------------
     def new_cache(self) -> KVPatchCache:
@@ -123,6 +126,7 @@ class PatchHandle:
             "batch_size": cache.batch_size() if cache is not None else 0,
             "layers": len(cache.layers) if cache is not None else 0,
             "stages": self.pipeline.stats(),
+            **({"decode_graphs": self.decode_graphs.stats()} if self.decode_graphs is not None else {}),
         }
 
     def remove(self) -> None:
@@ -202,6 +206,8 @@ def apply(model: torch.nn.Module, config: ConfigSource = "default") -> PatchHand
     # last: its pre-hook runs first and its post-hook last, so threads sharing the model take turns
     # per top-level forward (the hooks above keep per-forward state; concurrency.py)
     handle._guard = ForwardGuard(model)
+    if pipeline_config.compile.cuda_graphs:
+        handle.decode_graphs = DecodeGraphs(model, handle._cache_kwarg)
     if pipeline_config.compile.enabled:
         options = pipeline_config.compile
         model.base_model.compile(mode=options.mode, dynamic=options.dynamic, fullgraph=options.fullgraph)
@@ -217,6 +223,8 @@ def unpatch(model: torch.nn.Module) -> None:
     handle: PatchHandle | None = getattr(model, HANDLE_ATTR, None)
     if handle is None:
         raise PatchStateError("model is not patched by kvpatch (nothing to unpatch)")
+    if handle.decode_graphs is not None:
+        handle.decode_graphs.remove()
     if handle._guard is not None:
         handle._guard.remove()
     if handle._hook is not None:

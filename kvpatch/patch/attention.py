@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.masking_utils import sdpa_mask
+from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 from ..compat import mask_query_length
 from ..errors import UnsupportedModelError
@@ -89,17 +89,24 @@ def kvpatch_attention(
         key, value = key.dense()
     for observer in _observers:
         observer(module, query, key, value, scaling)
-    if attention_mask is not None:
-        attention_mask = attention_mask[..., : key.shape[-2]]
     dropout = dropout if module.training else 0.0
     kernel = getattr(module, KERNEL_ATTR, "sdpa")
     if kernel == "triton":
-        out = _triton_attention(query, key, value, attention_mask, scaling, dropout, softcap)
+        # a static layer's mask spans its whole buffer (a fixed shape for CUDA graphs): kept whole
+        static = isinstance(key, PackedKV) and key.counts is not None
+        mask = attention_mask if static or attention_mask is None else attention_mask[..., : key.shape[-2]]
+        out = _triton_attention(query, key, value, mask, scaling, dropout, softcap)
         if out is not None:
             return out.transpose(1, 2).contiguous(), None
+        if static and query.is_cuda and torch.cuda.is_current_stream_capturing():
+            # the torch kernels read a static layer's valid length on the host: a graph would freeze it
+            raise RuntimeError("the fused kernel cannot run this decode step (see the logged reason), "
+                               "and a CUDA-graph step cannot fall back to the torch kernels")
         kernel = "sdpa"
     if isinstance(key, PackedKV):
         key, value = key.dense()
+    if attention_mask is not None:
+        attention_mask = attention_mask[..., : key.shape[-2]]
     if kernel == "sdpa" and softcap is None:
         out = sdpa_attention(query, key, value, attention_mask, scaling, dropout)
         weights = None
@@ -141,6 +148,9 @@ def kvpatch_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     cache, without padding or windows) becomes None: the attention function then uses the
     flash kernel's own lower-right causality instead of a materialised mask, which SDPA can only
     serve with slower kernels. Replaced only after checking it equals that pattern exactly."""
+    captured = _captured_decode_mask(kwargs)
+    if captured is not None:
+        return captured
     mask = sdpa_mask(*args, **kwargs)
     if mask is None:
         if not _skipped_mask_is_top_left(kwargs):
@@ -155,6 +165,25 @@ def kvpatch_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
         return mask
     causal = bottom_right_causal_mask(q_len, k_len, mask.device)
     return None if torch.equal(mask, causal.expand_as(mask)) else mask
+
+
+def _captured_decode_mask(mask_kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """While a CUDA graph captures a one-query decode step (kvpatch.patch.decode_graphs), the 2D
+    padding mask as the 4D mask, else None. For one query per row over keys from position 0 the
+    causal mask is the padding mask itself (the graph's mask buffer has zeros past the valid
+    tokens); building it the usual way would freeze the step's host-side offsets into the graph."""
+    if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return None
+    padding = mask_kwargs.get("attention_mask")
+    kv_length = mask_kwargs.get("kv_length")
+    if (padding is None or padding.dim() != 2 or kv_length is None or mask_query_length(mask_kwargs) != 1
+            or mask_kwargs.get("kv_offset", 0) != 0 or mask_kwargs.get("local_size") is not None
+            or mask_kwargs.get("mask_function", causal_mask_function) is not causal_mask_function):
+        return None
+    width = int(kv_length)
+    padding = padding[:, :width] if padding.shape[-1] >= width else torch.nn.functional.pad(
+        padding, (0, width - padding.shape[-1]))
+    return padding.to(torch.bool)[:, None, None, :]
 
 
 def _skipped_mask_is_top_left(mask_kwargs: dict[str, Any]) -> bool:

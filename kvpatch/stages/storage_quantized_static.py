@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..compat import query_length
 from ..errors import ConfigError
 from ..kernels.packed import PackedKV
 from ..quant.base import QuantizerStage
@@ -117,8 +118,12 @@ class StaticQuantizedLayer(QuantizedLayer):
             if self.sink_length == self.sink_tokens:
                 self._to_static()
             return out
+        problem = self._full_problem(new_tokens)
+        if problem:
+            raise ConfigError(f"storage/quantized: {problem}")
         self._flush_oldest_block()
         self._append(key_states, value_states)
+        self.advance_host(new_tokens)
         packed = self.packed()
         return (packed, packed) if new_tokens <= PACKED_MAX_QUERY else packed.dense()
 
@@ -138,20 +143,55 @@ class StaticQuantizedLayer(QuantizedLayer):
                 codes.tensors[name].index_copy_(2, target, t)
         self.counts.add_(full * self._advance)
         self.counts[1:2].remainder_(self.ring_slots)
-        blocks, first, count = self.host_counts
-        if count >= self.residual_length + block:
-            self.host_counts = [blocks + 1, (first + block) % self.ring_slots, count - block]
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         new_tokens = key_states.shape[-2]
-        blocks, first, count = self.host_counts
-        if self.sink_length + blocks * self.flush_block + count + new_tokens > self.capacity_tokens:
-            raise ConfigError(f"storage/quantized: the cache is full (capacity_tokens={self.capacity_tokens})")
         slots = (self.counts[1] + self.counts[2] + self._slot_range[:new_tokens]) % self.ring_slots
         self.keys.index_copy_(2, slots, key_states)
         self.values.index_copy_(2, slots, value_states)
         self.counts[2:3].add_(new_tokens)
+
+    def _full_problem(self, new_tokens: int) -> str | None:
+        blocks, _, count = self.host_counts
+        if count >= self.residual_length + self.flush_block:  # the step's flush frees a block first
+            blocks, count = blocks + 1, count - self.flush_block
+        if self.sink_length + blocks * self.flush_block + count + new_tokens > self.capacity_tokens:
+            return f"the cache is full (capacity_tokens={self.capacity_tokens})"
+        return None
+
+    def advance_host(self, new_tokens: int) -> None:
+        """The host mirror of one decode step's counters: the flush, then the append."""
+        blocks, first, count = self.host_counts
+        block = self.flush_block
+        if count >= self.residual_length + block:
+            blocks, first, count = blocks + 1, (first + block) % self.ring_slots, count - block
         self.host_counts = [blocks, first, count + new_tokens]
+
+    # -- graph steps (kvpatch.cache.GraphStepLayer) -------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self.capacity_tokens
+
+    def graph_step_problem(self, new_tokens: int) -> str | None:
+        if not self.static:
+            return "the layer has not reached its static form (it arms after the prefill)"
+        if new_tokens > self.flush_block:
+            return f"{new_tokens} tokens are more than one block"
+        return self._full_problem(new_tokens)
+
+    def graph_buffers(self) -> tuple[int, ...]:
+        tensors = [self.keys, self.values, self.counts, *self.key_codes.tensors.values(),
+                   *self.value_codes.tensors.values()]
+        if self.sink_keys is not None:
+            tensors += [self.sink_keys, self.sink_values]
+        return tuple(t.data_ptr() for t in tensors)
+
+    def host_state(self) -> list[int]:
+        return list(self.host_counts)
+
+    def restore_host_state(self, state: Any) -> None:
+        self.host_counts = list(state)
 
     def packed(self) -> PackedKV:
         if not self.static:
@@ -164,6 +204,13 @@ class StaticQuantizedLayer(QuantizedLayer):
         if self.static:
             return self.host_counts[0] * self.flush_block
         return super().quantized_tokens
+
+    def get_mask_sizes(self, query: Any) -> tuple[int, int]:
+        """Decode masks span the capacity (a fixed shape for a CUDA graph; the kernel reads them
+        only up to the valid tokens)."""
+        if self.static and query_length(query) <= self.flush_block:
+            return self.capacity_tokens, 0
+        return super().get_mask_sizes(query)
 
     def get_seq_length(self) -> int:
         if self.static:
