@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
+import torch
+import transformers
 from tqdm.auto import tqdm
 
-from ..config import bundled_configs, load_config
+from .. import __version__
+from ..config import PipelineConfig, bundled_configs, load_config
+from ..errors import KVPatchError
+from ..eval import export
 from ..eval.bounds import lossless_allowance
 from ..eval.harness import EvalResult, Reference, evaluate, format_table, reference_run
 from ..eval.plot import plot_fidelity_vs_memory
@@ -19,30 +25,58 @@ from .exit_codes import EXIT_FAILED, EXIT_OK
 
 def eval_command(args: argparse.Namespace) -> int:
     """Evaluate each config against one reference run, print the table (and each config's
-    seconds as it finishes), write JSON and the plot; exit 1 if any config breaks its bounds."""
+    seconds as it finishes), write the --format's files; exit 1 if any config breaks its bounds."""
+    fmt = args.format
+    if fmt != "kvpatch" and args.out is None:
+        raise KVPatchError(f"--format {fmt} writes files and needs --out DIR (without --out, only the table is printed)")
+    started, start = time.time(), time.perf_counter()
     settings = EvalSettings.full() if args.preset == "full" else EvalSettings.quick()
     sources = args.config or list(bundled_configs())
     configs = [load_config(s) for s in sources]  # fail on a bad config before any model work
     model, tokenizer = load_named(args.model, args.device, args.dtype)
     reference = reference_run(model, tokenizer, settings)
     tqdm.write(f"reference (unpatched + floor): {reference.wall_s:.1f} s", file=sys.stderr)
-    results, failed = [], False
+    results, violations = [], {}
     for config in configs:
         result = evaluate(model, tokenizer, config, reference=reference)
         tqdm.write(f"{config.name}: {result.wall_s:.1f} s", file=sys.stderr)
-        violations = result.violations()
-        failed |= bool(violations)
-        for message in violations:
+        violations[config.name] = result.violations()
+        for message in violations[config.name]:
             print(f"{config.name}: {message}", file=sys.stderr)
         results.append(result)
-    dtype = next(model.parameters()).dtype
-    print(f"model {args.model} ({str(dtype).removeprefix('torch.')}, {next(model.parameters()).device}), "
-          f"preset {args.preset}, reference {reference.wall_s:.1f} s")
+    parameter = next(model.parameters())
+    dtype, device = str(parameter.dtype).removeprefix("torch."), str(parameter.device)
+    print(f"model {args.model} ({dtype}, {device}), preset {args.preset}, reference {reference.wall_s:.1f} s")
     print(floor_line(reference))
     print(format_table(results))
     if args.out is not None:
-        write_outputs(results, args.out, args.name or run_name(args.model, args.preset))
-    return EXIT_FAILED if failed else EXIT_OK
+        if fmt == "kvpatch":
+            write_outputs(results, args.out, args.name or run_name(args.model, args.preset))
+        else:
+            run = run_info(args, dtype, device, configs, violations, reference, started, time.perf_counter() - start)
+            write_export(fmt, results, run, args.out)
+    return EXIT_FAILED if any(violations.values()) else EXIT_OK
+
+
+def run_info(args: argparse.Namespace, dtype: str, device: str, configs: list[PipelineConfig],
+             violations: dict[str, list[str]], reference: Reference, started: float,
+             total_s: float) -> export.RunInfo:
+    """What `kvpatch.eval.export` writes beside the results: model, versions, digests, bounds."""
+    return export.RunInfo(
+        model=args.model, dtype=dtype, device=device, preset=args.preset, kvpatch_version=__version__,
+        transformers_version=str(transformers.__version__), torch_version=str(torch.__version__),
+        config_digests={c.name: c.digest() for c in configs}, violations=violations,
+        ppl_tokens=reference.ppl_ids.numel(), started=started, total_s=total_s)
+
+
+def write_export(fmt: str, results: list[EvalResult], run: export.RunInfo, out: Path) -> list[Path]:
+    """The kvpress folders or the lm-eval results file under `out` (kvpatch.eval.export)."""
+    dicts = [r.to_dict() for r in results]
+    if fmt == "kvpress":
+        return export.write_kvpress(dicts, run, out)
+    if fmt == "lm-eval":
+        return [export.write_lm_eval(dicts, run, out)]
+    raise KVPatchError(f"unknown --format {fmt!r}: expected one of {', '.join(export.FORMATS)}")
 
 
 def run_name(model: str, preset: str) -> str:

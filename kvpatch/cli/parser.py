@@ -18,6 +18,8 @@ TOOLS_DIR = Path(__file__).resolve().parents[2] / "tools"
 DEFAULT_RUN_CONFIGS = ("default", "compiled", "kivi4")
 #: `--dtype` names (kvpatch.models.folder.DTYPES maps them to torch dtypes; a test keeps them equal).
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
+#: `kvpatch eval --format` names (kvpatch.eval.export.FORMATS; a test keeps them equal).
+EVAL_FORMATS = ("kvpatch", "kvpress", "lm-eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +90,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config path or bundled name (repeatable; default: every bundled config)")
     parser.add_argument("--preset", choices=("quick", "full"), default="quick")
     parser.add_argument("--out", type=Path, default=None,
-                        help="write eval-<config>.json and fidelity-<name>.png here")
+                        help="write the results here (what: --format)")
+    parser.add_argument("--format", choices=EVAL_FORMATS, default="kvpatch",
+                        help="what --out gets: kvpatch (default): eval-<config>.json per config and "
+                             "fidelity-<name>.png; kvpress: one <dataset>__<preset>__<model>__<config>__<ratio> "
+                             "folder per config with metrics.json and config.yaml; lm-eval: "
+                             "<model>/results_<time>.json as lm-evaluation-harness writes it (docs/fidelity.md)")
     parser.add_argument("--name", default=None,
                         help="names this run's plot (default: <model>-<preset>), so runs into one --out keep theirs")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
