@@ -254,7 +254,7 @@ def test_static_dense_layer_through_the_fused_kernel() -> None:
                                    return_dict_in_generate=True, output_logits=True))
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     torch.testing.assert_close(torch.stack(outs[1].logits), torch.stack(outs[0].logits),
-                               atol=1e-4 if DEVICE.type == "cpu" else 2e-3, rtol=0)
+                               atol=1e-4 if DEVICE.type == "cpu" else 5e-3, rtol=0)  # tf32 dots on a GPU
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")

@@ -115,6 +115,35 @@ def time_steps(model: torch.nn.Module, cache: Any, token: torch.Tensor, context:
     return start.elapsed_time(end) / steps
 
 
+def replay_only(graphs: Any, steps: int) -> float | None:
+    """GPU time of the last captured step alone (the rest of ms is host work that did not
+    overlap). Replays advance the device counters only: run it after the timed steps."""
+    entries = list(graphs._graphs.values())
+    if not entries:
+        return None
+    graph = entries[-1].graph
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def profile_steps(model: torch.nn.Module, cache: Any, token: torch.Tensor, context: int) -> None:
+    """Where a replayed step's host time goes (cProfile of 20 steps, printed)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    time_steps(model, cache, token, context, 20, warmup=0)
+    profiler.disable()
+    pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(22)
+
+
 @torch.no_grad()
 def hf_static_graph(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> float:
     """Unpatched model, transformers' StaticCache sized to the run, one step in a CUDA graph."""
@@ -165,6 +194,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     model = bench_model(args.shape, "cuda", torch.bfloat16)
     weights = weight_bytes(model)
     rows: list[dict[str, Any]] = []
+    profiled = False
     points = [(b, t) for t in args.context for b in args.batch]
     progress = tqdm(total=len(points) * (len(configs(1, 1)) + 1), desc="decode", file=sys.stderr)
     for batch, context in points:
@@ -180,6 +210,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 row["kv_resident_bytes"] = sum(cache.kv_bytes("resident").values())
                 if handle.decode_graphs is not None:
                     row.update(handle.decode_graphs.stats())
+                    if args.profile and not profiled:
+                        profiled = True
+                        profile_steps(model, cache, token, context + args.steps + 4)
+                    row["replay_ms"] = replay_only(handle.decode_graphs, args.steps)
             except Exception as err:  # one failing point must not lose the others
                 row["error"] = f"{type(err).__name__}: {err}"
                 traceback.print_exc()
@@ -270,6 +304,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--context", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--profile", action="store_true", help="cProfile the host side of one graph config")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--plot-from", type=Path)

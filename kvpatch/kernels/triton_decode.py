@@ -332,8 +332,11 @@ def decode_attention(
     else:  # the splits cover the residual buffer's capacity (fixed for a static layer's graph)
         bits, group, n_blocks, block_dim = 8, block_n, 0, 1
         codes = [residual_k] * 6
-        splits = num_splits or _num_splits(triton.cdiv(residual_k.shape[-2], block_n), batch * kv_heads,
-                                           query.device, split_policy or "cover8")
+        # at least 8 tiles per split, at most 8 programs per SM: within 15% of the best of the H200 sweep
+        # at B 1 and 8, T 8K and 32K (results/kernels-h200-dense-splits.jsonl)
+        tiles = triton.cdiv(residual_k.shape[-2], block_n)
+        splits = num_splits or min(_num_splits(tiles, batch * kv_heads, query.device, split_policy or "cover8"),
+                                   max(1, tiles // 8))
     if mask is not None:
         # a contiguous byte copy of [B, Tq, Tk] (small; inductor cannot lower a bool -> uint8 view);
         # a static layer's mask spans its capacity and is read only up to the valid tokens

@@ -149,6 +149,8 @@ def kvpatch_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     flash kernel's own lower-right causality instead of a materialised mask, which SDPA can only
     serve with slower kernels. Replaced only after checking it equals that pattern exactly."""
     captured = _captured_decode_mask(kwargs)
+    if captured is NO_MASK:
+        return None
     if captured is not None:
         return captured
     mask = sdpa_mask(*args, **kwargs)
@@ -167,6 +169,10 @@ def kvpatch_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     return None if torch.equal(mask, causal.expand_as(mask)) else mask
 
 
+#: `_captured_decode_mask`'s answer for "attend to every stored key" (no mask at all).
+NO_MASK = torch.empty(0, dtype=torch.bool)
+
+
 def _captured_decode_mask(mask_kwargs: dict[str, Any]) -> torch.Tensor | None:
     """While a CUDA graph captures a one-query decode step (kvpatch.patch.decode_graphs), the 2D
     padding mask as the 4D mask, else None. For one query per row over keys from position 0 the
@@ -176,9 +182,13 @@ def _captured_decode_mask(mask_kwargs: dict[str, Any]) -> torch.Tensor | None:
         return None
     padding = mask_kwargs.get("attention_mask")
     kv_length = mask_kwargs.get("kv_length")
-    if (padding is None or padding.dim() != 2 or kv_length is None or mask_query_length(mask_kwargs) != 1
+    if (kv_length is None or mask_query_length(mask_kwargs) != 1
             or mask_kwargs.get("kv_offset", 0) != 0 or mask_kwargs.get("local_size") is not None
             or mask_kwargs.get("mask_function", causal_mask_function) is not causal_mask_function):
+        return None
+    if padding is None:  # no padding: one query sees every stored key, up to the device-side count
+        return NO_MASK
+    if padding.dim() != 2:
         return None
     width = int(kv_length)
     padding = padding[:, :width] if padding.shape[-1] >= width else torch.nn.functional.pad(

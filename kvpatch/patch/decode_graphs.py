@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,7 @@ class DecodeGraphs:
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._warm: set[tuple] = set()
         self._logged: set[str] = set()
+        self._known_layers: tuple[weakref.ref, list[Any]] | None = None
         self.replays = 0
         self.captures = 0
 
@@ -77,14 +79,13 @@ class DecodeGraphs:
     # -- one forward --------------------------------------------------------------------------------
 
     def _call(self, *args: Any, **kwargs: Any) -> Any:
-        reason = self._ineligible(args, kwargs)
-        if reason is not None:
+        layers, reason = self._step_layers(args, kwargs)
+        if layers is None:
             if reason not in self._logged:
                 self._logged.add(reason)
                 logger.info("kvpatch: decode step runs eagerly (no CUDA graph): %s", reason)
             return self._forward(*args, **kwargs)
         cache: KVPatchCache = kwargs[self.cache_kwarg]
-        layers = graph_step_layers(cache)
         shape_key = self._shape_key(kwargs)
         if shape_key not in self._warm:  # the first step of this shape warms kernels up, eagerly
             self._warm.add(shape_key)
@@ -101,8 +102,28 @@ class DecodeGraphs:
         self._graphs.move_to_end(key)
         return self._replay(entry, kwargs, cache, layers)
 
+    def _step_layers(self, args: tuple, kwargs: dict[str, Any]) -> tuple[list[Any] | None, str]:
+        """The cache's layers if this forward can be a replay, else None and why not."""
+        reason = self._ineligible(args, kwargs)
+        if reason is not None:
+            return None, reason
+        cache = kwargs[self.cache_kwarg]
+        known = self._known_layers
+        if known is not None and known[0]() is cache and len(known[1]) == len(cache.layers):
+            layers = known[1]  # the Protocol check per layer is slow enough to matter per step
+        else:
+            layers = graph_step_layers(cache)
+            if layers is None:
+                return None, "the cache has layers that are not static (e.g. sliding-window or evicting layers)"
+            self._known_layers = (weakref.ref(cache), layers)
+        for index, layer in enumerate(layers):
+            problem = layer.graph_step_problem(1)
+            if problem is not None:
+                return None, f"layer {index}: {problem}"
+        return layers, ""
+
     def _ineligible(self, args: tuple, kwargs: dict[str, Any]) -> str | None:
-        """Why this forward cannot be a replay (None: it can)."""
+        """Why this forward's arguments cannot be a replay (None: they can)."""
         if args:
             return "positional arguments"
         cache = kwargs.get(self.cache_kwarg)
@@ -120,13 +141,6 @@ class DecodeGraphs:
             return f"keywords the graph does not take: {', '.join(sorted(unknown))}"
         if not isinstance(kwargs.get("logits_to_keep", 0), int):
             return "logits_to_keep is a tensor"
-        layers = graph_step_layers(cache)
-        if layers is None:
-            return "the cache has layers that are not static (e.g. sliding-window or evicting layers)"
-        for index, layer in enumerate(layers):
-            problem = layer.graph_step_problem(1)
-            if problem is not None:
-                return f"layer {index}: {problem}"
         return None
 
     def _shape_key(self, kwargs: dict[str, Any]) -> tuple:
