@@ -40,9 +40,15 @@ def _kivi_static() -> dict:
     return config
 
 
-@pytest.mark.parametrize("config", ["default_graphs", "kivi"])
+def _compiled_graphs() -> dict:
+    config = kvpatch.load_config("default_graphs").model_dump()
+    config["compile"].update(enabled=True, mode="default")
+    return config
+
+
+@pytest.mark.parametrize("config", ["default_graphs", "kivi", "compiled"])
 def test_graph_decode_equals_eager_decode(config: str) -> None:
-    source = _kivi_static() if config == "kivi" else config
+    source = {"kivi": _kivi_static, "compiled": _compiled_graphs}.get(config, lambda: config)()
     eager, _ = _generate(source, graphs=False, do_sample=False)
     graphed, handle = _generate(source, graphs=True, do_sample=False)
     stats = handle.stats()["decode_graphs"]

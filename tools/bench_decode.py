@@ -52,6 +52,7 @@ def copy_bandwidth() -> float:
 def configs(context: int, steps: int) -> dict[str, Any]:
     """The configs measured; quantized static layers need a capacity (the dense one grows)."""
     chosen: dict[str, Any] = {"default": "default", "default_graphs": "default_graphs"}
+    chosen["compiled_graphs"] = "compiled_graphs"  # results/decode-h200.json names it default_graphs_compiled
     for bits in (4, 2):
         config = kvpatch.load_config("kivi4_triton").model_dump()
         config["name"] = f"kivi{bits}_graphs"

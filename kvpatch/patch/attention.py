@@ -115,6 +115,7 @@ def kvpatch_attention(
     return out.transpose(1, 2).contiguous(), weights
 
 
+@torch.compiler.disable  # reads host-side layer state; opaque to dynamo, so a compiled decoder never guards on it
 def _triton_attention(query: torch.Tensor, key: torch.Tensor | PackedKV, value: torch.Tensor | PackedKV,
                       mask: torch.Tensor | None, scaling: float, dropout: float,
                       softcap: float | None) -> torch.Tensor | None:
@@ -148,11 +149,8 @@ def kvpatch_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     cache, without padding or windows) becomes None: the attention function then uses the
     flash kernel's own lower-right causality instead of a materialised mask, which SDPA can only
     serve with slower kernels. Replaced only after checking it equals that pattern exactly."""
-    captured = _captured_decode_mask(kwargs)
-    if captured is NO_MASK:
+    if _captured_without_mask(kwargs):
         return None
-    if captured is not None:
-        return captured
     mask = sdpa_mask(*args, **kwargs)
     if mask is None:
         if not _skipped_mask_is_top_left(kwargs):
@@ -169,31 +167,16 @@ def kvpatch_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     return None if torch.equal(mask, causal.expand_as(mask)) else mask
 
 
-#: `_captured_decode_mask`'s answer for "attend to every stored key" (no mask at all).
-NO_MASK = torch.empty(0, dtype=torch.bool)
-
-
-def _captured_decode_mask(mask_kwargs: dict[str, Any]) -> torch.Tensor | None:
-    """While a CUDA graph captures a one-query decode step (kvpatch.patch.decode_graphs), the 2D
-    padding mask as the 4D mask, else None. For one query per row over keys from position 0 the
-    causal mask is the padding mask itself (the graph's mask buffer has zeros past the valid
-    tokens); building it the usual way would freeze the step's host-side offsets into the graph."""
+def _captured_without_mask(mask_kwargs: dict[str, Any]) -> bool:
+    """Whether a CUDA graph is capturing a one-query decode step with no padding mask
+    (kvpatch.CudaGraphDecoder): the query sees every stored key up to the layer's device-side
+    count, so no mask is needed, and building one would freeze the step's host-side offsets into
+    the graph. (DecodeGraphs passes its own 4D mask, which transformers does not rebuild.)"""
     if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-        return None
-    padding = mask_kwargs.get("attention_mask")
-    kv_length = mask_kwargs.get("kv_length")
-    if (kv_length is None or mask_query_length(mask_kwargs) != 1
-            or mask_kwargs.get("kv_offset", 0) != 0 or mask_kwargs.get("local_size") is not None
-            or mask_kwargs.get("mask_function", causal_mask_function) is not causal_mask_function):
-        return None
-    if padding is None:  # no padding: one query sees every stored key, up to the device-side count
-        return NO_MASK
-    if padding.dim() != 2:
-        return None
-    width = int(kv_length)
-    padding = padding[:, :width] if padding.shape[-1] >= width else torch.nn.functional.pad(
-        padding, (0, width - padding.shape[-1]))
-    return padding.to(torch.bool)[:, None, None, :]
+        return False
+    return (mask_kwargs.get("attention_mask") is None and mask_query_length(mask_kwargs) == 1
+            and mask_kwargs.get("kv_offset", 0) == 0 and mask_kwargs.get("local_size") is None
+            and mask_kwargs.get("mask_function", causal_mask_function) is causal_mask_function)
 
 
 def _skipped_mask_is_top_left(mask_kwargs: dict[str, Any]) -> bool:

@@ -11,9 +11,10 @@ copy the new inputs into the graph's input buffers and replay it. Whatever is no
 reason logged once.
 
 What the graph bakes in, and how it stays exact:
-- tensors: the inputs are copied into fixed buffers; the attention mask into a buffer as wide as
-  the cache (zeros past the valid tokens), which `kvpatch_mask` hands to attention as it is while
-  capturing (for one query per row it is the causal mask), so no host-side length is frozen;
+- tensors: the inputs are copied into fixed buffers; the attention mask into a 4D boolean
+  buffer `[B, 1, 1, capacity]` (the padding mask, False past the valid tokens), which
+  transformers passes to attention as it is: for one query per row over keys from position 0 it
+  is the causal mask, and no host-side offset of the usual mask building is frozen into the graph;
 - host state: capture runs the step's Python without running its kernels, so each layer's host
   mirror is saved before and restored after; a replay advances it as the eager step would;
 - buffers: a graph is keyed by the layers' buffer addresses, so a cache that grew (or a new
@@ -44,7 +45,7 @@ _FLAGS_OFF = ("inputs_embeds", "labels", "output_attentions", "output_hidden_sta
 class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: dict[str, torch.Tensor]
-    mask: torch.Tensor | None
+    mask: torch.Tensor
     output: Any
 
 
@@ -152,11 +153,10 @@ class DecodeGraphs:
 
     def _capture(self, kwargs: dict[str, Any], cache: KVPatchCache, layers: list[Any]) -> _Graph | None:
         inputs = {name: kwargs[name].clone() for name in _TENSOR_INPUTS if kwargs.get(name) is not None}
-        mask = None
-        if kwargs.get("attention_mask") is not None:
-            given = kwargs["attention_mask"]
-            mask = given.new_zeros(given.shape[0], max(layer.capacity for layer in layers))
-            _copy_mask(mask, given)
+        ids = kwargs["input_ids"]
+        mask = torch.zeros(ids.shape[0], 1, 1, max(layer.capacity for layer in layers), dtype=torch.bool,
+                           device=ids.device)
+        _copy_mask(mask, kwargs.get("attention_mask"), cache)
         static_kwargs = {**kwargs, **inputs, "attention_mask": mask}
         states = [layer.host_state() for layer in layers]
         graph = torch.cuda.CUDAGraph()
@@ -179,8 +179,7 @@ class DecodeGraphs:
     def _replay(self, entry: _Graph, kwargs: dict[str, Any], cache: KVPatchCache, layers: list[Any]) -> Any:
         for name, buffer in entry.inputs.items():
             buffer.copy_(kwargs[name])
-        if entry.mask is not None:
-            _copy_mask(entry.mask, kwargs["attention_mask"])
+        _copy_mask(entry.mask, kwargs.get("attention_mask"), cache)
         entry.graph.replay()
         for layer in layers:
             layer.advance_host(1)
@@ -191,9 +190,15 @@ class DecodeGraphs:
         return type(output)(**fields)
 
 
-def _copy_mask(buffer: torch.Tensor, mask: torch.Tensor) -> None:
-    """`mask` [B, n] into the front of `buffer` [B, capacity], zeros after it."""
-    width = mask.shape[-1]
-    buffer[:, :width].copy_(mask)
-    buffer[:, width:].zero_()
+def _copy_mask(buffer: torch.Tensor, mask: torch.Tensor | None, cache: KVPatchCache) -> None:
+    """The 2D padding `mask` [B, n] (None: all n = stored + 1 tokens) into the front of
+    `buffer` [B, 1, 1, capacity], False after it."""
+    row = buffer[:, 0, 0]
+    if mask is None:
+        width = cache.get_seq_length() + 1
+        row[:, :width] = True
+    else:
+        width = mask.shape[-1]
+        row[:, :width].copy_(mask)
+    row[:, width:] = False
 

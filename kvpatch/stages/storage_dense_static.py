@@ -98,6 +98,7 @@ class StaticDenseLayer(DynamicLayer):
 
     # -- cache layer interface ---------------------------------------------------------------------
 
+    @torch.compiler.disable  # the host mirror changes every step: a compiled decoder must not guard on it
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
