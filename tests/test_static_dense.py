@@ -131,3 +131,24 @@ def test_graph_config_without_a_gpu_runs_eagerly_and_exactly() -> None:
     assert handle.stats()["decode_graphs"] == {"graph_replays": 0, "graph_captures": 0, "graphs_kept": 0}
     kvpatch.unpatch(handle.model)
     assert "forward" not in handle.model.__dict__
+
+
+def test_prefix_reuse_into_static_layers_is_exact() -> None:
+    """Reused chunk K/V loaded into a fresh cache land in the static buffers: the second request
+    reuses as much as plain `prefix_reuse` and generates the same tokens."""
+    from kvpatch.engine import Engine
+    from kvpatch.testing import tiny_tokenizer
+
+    config = kvpatch.load_config("prefix_reuse").model_dump()
+    config["stages"].insert(0, {"kind": "storage", "impl": "dense", "params": {"static": True}})
+    config.update(name="prefix_reuse_static", kernels={"attention": "triton"}, compile={"cuda_graphs": True})
+    prompt = "The quick brown fox jumps over the lazy dog. " * 8
+    results = []
+    for source in ("prefix_reuse", config):
+        model = tiny_model("llama")
+        engine = Engine(model, tiny_tokenizer(), source)
+        engine.generate([prompt + "first question?"], max_new_tokens=6)
+        results.append(engine.generate([prompt + "second question?"], max_new_tokens=6))
+    assert isinstance(kvpatch.get_handle(model).last_cache.layers[0], StaticDenseLayer)
+    assert results[1].kv_reuse_ratio == results[0].kv_reuse_ratio > 0.5
+    assert results[1].tokens == results[0].tokens
