@@ -20,6 +20,7 @@ import argparse
 import gc
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,24 @@ def time_steps(model: torch.nn.Module, cache: Any, token: torch.Tensor, context:
     return start.elapsed_time(end) / steps
 
 
+@torch.no_grad()
+def generate_ms_per_token(model: torch.nn.Module, ids: torch.Tensor, tokens: int) -> float:
+    """Decode ms per token through plain `model.generate` (greedy, a fresh cache per call, so a
+    graph config captures anew): a run of `tokens` + 1 new tokens minus a run of 1 (the prefill)."""
+    mask = torch.ones_like(ids)
+
+    def run(new: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                       pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    prefill = min(run(1) for _ in range(2))
+    return (run(tokens + 1) - prefill) / tokens * 1e3
+
+
 def replay_only(graphs: Any, steps: int) -> float | None:
     """GPU time of the last captured step alone (the rest of ms is host work that did not
     overlap). Replays advance the device counters only: run it after the timed steps."""
@@ -197,16 +216,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     profiled = False
     points = [(b, t) for t in args.context for b in args.batch]
-    progress = tqdm(total=len(points) * (len(configs(1, 1)) + 1), desc="decode", file=sys.stderr)
+    per_point = len([n for n in configs(1, 1) if not args.configs or n in args.configs]) + 1
+    progress = tqdm(total=len(points) * per_point, desc="decode", file=sys.stderr)
     for batch, context in points:
         ids = torch.randint(3, BENCH_SHAPES[args.shape]["vocab_size"], (batch, context), device="cuda")
         for name, config in configs(context, args.steps).items():
+            if args.configs and name not in args.configs:
+                continue
             row: dict[str, Any] = {"config": name, "batch": batch, "context": context}
             try:
                 handle = kvpatch.apply(model, config)
                 cache = handle.new_cache()
                 token = prefill(model, ids, cache)
                 row["ms"] = time_steps(model, cache, token, context, args.steps)
+                if args.generate:
+                    row["generate_ms_per_token"] = generate_ms_per_token(model, ids, args.steps)
                 row["kv_read_bytes"] = kv_read_bytes(cache, context)
                 row["kv_resident_bytes"] = sum(cache.kv_bytes("resident").values())
                 if handle.decode_graphs is not None:
@@ -237,9 +261,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.empty_cache()
         rows.append(_with_floor(row, weights, bandwidth))
         progress.update()
-        for r in rows[-len(configs(1, 1)) - 1 :]:
+        for r in rows[-per_point:]:
             tqdm.write(json.dumps(r), file=sys.stderr)
+        if args.out:  # after every point: a run cut short keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(_result(args, bandwidth, weights, rows), indent=1))
     progress.close()
+    return _result(args, bandwidth, weights, rows)
+
+
+def _result(args: argparse.Namespace, bandwidth: float, weights: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape,
             "dtype": "bf16", "copy_tb_per_s": bandwidth / 1e12, "weight_bytes": weights, "steps": args.steps,
             "rows": rows}
@@ -260,16 +291,17 @@ def _with_floor(row: dict[str, Any], weights: int, bandwidth: float) -> dict[str
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = ["| config | B | T | ms/step | floor ms | x floor | vs hf_static_graph |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| config | B | T | ms/step | floor ms | x floor | vs hf_static_graph | generate ms/token |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     base = {(r["batch"], r["context"]): r.get("ms") for r in result["rows"] if r["config"] == "hf_static_graph"}
     for r in result["rows"]:
         if "ms" not in r:
-            lines.append(f"| {r['config']} | {r['batch']} | {r['context']} | error: {r.get('error', '')[:60]} | | | |")
+            lines.append(f"| {r['config']} | {r['batch']} | {r['context']} | error: {r.get('error', '')[:60]} | | | | |")
             continue
         ref = base.get((r["batch"], r["context"]))
         speedup = f"{ref / r['ms']:.2f}x" if ref else "n/a"
         lines.append(f"| {r['config']} | {r['batch']} | {r['context']} | {r['ms']:.2f} | {r['floor_ms']:.2f} | "
-                     f"{r['ratio_to_floor']:.2f} | {speedup} |")
+                     f"{r['ratio_to_floor']:.2f} | {speedup} | {r.get('generate_ms_per_token', float('nan')):.2f} |")
     return "\n".join(lines)
 
 
@@ -305,6 +337,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--context", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--configs", nargs="+", help="only these (default: all): " + ", ".join(configs(1, 1)))
+    parser.add_argument("--generate", action="store_true", help="also time plain model.generate per token")
     parser.add_argument("--profile", action="store_true", help="cProfile the host side of one graph config")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path)
