@@ -13,7 +13,7 @@ from kvpatch.cache import LayerLayout
 from kvpatch.patch.cache_events import PaddedBatchError
 from kvpatch.pipeline import Pipeline
 from kvpatch.stages.offloader import CpuOffloader
-from kvpatch.stages.tiers import TieredLayer
+from kvpatch.stages.tiered_layer import TieredLayer
 from kvpatch.testing import prompt_ids, tiny_model
 
 

@@ -33,7 +33,7 @@ import kvpatch
 from kvpatch.compat import cache_kwarg, output_cache
 from kvpatch.eval import EvalSettings, evaluate, reference_run
 from kvpatch.eval.harness import patched
-from kvpatch.stages.tiers import TieredLayer
+from kvpatch.stages.tiered_layer import TieredLayer
 
 SCORERS = ["streaming", "key_norm", "tova", "snapkv", "h2o", "hybrid"]
 METHODS = [*SCORERS, "fixed_budget", "long_context"]

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import kvpatch
 from kvpatch.compat import cache_kwarg, output_cache
-from kvpatch.stages.tiers import TieredLayer
+from kvpatch.stages.tiered_layer import TieredLayer
 from kvpatch.testing import bench_model
 
 

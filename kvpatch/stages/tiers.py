@@ -1,426 +1,35 @@
 """`evictor/tiered`: hot / warm / cold tiers of each layer's K/V, moved by importance.
 
 - hot: full precision on the accelerator: the sinks, the recent window and the best-scored
-  tokens (the `EvictingLayer` this layer extends holds them);
+  tokens (the `EvictingLayer` that `TieredLayer` extends holds them);
 - warm: the config's quantizer codes on the accelerator (full precision when the config has no
   quantizer), decoded for attention: exact up to quantization;
 - cold: the same codes in host memory through the offloader (pinned, or memory-mapped files);
   not attended until promoted.
 
-Demotion follows the scorer: after each forward, when hot is over its budget its lowest-scored
-tokens are quantized into warm (in whole blocks of the quantizer, so each token is encoded
-once), and when warm is over its budget its lowest-scored blocks move to cold. Promotion
-(auto-restore): on every multi-token forward and every `promote_every` decode steps, cold and
-warm blocks are scored against the recent queries with one softmax over both tiers, and cold
-blocks that outscore warm ones swap places with them BEFORE this forward's attention runs (the
-swap rewrites the warm slots of the K/V that attention is about to read), so a question that
-refers to a cold passage is answered from it. A quantized token cannot regain precision, so
-promotion brings blocks back to warm, not to hot. With tiers nothing is dropped unless the cold
-budget says so (`cold: {max_tokens: 0}` drops what leaves warm).
-
-The layer follows the eviction contract like `EvictingLayer`: `get_seq_length()` counts every
-token seen, `get_mask_sizes(q)` is `(resident + q, seen - resident)`, `update` returns every
-resident token (warm first, then hot, this forward's tokens last) and tiers move after the
-forward. Blocks are per KV head: each head keeps its own tokens in each tier, same counts.
+This module is the stage: it finds its scorer, codec and offloader in the pipeline and builds
+the layers. How tokens move between tiers is `tiered_layer.py`; how a tier stores its blocks of
+codes is `tier_blocks.py`.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
 
 from ..cache import LayerLayout
-from ..quant.base import QuantizerStage, Role
-from ..quant.codes import Codes
+from ..quant.base import QuantizerStage
 from ..registry import Stage, first_stage_of, register_stage
 from ..stage_specs.tiers import TieredParams
-from .evictor import EvictingLayer, protected_tokens
+from .evictor import protected_tokens
 from .offloader import CpuOffloader
-from .scorers import ScoreContext, ScorerStage, attention_mass_under, key_logsumexp
-
-
-class Codec(Protocol):
-    """What tiers need of a quantizer (`QuantizerStage` or `FullPrecision`)."""
-
-    def block_tokens(self, role: Role) -> int: ...
-    def encode(self, x: torch.Tensor, role: Role) -> Codes: ...
-    def decode(self, codes: Codes, role: Role, dtype: torch.dtype) -> torch.Tensor: ...
-
-
-class FullPrecision:
-    """The codec of a config without a quantizer: warm and cold keep the tensors as they are
-    (lossless tiers: cold tokens are the only difference from the full cache)."""
-
-    def block_tokens(self, role: Role) -> int:
-        return 1
-
-    def encode(self, x: torch.Tensor, role: Role) -> Codes:
-        return Codes({"x": x}, 1, x.shape[-1])
-
-    def decode(self, codes: Codes, role: Role, dtype: torch.dtype) -> torch.Tensor:
-        return codes.tensors["x"].to(dtype)
-
-
-def _resident_kv(codec: Codec, layout: dict[str, tuple[int, int]], warm: dict[str, torch.Tensor],
-                 hot_k: torch.Tensor, hot_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoded warm codes (`warm`: the tier's `key.*` / `value.*` tensors) followed by hot, keys
-    and values, in hot's dtype."""
-    keys = codec.decode(_role_codes(warm, "key", layout["key"]), "key", hot_k.dtype)
-    values = codec.decode(_role_codes(warm, "value", layout["value"]), "value", hot_v.dtype)
-    return torch.cat([keys, hot_k], dim=-2), torch.cat([values, hot_v], dim=-2)
-
-
-def _role_codes(tensors: dict[str, torch.Tensor], role: Role, layout: tuple[int, int]) -> Codes:
-    """The `Codes` of one role from a tier's tensors (named `key.*` / `value.*`)."""
-    prefix = f"{role}."
-    return Codes({n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}, *layout)
-
-
-def _unit_index(index: torch.Tensor, units: int, like: torch.Tensor) -> torch.Tensor:
-    """Block indices `[B, H, n]` -> indices of their units along axis 2 of `like`, expanded to
-    its trailing dims (for gather / scatter)."""
-    index = index.to(like.device)
-    unit = (index.unsqueeze(-1) * units + torch.arange(units, device=like.device)).flatten(2)
-    return unit.view(*unit.shape, *([1] * (like.dim() - 3))).expand(*unit.shape, *like.shape[3:])
-
-
-@dataclass
-class TierBlocks:
-    """One tier's tokens as whole blocks per KV head: every tensor is `[B, H, units, ...]`
-    with `per_block[name]` units per block (codes blocks, or tokens for positions/scores)."""
-
-    tensors: dict[str, torch.Tensor]
-    per_block: dict[str, int]
-
-    @property
-    def blocks(self) -> int:
-        name = next(iter(self.tensors))
-        return self.tensors[name].shape[2] // self.per_block[name]
-
-    def take(self, index: torch.Tensor) -> "TierBlocks":
-        """The blocks at `index` (`[B, H, n]`, per head)."""
-        return TierBlocks({name: t.gather(2, _unit_index(index, self.per_block[name], t))
-                           for name, t in self.tensors.items()}, self.per_block)
-
-    def put(self, index: torch.Tensor, blocks: "TierBlocks") -> None:
-        """Overwrite the blocks at `index` with `blocks`, in place."""
-        for name, t in self.tensors.items():
-            t.scatter_(2, _unit_index(index, self.per_block[name], t), blocks.tensors[name].to(t.device))
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "TierBlocks":
-        return TierBlocks({name: fn(t) for name, t in self.tensors.items()}, self.per_block)
-
-    def codes(self, role: Role, layout: tuple[int, int]) -> Codes:
-        return _role_codes(self.tensors, role, layout)
-
-    def kv_tensors(self) -> list[torch.Tensor]:
-        return [t for n, t in self.tensors.items() if n.startswith(("key.", "value."))]
-
-    def token_view(self, name: str) -> torch.Tensor:
-        """A per-token tensor (`pos`, `score`) as `[B, H, blocks, block]`."""
-        t = self.tensors[name]
-        return t.view(*t.shape[:2], self.blocks, self.per_block[name])
-
-    @staticmethod
-    def cat(parts: Sequence["TierBlocks"]) -> "TierBlocks":
-        if len(parts) == 1:
-            return parts[0]
-        return TierBlocks({name: torch.cat([p.tensors[name].to(parts[0].tensors[name].device) for p in parts], dim=2)
-                           for name in parts[0].tensors}, parts[0].per_block)
-
-    @staticmethod
-    def where(cond: torch.Tensor, a: "TierBlocks", b: "TierBlocks") -> "TierBlocks":
-        """Per block (`cond`: `[B, H, n]`), `a`'s block where true, else `b`'s."""
-        out = {}
-        for name, ta in a.tensors.items():
-            c = cond.to(ta.device).repeat_interleave(a.per_block[name], dim=2)
-            out[name] = torch.where(c.view(*c.shape, *([1] * (ta.dim() - 3))), ta, b.tensors[name].to(ta.device))
-        return TierBlocks(out, a.per_block)
-
-
-class TieredLayer(EvictingLayer):
-    """Hot (the inherited dense K/V, positions, scores), warm (`TierBlocks` on the device) and
-    cold (`TierBlocks` chunks in host memory)."""
-
-    def __init__(self, stage: "TieredEvictor", scorer: ScorerStage, codec: Codec, offloader: CpuOffloader | None) -> None:
-        super().__init__(stage, scorer)
-        self.stage, self.codec, self.cold_offloader = stage, codec, offloader
-        self.block = math.lcm(codec.block_tokens("key"), codec.block_tokens("value"))
-        self.warm: TierBlocks | None = None
-        #: Chunks in the order they went cold; merged into one when a promotion needs them.
-        self.cold: list[TierBlocks] = []
-        #: The last queries: the promotion window, and every query not scored yet.
-        self.recent_queries: torch.Tensor | None = None
-        #: Queries (at the end of `recent_queries`) that the scorer has not seen yet.
-        self.pending_queries = 0
-        self.forwards_since_promotion = 0
-        self._layout: dict[str, tuple[int, int]] = {}
-
-    # -- sizes ----------------------------------------------------------------------------------
-
-    @property
-    def hot_tokens(self) -> int:
-        return self.keys.shape[-2] if self.is_initialized else 0
-
-    @property
-    def warm_tokens(self) -> int:
-        return self.warm.blocks * self.block if self.warm is not None else 0
-
-    @property
-    def cold_tokens(self) -> int:
-        return sum(c.blocks for c in self.cold) * self.block
-
-    @property
-    def kept(self) -> int:
-        """Tokens attention reads: hot + warm."""
-        return self.hot_tokens + self.warm_tokens
-
-    def tier_tokens(self) -> dict[str, int]:
-        return {"hot": self.hot_tokens, "warm": self.warm_tokens, "cold": self.cold_tokens}
-
-    def tier_bytes(self) -> dict[str, int]:
-        """K/V bytes per tier (codes, scales included; positions and scores are bookkeeping)."""
-        def nbytes(tensors: list[torch.Tensor]) -> int:
-            return sum(t.numel() * t.element_size() for t in tensors)
-        hot = nbytes([self.keys, self.values]) if self.is_initialized else 0
-        warm = nbytes(self.warm.kv_tensors()) if self.warm is not None else 0
-        return {"hot": hot, "warm": warm, "cold": nbytes([t for c in self.cold for t in c.kv_tensors()])}
-
-    # -- attention --------------------------------------------------------------------------------
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        hot_k, hot_v = super().update(key_states, value_states)
-        if not self.warm_tokens:
-            return hot_k, hot_v
-        return self.stage.resident_kv(self.warm, self._layout, hot_k, hot_v)
-
-    def resident_positions(self) -> torch.Tensor:
-        if not self.warm_tokens:
-            return self.positions
-        return torch.cat([self.warm.tensors["pos"], self.positions], dim=-1)
-
-    def resident_scores(self) -> torch.Tensor | None:
-        if self.scores is None or not self.warm_tokens:
-            return self.scores
-        return torch.cat([self.warm.tensors["score"], self.scores], dim=-1)
-
-    def set_resident_scores(self, scores: torch.Tensor) -> None:
-        if self.warm_tokens:
-            self.warm.tensors["score"] = scores[..., : self.warm_tokens].contiguous()
-        self.scores = scores[..., self.warm_tokens :]
-
-    def observe_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> None:
-        """Keep the queries; promote when due (this forward's attention then reads the promoted
-        blocks), then score the pending queries when due: on multi-token forwards, every
-        `score_every` decode steps, and before any demotion (which ranks by the scores)."""
-        if key.shape[-2] != self.kept:
-            return
-        params = self.stage.params
-        self._remember(query)
-        multi_token = query.shape[2] > 1
-        if params.promote_every is not None:
-            self.forwards_since_promotion += 1
-            if multi_token or self.forwards_since_promotion >= params.promote_every:
-                self.forwards_since_promotion = 0
-                self._promote(key, value, scaling)
-        if multi_token or self.pending_queries >= params.score_every or self._hot_excess() > 0:
-            super().observe_attention(self.recent_queries[:, :, -self.pending_queries :], key, value, scaling)
-            self.pending_queries = 0
-            self._remember(None)
-
-    def _remember(self, query: torch.Tensor | None) -> None:
-        """Append `query` (if any) to the recent queries and keep the promotion window and every
-        pending query; a trimmed view that would keep a much larger storage alive (a prefill
-        chunk's queries) is copied."""
-        window = self.stage.params.promote_window
-        queries = self.recent_queries
-        if query is not None:
-            replaces = queries is None or (self.pending_queries == 0 and query.shape[2] >= window)
-            queries = query if replaces else torch.cat([queries, query], dim=2)
-            self.pending_queries += query.shape[2]
-        keep = max(window, self.pending_queries)
-        if queries is not None and queries.shape[2] > keep:
-            queries = queries[:, :, -keep:]
-            if queries.untyped_storage().nbytes() > 2 * queries.nbytes:
-                queries = queries.clone()
-        self.recent_queries = queries
-
-    # -- moving tokens between tiers ----------------------------------------------------------------
-
-    def after_forward(self) -> None:
-        if not self.is_initialized:
-            return
-        self._demote_hot()
-        self._demote_warm()
-        self._trim_cold()
-
-    def _hot_excess(self) -> int:
-        """Hot tokens over budget that the next `after_forward` demotes (0: none; a decode step
-        waits for a whole block of excess)."""
-        budget = self.stage.params.hot.tokens(self.seen)
-        excess = self.hot_tokens - budget if budget is not None else 0
-        if excess <= 0 or (self.last_forward_tokens == 1 and excess < self.block):
-            return 0
-        return excess
-
-    def _demote_hot(self) -> None:
-        """Quantize the lowest-scored hot tokens into warm, whole blocks at a time."""
-        excess = self._hot_excess()
-        if excess == 0:
-            return
-        protected = self.stage.protected(self.positions, self.seen, 0)
-        movable = int((~protected).sum(-1).min()) // self.block * self.block
-        count = min(math.ceil(excess / self.block) * self.block, movable)
-        if count <= 0:
-            return
-        keep, dropped = self._ranked_split(self.hot_tokens - count)
-        keys, values, positions = self._take(dropped)
-        scores = self.scores.gather(2, dropped) if self.scores is not None else torch.zeros_like(positions, dtype=torch.float32)
-        demoted = self._encode(keys, values, positions, scores)
-        self.warm = demoted if self.warm is None else TierBlocks.cat([self.warm, demoted])
-        self._keep(keep)
-        self.stage.counters["tokens_to_warm"] += count
-
-    def _demote_warm(self) -> None:
-        """Move the lowest-scored warm blocks to cold (or drop them if cold's budget is 0)."""
-        budget = self.stage.params.warm.tokens(self.seen)
-        if budget is None or self.warm is None or self.warm.blocks * self.block <= budget:
-            return
-        order = self._block_scores(self.warm).argsort(dim=-1, descending=True, stable=True)
-        keep_blocks = budget // self.block
-        leaving = self.warm.take(order[..., keep_blocks:])
-        self.warm = self.warm.take(order[..., :keep_blocks].sort(dim=-1).values)
-        self.stage.counters["blocks_to_cold"] += leaving.blocks
-        if self.stage.drops_cold:
-            self.stage.counters["blocks_dropped"] += leaving.blocks
-            return
-        self.cold.append(leaving.map(self.cold_offloader.to_host))
-
-    def _trim_cold(self) -> None:
-        """Drop the lowest-scored cold blocks beyond cold's budget (only when one is set)."""
-        budget = self.stage.params.cold.tokens(self.seen)
-        if budget is None or self.stage.drops_cold or self.cold_tokens <= budget:
-            return
-        cold = self._merged_cold()
-        order = self._block_scores(cold).argsort(dim=-1, descending=True, stable=True)
-        keep_blocks = budget // self.block
-        self.stage.counters["blocks_dropped"] += cold.blocks - keep_blocks
-        self.cold = [cold.take(order[..., :keep_blocks].sort(dim=-1).values).map(self.cold_offloader.to_host)]
-
-    def _promote(self, key: torch.Tensor, value: torch.Tensor, scaling: float) -> None:
-        """Swap cold blocks that the recent queries attend to more than to some warm blocks
-        (one softmax over every old token of both tiers and hot) into those warm slots, also in
-        the `key` / `value` that this forward's attention reads."""
-        if not self.cold or not self.warm_tokens:
-            return
-        cold = self._merged_cold()
-        host = next(iter(cold.tensors.values())).device
-        queries = self.recent_queries[:, :, -self.stage.params.promote_window :]
-        old = key[..., : key.shape[-2] - self.last_forward_tokens, :]
-        # cold keys are scored on the accelerator: their codes are small to copy, host math is slow
-        cold_key_codes = TierBlocks({n: t for n, t in cold.tensors.items() if n.startswith("key.")}, cold.per_block)
-        cold_keys, _ = self._decode(cold_key_codes.map(lambda t: self.cold_offloader.to_device(t, key.device)), values=False)
-        lse = torch.logaddexp(key_logsumexp(queries, old, scaling), key_logsumexp(queries, cold_keys, scaling))
-        cold_mass = attention_mass_under(queries, cold_keys, scaling, lse)
-        warm_mass = attention_mass_under(queries, key[..., : self.warm_tokens, :], scaling, lse)
-        count = min(self.stage.params.promote_blocks, cold.blocks, self.warm.blocks)
-        batch, heads = warm_mass.shape[:2]
-        cold_best, cold_index = cold_mass.view(batch, heads, -1, self.block).amax(-1).topk(count, dim=-1)
-        warm_worst, warm_index = warm_mass.view(batch, heads, -1, self.block).amax(-1).topk(count, dim=-1, largest=False)
-        swap = cold_best > warm_worst
-        if not bool(swap.any()):
-            return
-        displaced = self.warm.take(warm_index)
-        self.cold_offloader.wait()
-        arriving = cold.take(cold_index).map(lambda t: self.cold_offloader.to_device(t, key.device))
-        # a promoted block takes at least the rank of the block it displaced, so it is not the
-        # first to go cold again on the next demotion
-        floor = displaced.token_view("score").amax(-1, keepdim=True).expand(-1, -1, -1, self.block).flatten(2)
-        arriving.tensors["score"] = torch.maximum(arriving.tensors["score"], floor)
-        incoming = TierBlocks.where(swap, arriving, displaced)
-        self.warm.put(warm_index, incoming)
-        cold.put(cold_index, TierBlocks.where(swap, displaced.map(lambda t: t.to(host)), cold.take(cold_index)))
-        new_k, new_v = self._decode(incoming)
-        slots = _unit_index(warm_index, self.block, key)
-        key.scatter_(2, slots, new_k)
-        value.scatter_(2, _unit_index(warm_index, self.block, value), new_v)
-        self.stage.counters["blocks_promoted"] += int(swap.sum())
-
-    def restore(self) -> None:
-        """Bring every cold block back to warm (the budgets apply again after the next forward)."""
-        if self.cold:
-            device = self.keys.device
-            back = self._merged_cold().map(lambda t: self.cold_offloader.to_device(t, device))
-            self.warm = back if self.warm is None else TierBlocks.cat([self.warm, back])
-            self.cold = []
-
-    # -- helpers ------------------------------------------------------------------------------------
-
-    def _encode(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor) -> TierBlocks:
-        key_codes, value_codes = self.codec.encode(keys, "key"), self.codec.encode(values, "value")
-        self._layout = {"key": (key_codes.block_tokens, key_codes.dim), "value": (value_codes.block_tokens, value_codes.dim)}
-        tensors = {f"key.{n}": t for n, t in key_codes.tensors.items()}
-        tensors |= {f"value.{n}": t for n, t in value_codes.tensors.items()}
-        per_block = {n: self.block // key_codes.block_tokens for n in tensors if n.startswith("key.")}
-        per_block |= {n: self.block // value_codes.block_tokens for n in tensors if n.startswith("value.")}
-        tensors |= {"pos": positions, "score": scores.float()}
-        return TierBlocks(tensors, per_block | {"pos": self.block, "score": self.block})
-
-    def _decode(self, tier: TierBlocks, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Keys (and values) of a tier in the cache's dtype, on the tier's device."""
-        keys = self.codec.decode(tier.codes("key", self._layout["key"]), "key", self.dtype)
-        if not values:
-            return keys, None
-        return keys, self.codec.decode(tier.codes("value", self._layout["value"]), "value", self.dtype)
-
-    def _merged_cold(self) -> TierBlocks:
-        if len(self.cold) > 1:
-            self.cold_offloader.wait()
-            self.cold = [TierBlocks.cat(self.cold).map(self.cold_offloader.to_host)]
-        return self.cold[0]
-
-    def _block_scores(self, tier: TierBlocks) -> torch.Tensor:
-        """Importance of each block `[B, H, blocks]`: its best token's score."""
-        if self.scorer.needs_attention:
-            scores = tier.tensors["score"]
-        else:
-            keys, _ = self._decode(tier, values=False)
-            scores = self.scorer.score(ScoreContext(key=keys, positions=tier.tensors["pos"], seen=self.seen))
-        return scores.view(*scores.shape[:2], tier.blocks, self.block).amax(-1)
-
-    def kv_tensors(self) -> list[torch.Tensor | None]:
-        warm = self.warm.kv_tensors() if self.warm is not None else []
-        return [self.keys, self.values, *warm, *(t for c in self.cold for t in c.kv_tensors())]
-
-    def offloaded_kv_tensors(self) -> list[torch.Tensor]:
-        """The cold tier (host memory): attention reads hot + warm only."""
-        return [t for c in self.cold for t in c.kv_tensors()]
-
-    def _map_tiers(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if self.warm is not None:
-            self.warm = self.warm.map(fn)
-        self.cold = [c.map(fn) for c in self.cold]
-        if self.recent_queries is not None:
-            self.recent_queries = fn(self.recent_queries)
-
-    def _index_batch(self, index: torch.Tensor) -> None:
-        super()._index_batch(index)
-        self._map_tiers(lambda t: t.index_select(0, index.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._map_tiers(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def reset(self) -> None:
-        self.warm, self.cold, self.recent_queries = None, [], None
-        self.forwards_since_promotion = self.pending_queries = 0
-        super().reset()
+from .scorers import ScorerStage
+from .tier_blocks import Codec, CodesLayout, FullPrecision, TierBlocks, resident_kv
+from .tiered_layer import TieredLayer
 
 
 @register_stage("evictor", "tiered")
@@ -456,17 +65,17 @@ class TieredEvictor(Stage):
     def protected(self, positions: torch.Tensor, seen: int, budget: int) -> torch.Tensor:
         return protected_tokens(positions, seen, self.params.sink_tokens, self.params.recent_tokens)
 
-    def resident_kv(self, warm: TierBlocks, layout: dict[str, tuple[int, int]], hot_k: torch.Tensor,
+    def resident_kv(self, warm: TierBlocks, layout: CodesLayout, hot_k: torch.Tensor,
                     hot_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Warm decoded, then hot: the K/V attention reads. Runs every forward of every layer, so
         with `compile_decode` on an accelerator it is one compiled function (decode and
         concatenation fuse into a few kernels instead of a dozen per layer)."""
         tensors = {name: t for name, t in warm.tensors.items() if name.startswith(("key.", "value."))}
         if not self.params.compile_decode or hot_k.device.type == "cpu":
-            return _resident_kv(self.codec, layout, tensors, hot_k, hot_v)
+            return resident_kv(self.codec, layout, tensors, hot_k, hot_v)
         key = tuple(sorted(layout.items()))
         if key not in self._compiled:
-            self._compiled[key] = torch.compile(functools.partial(_resident_kv, self.codec, layout))
+            self._compiled[key] = torch.compile(functools.partial(resident_kv, self.codec, layout))
         return self._compiled[key](tensors, hot_k, hot_v)
 
     def make_layer(self, layout: LayerLayout) -> CacheLayerMixin:
