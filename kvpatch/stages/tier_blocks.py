@@ -82,7 +82,7 @@ class TierBlocks:
 
     @staticmethod
     def encode(codec: Codec, block: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-               scores: torch.Tensor) -> tuple["TierBlocks", CodesLayout]:
+               scores: torch.Tensor) -> tuple[TierBlocks, CodesLayout]:
         """Tokens `[B, H, n, ...]` (n a multiple of `block`) as blocks of `codec`'s codes, with
         the layout that `decode` needs to read them back."""
         key_codes, value_codes = codec.encode(keys, "key"), codec.encode(values, "value")
@@ -107,20 +107,20 @@ class TierBlocks:
         name = next(iter(self.tensors))
         return self.tensors[name].shape[2] // self.per_block[name]
 
-    def take(self, index: torch.Tensor) -> "TierBlocks":
+    def take(self, index: torch.Tensor) -> TierBlocks:
         """The blocks at `index` (`[B, H, n]`, per head)."""
         return TierBlocks({name: t.gather(2, unit_index(index, self.per_block[name], t))
                            for name, t in self.tensors.items()}, self.per_block)
 
-    def put(self, index: torch.Tensor, blocks: "TierBlocks") -> None:
+    def put(self, index: torch.Tensor, blocks: TierBlocks) -> None:
         """Overwrite the blocks at `index` with `blocks`, in place."""
         for name, t in self.tensors.items():
             t.scatter_(2, unit_index(index, self.per_block[name], t), blocks.tensors[name].to(t.device))
 
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "TierBlocks":
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TierBlocks:
         return TierBlocks({name: fn(t) for name, t in self.tensors.items()}, self.per_block)
 
-    def keys_only(self) -> "TierBlocks":
+    def keys_only(self) -> TierBlocks:
         """The key codes alone (to score blocks without copying their values)."""
         return TierBlocks({n: t for n, t in self.tensors.items() if n.startswith("key.")}, self.per_block)
 
@@ -136,14 +136,14 @@ class TierBlocks:
         return t.view(*t.shape[:2], self.blocks, self.per_block[name])
 
     @staticmethod
-    def cat(parts: Sequence["TierBlocks"]) -> "TierBlocks":
+    def cat(parts: Sequence[TierBlocks]) -> TierBlocks:
         if len(parts) == 1:
             return parts[0]
         return TierBlocks({name: torch.cat([p.tensors[name].to(parts[0].tensors[name].device) for p in parts], dim=2)
                            for name in parts[0].tensors}, parts[0].per_block)
 
     @staticmethod
-    def where(cond: torch.Tensor, a: "TierBlocks", b: "TierBlocks") -> "TierBlocks":
+    def where(cond: torch.Tensor, a: TierBlocks, b: TierBlocks) -> TierBlocks:
         """Per block (`cond`: `[B, H, n]`), `a`'s block where true, else `b`'s."""
         out = {}
         for name, ta in a.tensors.items():

@@ -39,7 +39,7 @@ class TieredLayer(EvictingLayer):
     """Hot (the inherited dense K/V, positions, scores), warm (`TierBlocks` on the device) and
     cold (`TierBlocks` chunks in host memory)."""
 
-    def __init__(self, stage: "TieredEvictor", scorer: ScorerStage, codec: Codec, offloader: CpuOffloader | None) -> None:
+    def __init__(self, stage: TieredEvictor, scorer: ScorerStage, codec: Codec, offloader: CpuOffloader | None) -> None:
         super().__init__(stage, scorer)
         self.stage, self.codec, self.cold_offloader = stage, codec, offloader
         self.block = math.lcm(codec.block_tokens("key"), codec.block_tokens("value"))
