@@ -12,19 +12,24 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 import kvpatch
+from kvpatch import registry
 from kvpatch.compat import cache_kwarg, output_cache
 from kvpatch.config import StageConfig
 from kvpatch.kernels import math_attention
 from kvpatch.kernels.packed import PackedKV
 from kvpatch.kernels.triton_decode import decode_attention
 from kvpatch.kernels.triton_quantize import kivi_encode
+from kvpatch.kernels import triton_support
 from kvpatch.kernels.triton_support import interpreting, triton_unavailable_reason
 from kvpatch.patch.attention import KERNEL_ATTR, kvpatch_attention
+from kvpatch.quant.kernel_layouts import KiviPacking
+from kvpatch.stages.quantizer_kivi import KiviQuantizer
 from kvpatch.stages.storage_quantized import QuantizedLayer
 from kvpatch.testing import prompt_ids, tiny_model
 
@@ -314,6 +319,67 @@ def test_patched_model_decodes_fibquant_through_the_fused_kernel(monkeypatch: py
     monkeypatch.setattr(triton_decode, "decode_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
     logits, layers = _model_logits("triton", fib)
     assert len(calls) >= 10 * len(layers)  # every decode step of every layer (+ the probe of apply)
+    torch.testing.assert_close(logits, reference_logits, atol=2e-3 if DEVICE.type == "cpu" else 5e-2, rtol=0)
+
+
+class KiviPackedPlugin(KiviQuantizer):
+    """A plug-in quantizer under its own name whose codes are KIVI's (inherited here); it declares
+    `KiviPacking` (inherited too), and that capability, not a name, is what the kernel reads."""
+
+
+class UndeclaredPlugin(KiviQuantizer):
+    """The same codes without a declared layout: the kernel cannot know it may read them."""
+
+    def kernel_layout(self) -> None:
+        return None
+
+
+@pytest.fixture
+def plugin_quantizers() -> Iterator[None]:
+    """Register the two plug-ins for one test; the registry forgets them afterwards."""
+    register = {"_test_kivi_packed": KiviPackedPlugin, "_test_undeclared": UndeclaredPlugin}
+    for name, cls in register.items():
+        registry.register_stage("quantizer", name)(cls)
+    yield
+    for name in register:
+        del registry._SPECS["quantizer"][name], registry._CLASSES["quantizer"][name]
+
+
+def test_plugin_quantizer_with_a_kivi_layout_is_fused(plugin_quantizers: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quantizer named otherwise that declares `KiviPacking`: every decode step runs the fused
+    kernel over its codes (and the Triton encoder writes them), with the torch path's logits."""
+    from kvpatch.kernels import triton_decode
+
+    params = {"bits": 4, "group_size": 8}
+    assert KiviPackedPlugin(KiviPackedPlugin.Params(**params)).kernel_layout() == KiviPacking(4, 8)
+    reference_logits, _ = _model_logits("torch", ("kivi", params))
+    over_codes = []
+    fused = triton_decode.decode_attention
+    monkeypatch.setattr(triton_decode, "decode_attention",
+                        lambda q, kv, *a, **k: over_codes.append(kv.key_codes is not None) or fused(q, kv, *a, **k))
+    logits, layers = _model_logits("triton", ("_test_kivi_packed", params))
+    assert all(type(layer.quantizer) is KiviPackedPlugin and layer._encode is not None for layer in layers)
+    assert sum(over_codes) >= 10 * len(layers)  # every decode step of every layer read the codes
+    torch.testing.assert_close(logits, reference_logits, atol=2e-3 if DEVICE.type == "cpu" else 5e-2, rtol=0)
+
+
+def test_quantizer_without_a_kernel_layout_falls_back_with_the_reason(
+        plugin_quantizers: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The same codes without a declared layout: the torch kernels run, and the log says why."""
+    from kvpatch.kernels import triton_decode
+
+    monkeypatch.setattr(triton_support, "_logged", set())  # each reason is logged once per process
+    over_codes = []
+    fused = triton_decode.decode_attention
+    monkeypatch.setattr(triton_decode, "decode_attention",
+                        lambda q, kv, *a, **k: over_codes.append(kv.key_codes is not None) or fused(q, kv, *a, **k))
+    params = {"bits": 4, "group_size": 8}
+    reference_logits, _ = _model_logits("torch", ("kivi", params))
+    with caplog.at_level(logging.WARNING, logger="kvpatch"):
+        logits, layers = _model_logits("triton", ("_test_undeclared", params))
+    assert "codes of quantizer '_test_undeclared' declare no fused layout" in caplog.text
+    assert not any(over_codes)  # the fused kernel ran over no codes (a dense cache before the first flush is fine)
+    assert all(type(layer.quantizer) is UndeclaredPlugin and layer._encode is None for layer in layers)
     torch.testing.assert_close(logits, reference_logits, atol=2e-3 if DEVICE.type == "cpu" else 5e-2, rtol=0)
 
 

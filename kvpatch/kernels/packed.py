@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..quant.codes import Codes
+from ..quant.kernel_layouts import KernelLayout
 
 #: decode(codes, role, dtype) -> [batch, heads, tokens, head_dim], the quantizer's (maybe compiled) decode.
 Decoder = Callable[[Codes, str, torch.dtype], torch.Tensor]
@@ -28,7 +29,8 @@ class PackedKV:
     sink_values: torch.Tensor | None = None
     key_codes: Codes | None = None
     value_codes: Codes | None = None
-    #: The stage that made the codes (fused kernels read its parameters, e.g. KIVI bits/group).
+    #: The stage that made the codes (a `QuantizerStage`: fused kernels read the layout it
+    #: declares, `kernel_layout()`).
     quantizer: Any = None
     decode: Decoder | None = None
     #: The cache layer the parts belong to, so a kernel can tell it to encode on the GPU too.
@@ -44,6 +46,11 @@ class PackedKV:
         """`[batch, kv_heads, tokens, head_dim]` of the K that `dense()` returns."""
         batch, heads, _, dim = self.keys.shape
         return batch, heads, self.num_tokens, dim
+
+    def kernel_layout(self) -> KernelLayout | None:
+        """The layout of the codes as their quantizer declares it (`quant.kernel_layouts`);
+        None without a quantizer or for one that declares none (fused kernels then fall back)."""
+        return self.quantizer.kernel_layout() if self.quantizer is not None else None
 
     @property
     def sink_length(self) -> int:
@@ -99,18 +106,3 @@ class PackedKV:
         if len(keys) == 1:
             return residual_k, residual_v
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
-
-
-def kivi_layout(quantizer: Any) -> tuple[int, int] | None:
-    """(bits, group_size) if `quantizer` is the KIVI stage, else None (read by duck typing:
-    kernels never import stages)."""
-    if getattr(quantizer, "kind", None) != "quantizer" or getattr(quantizer, "name", None) != "kivi":
-        return None
-    return int(quantizer.params.bits), int(quantizer.params.group_size)
-
-
-def fibquant_layout(quantizer: Any) -> tuple[int, int] | None:
-    """(block_dim, code_bits) if `quantizer` is the FibQuant stage, else None (duck typing)."""
-    if getattr(quantizer, "kind", None) != "quantizer" or getattr(quantizer, "name", None) != "fibquant":
-        return None
-    return int(quantizer.params.block_dim), int(quantizer.params.code_bits)

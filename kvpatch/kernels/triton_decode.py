@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .packed import PackedKV, fibquant_layout, kivi_layout
+from ..quant.kernel_layouts import FibQuantCodes, KiviPacking
+from .packed import PackedKV
 from .triton_fibquant import _fibquant_part
 from .triton_kivi import _kivi_part
 from .triton_softmax import NEG, _attend, _visible
@@ -201,17 +202,17 @@ def unsupported_reason(query: torch.Tensor, kv: PackedKV, mask: torch.Tensor | N
     if mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1):
         return "only boolean masks of shape [B, 1, Tq, Tk] are supported"
     if kv.key_codes is not None:
-        fibquant = fibquant_layout(kv.quantizer)
-        if fibquant is not None:
-            block_dim, code_bits = fibquant
+        layout = kv.kernel_layout()
+        if isinstance(layout, FibQuantCodes):
+            block_dim, code_bits = layout.block_dim, layout.code_bits
             if code_bits != 8 or block_dim & (block_dim - 1) or dim % block_dim:
                 return (f"FibQuant code_bits {code_bits} / block_dim {block_dim} (fused: 8-bit indices, a "
                         "power-of-two block dividing head_dim)")
             return None
-        layout = kivi_layout(kv.quantizer)
-        if layout is None:
-            return f"codes of quantizer {getattr(kv.quantizer, 'name', kv.quantizer)!r} (KIVI and FibQuant are fused)"
-        bits, group = layout
+        if not isinstance(layout, KiviPacking):
+            return (f"codes of quantizer {getattr(kv.quantizer, 'name', kv.quantizer)!r} declare no fused layout "
+                    "(kernel_layout(): KiviPacking or FibQuantCodes)")
+        bits, group = layout.bits, layout.group_size
         if group & (group - 1) or group * bits < 8 or dim % group:
             return f"KIVI group_size {group} (needs a power of two dividing head_dim, >= {8 // bits})"
     return None
@@ -293,12 +294,13 @@ def decode_attention(
     if maxnreg is None:
         # fp16 KIVI loops at 4 warps: 4 programs per SM (results/kernels-h100-v5.json: better than
         # 168 or no cap at B=1 and B=8); the fp32 path, FibQuant and dense-only caches are uncapped
-        maxnreg = 128 if num_warps == 4 and fast_cvt and kivi_layout(kv.quantizer) is not None else 0
+        maxnreg = 128 if num_warps == 4 and fast_cvt and isinstance(kv.kernel_layout(), KiviPacking) else 0
     launch = {"maxnreg": maxnreg} if maxnreg and not interpreting() else {}
     gqa = q_heads // kv_heads
     rows = gqa * q_len
     block_m = max(16, triton.next_power_of_2(rows))
-    fibquant = fibquant_layout(kv.quantizer) if kv.key_codes is not None else None
+    layout = kv.kernel_layout() if kv.key_codes is not None else None
+    fibquant = layout if isinstance(layout, FibQuantCodes) else None
     rotate: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # noqa: E731
     if fibquant is not None:  # everything in the codes' rotated space: q.k and sum(p v) are invariant
         matrix = _rotation_matrix(kv.quantizer.rotation(dim, query.device), dim, query.device)
@@ -308,7 +310,7 @@ def decode_attention(
     sink_k = rotate(kv.sink_keys).contiguous() if kv.sink_keys is not None else residual_k
     sink_v = rotate(kv.sink_values).contiguous() if kv.sink_values is not None else residual_v
     if fibquant is not None:
-        block_dim, bits = fibquant
+        block_dim, bits = fibquant.block_dim, fibquant.code_bits
         kt, vt = kv.key_codes.tensors, kv.value_codes.tensors
         codes = [kt["index"], kt["norm"], kv.quantizer.codebook("key", dim, query.device),
                  vt["index"], vt["norm"], kv.quantizer.codebook("value", dim, query.device)]
@@ -319,7 +321,7 @@ def decode_attention(
                                            split_policy or "cover8")
     elif kv.key_codes is not None:
         block_dim = 1
-        bits, group = kivi_layout(kv.quantizer)
+        bits, group = layout.bits, layout.group_size
         if score_join is None:
             score_join = False  # the H100 sweep (results/kernels-h100-v5.json): per-field wins for int4 and int2
         kt, vt = kv.key_codes.tensors, kv.value_codes.tensors

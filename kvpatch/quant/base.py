@@ -15,6 +15,7 @@ import torch
 
 from ..registry import Stage
 from .codes import Codes
+from .kernel_layouts import KernelLayout
 
 Role = Literal["key", "value"]
 
@@ -27,6 +28,12 @@ class QuantizerStage(Stage, ABC):
     def block_tokens(self, role: Role) -> int:
         """Tokens that must be encoded together (encode lengths are multiples of it)."""
         return 1
+
+    def kernel_layout(self) -> KernelLayout | None:
+        """The layout of this quantizer's codes that a fused kernel can read in place
+        (`quant.kernel_layouts`), or None: attention then decodes the codes with `decode`. A
+        quantizer that writes KIVI's or FibQuant's layout declares it here, whatever its name."""
+        return None
 
     @abstractmethod
     def encode(self, x: torch.Tensor, role: Role) -> Codes: ...

@@ -20,6 +20,7 @@ from ..model_shapes import ModelShapes, divisors, misfit
 from ..quant.base import QuantizerStage, Role
 from ..quant.codes import Codes
 from ..quant.fibquant_codebook import auto_radial_levels, lloyd_refine, nearest_codeword, source_refined_codebook
+from ..quant.kernel_layouts import FibQuantCodes
 from ..quant.packing import pack_bits, unpack_bits
 from ..quant.rotation import Rotation, check_rotation_dim, make_rotation
 from ..registry import register_stage
@@ -58,6 +59,9 @@ class FibQuantizer(QuantizerStage):
         norm, index = encode_vectors(x, self.rotation(dim, x.device), self.codebook(role, dim, x.device),
                                      p.block_dim, p.code_bits, NORM_DTYPES[p.norm_dtype])
         return Codes({"norm": norm, "index": index}, 1, dim)
+
+    def kernel_layout(self) -> FibQuantCodes:
+        return FibQuantCodes(self.params.block_dim, self.params.code_bits)
 
     def decode(self, codes: Codes, role: Role, dtype: torch.dtype) -> torch.Tensor:
         norm, index = codes.tensors["norm"], codes.tensors["index"]

@@ -14,6 +14,7 @@ import torch
 from ..model_shapes import ModelShapes, divisors, misfit
 from ..quant.base import QuantizerStage, Role
 from ..quant.codes import Codes
+from ..quant.kernel_layouts import KiviPacking
 from ..quant.groupwise import dequantize_groups, quantize_groups
 from ..registry import register_stage
 from ..stage_specs.quantizer_kivi import KiviParams
@@ -35,6 +36,9 @@ class KiviQuantizer(QuantizerStage):
 
     def block_tokens(self, role: Role) -> int:
         return self.params.group_size if role == "key" else 1
+
+    def kernel_layout(self) -> KiviPacking:
+        return KiviPacking(self.params.bits, self.params.group_size)
 
     def encode(self, x: torch.Tensor, role: Role) -> Codes:
         self._check_input(x, role)

@@ -27,11 +27,12 @@ from transformers.cache_utils import (
 )
 
 from ..compat import init_empty_layer, query_length
-from ..kernels.packed import PackedKV, kivi_layout
+from ..kernels.packed import PackedKV
 from ..model_shapes import ModelShapes
 from ..cache import LayerLayout
 from ..quant.base import QuantizerStage
 from ..quant.codes import Codes
+from ..quant.kernel_layouts import KiviPacking
 from ..registry import Stage, first_stage_of, register_stage
 from ..stage_specs.storage_quantized import QuantizedStorageParams
 
@@ -112,9 +113,10 @@ class QuantizedLayer(DynamicLayer):
             kivi_encode,  # imports triton: only when it runs
         )
 
-        layout = kivi_layout(self.quantizer)
-        if layout is not None and self._encode is None:
-            self._encode = lambda x, role, enabled=None: kivi_encode(x, role, *layout, enabled=enabled)
+        layout = self.quantizer.kernel_layout()
+        if isinstance(layout, KiviPacking) and self._encode is None:
+            self._encode = lambda x, role, enabled=None: kivi_encode(x, role, layout.bits, layout.group_size,
+                                                                     enabled=enabled)
 
     def _flush(self) -> None:
         """Quantize the oldest residual tokens beyond the window, in whole blocks."""
