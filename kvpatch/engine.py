@@ -148,7 +148,9 @@ class Engine:
         if self.handle.reuse is None:
             raise ConfigError(f"config {self.handle.config.name!r} has no chunk reuse stages (chunker, matcher, store)")
         self.reuse: ReuseController = self.handle.reuse
-        self.reuse.chunker.add_boundary_tokens(set(newline_ids(tokenizer)))
+        add_boundary_tokens = getattr(self.reuse.chunker, "add_boundary_tokens", None)  # optional for a chunker
+        if add_boundary_tokens is not None:
+            add_boundary_tokens(set(newline_ids(tokenizer)))
         self._lock = RequestLock("Engine")
 
     @classmethod

@@ -17,6 +17,15 @@ class attributes `lossless` / `requires` / `builds_layers` (defaults: True, (), 
 subclass of a registered stage starts from its parent's) gets a spec made from the class when it
 registers. A plug-in whose losslessness depends on its params declares itself with
 `declare_stage` (a rule for `lossless`) before its class registers.
+
+The pipeline finds stages by kind and calls what their kind implements (the built-ins are the
+reference; tests/test_plugin_every_kind.py writes a plug-in of each): storage and evictors
+`make_layer(layout)` (an evictor whose layers need attention events sets `needs_cache_events`);
+chunker `spans(token_ids, segment_starts)`; hasher `make_hasher(namespace)` (a
+`reuse.chunk_hash.ChunkHasher`-like object); index the `reuse.index.ChunkIndex` methods; matcher
+`approximate` and `match(...)`; recompute `strategy` and optionally `recompute_positions(spans,
+until)`; store the `reuse.chunk.ChunkStore` methods; offloader `to_host` / `to_device`. Scorers
+and quantizers subclass `ScorerStage` / `QuantizerStage`, which the stages using them look for.
 """
 
 from __future__ import annotations

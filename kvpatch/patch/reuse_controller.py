@@ -24,20 +24,13 @@ import torch
 from ..errors import UnsupportedModelError
 from ..model_shapes import ModelShapes
 from ..cache import KVPatchCache
-from ..registry import first_stage_of
 from ..snapshot.fingerprint import model_fingerprint
-from ..stages.reuse import (
-    CacheBlendRecompute,
-    ChainedHasher,
-    FixedChunker,
-    RecomputeStage,
-)
+from ..stages.reuse import CacheBlendRecompute
 from ..reuse.blend import RepairPolicy, blend
 from ..reuse.chunk import ChunkStore
 from ..reuse.chunk_hash import ChunkHasher, token_bytes
-from ..reuse.chunker import chunk_spans
 from ..reuse.codecs import dense_kv
-from ..reuse.matcher import MatchPlan, match_chunks
+from ..reuse.matcher import MatchPlan
 from ..reuse.rope import KeyRotator
 from ..reuse.writeback import ChunkWriter, NewChunk
 
@@ -85,16 +78,18 @@ class _Request:
 
 
 class ReuseController:
-    """Runs a config's chunker, hasher, matcher, recompute and store stages for one model."""
+    """Runs a config's chunker, hasher, matcher, recompute and store stages for one model.
+
+    Stages are found by kind and used through the methods of their kind (kvpatch/stages/reuse.py
+    lists them), so a plug-in stage of any of these kinds runs as a built-in does."""
 
     def __init__(self, model: torch.nn.Module, stages: list[Any], namespace: str) -> None:
         self.model = model
-        self.chunker = first_stage_of(stages, FixedChunker, "chunk reuse")
-        hasher_stage = next((s for s in stages if isinstance(s, ChainedHasher)), None)
-        algorithm = hasher_stage.params.algorithm if hasher_stage is not None else "sha256"
-        self.hasher = ChunkHasher(namespace, algorithm)
+        self.chunker = next(s for s in stages if s.kind == "chunker")
+        hasher_stage = next((s for s in stages if s.kind == "hasher"), None)
+        self.hasher = hasher_stage.make_hasher(namespace) if hasher_stage is not None else ChunkHasher(namespace)
         self.matcher = next(s for s in stages if s.kind == "matcher")
-        self.recompute: RecomputeStage | None = next((s for s in stages if isinstance(s, RecomputeStage)), None)
+        self.recompute = next((s for s in stages if s.kind == "recompute"), None)
         self.store: ChunkStore = next(s for s in stages if s.kind == "store")
         self.store.bind(self.hasher, ModelShapes.of(model.config))  # refuse other models' chunks
         self.rotator: KeyRotator | None = None
@@ -179,12 +174,11 @@ class ReuseController:
         ids = host_ids if usable else input_ids.detach().cpu()
         plans = []
         approximate = self.approximate and ids.shape[0] == 1
-        p = self.chunker.params
         for row in ids:
             tokens = row.numpy()  # indexable without a Python list of 16K ints
-            row_spans = chunk_spans(tokens, p.size, p.boundary_window, self.chunker.boundary_tokens, self._segment_starts)
+            row_spans = self.chunker.spans(tokens, self._segment_starts)
             row_prefix, row_content = self.hasher.hashes(token_bytes(row), row_spans, content=approximate)
-            plans.append(match_chunks(row_spans, row_prefix, row_content, self.store, approximate=approximate))
+            plans.append(self.matcher.match(row_spans, row_prefix, row_content, self.store, approximate=approximate))
         self._segment_starts = []
         return _Request(ids, plans, computed_from=0, exact_until=[ids.shape[1]] * ids.shape[0])
 
@@ -257,15 +251,17 @@ class ReuseController:
         return getattr(getattr(self.store, "params", None), "codec", "dense")
 
 
-def repair_policy(matcher: Any, recompute: RecomputeStage | None) -> RepairPolicy:
-    """The repair of approximate chunks that a config's matcher and recompute stages ask for."""
+def repair_policy(matcher: Any, recompute: Any | None) -> RepairPolicy:
+    """The repair of approximate chunks that a config's matcher and recompute stages ask for
+    (the recompute stage's `strategy`, and its own `recompute_positions` if it has one)."""
     forced = getattr(matcher.params, "repair", None) == "cacheblend"
-    strategy = "cacheblend" if forced else (recompute.name if recompute is not None else "none")
+    strategy = "cacheblend" if forced else getattr(recompute, "strategy", "none")
+    extra = None if forced else getattr(recompute, "recompute_positions", None)
     params = recompute.params if recompute is not None else None
     blend_params = params if isinstance(recompute, CacheBlendRecompute) else CacheBlendRecompute.Params()
     return RepairPolicy(strategy=strategy, seam_tokens=getattr(params, "seam_tokens", 0),
                         sink_tokens=getattr(params, "sink_tokens", 0), ratio=blend_params.ratio,
-                        check_layer=blend_params.check_layer)
+                        check_layer=blend_params.check_layer, extra=extra)
 
 
 def reuse_namespace(model: torch.nn.Module) -> str:

@@ -5,11 +5,13 @@ history), cannot simply be prepended: the row's K/V are laid out in prompt order
 chunks re-rotated to their new positions, missing chunks as placeholders), then the positions the
 repair policy names are recomputed in place (`recompute.py`). Missing tokens and sink tokens are
 always recomputed; approximate chunks get `none`, `selective` (their first `seam_tokens`) or
-`cacheblend` (the `ratio` most deviated at `check_layer`).
+`cacheblend` (the `ratio` most deviated at `check_layer`), plus any positions the recompute
+stage picks itself (`RepairPolicy.extra`: a plug-in's own repair).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,9 @@ class RepairPolicy:
     sink_tokens: int = 0
     ratio: float = 0.15
     check_layer: int = 1
+    #: extra(spans, until): more positions to recompute in every layer, given the approximate
+    #: chunks' spans (cut at `until`); a recompute stage's `recompute_positions`.
+    extra: Callable[[list[tuple[int, int]], int], torch.Tensor] | None = None
 
 
 @dataclass
@@ -55,7 +60,7 @@ def blend(model: torch.nn.Module, plan: MatchPlan, input_ids: torch.Tensor, rota
     device, dtype = input_ids.device, model.dtype
     reference = next(m.chunk for m in plan.matches if m.chunk is not None)
     layer_count, heads, _, dim = kv_shape(reference)
-    parts, missing, approximate, seams = [], [], [], []
+    parts, missing, approximate, seams, spans = [], [], [], [], []
     for match in plan.matches:
         start, end = match.span[0], min(match.span[1], until)
         if start >= until:
@@ -69,11 +74,12 @@ def blend(model: torch.nn.Module, plan: MatchPlan, input_ids: torch.Tensor, rota
             kv = rotator.rotate(kv, start - match.chunk.start)
             approximate.append(torch.arange(start, end))
             seams.append(start)
+            spans.append((start, end))
         parts.append(kv)
     kv = torch.cat(parts, dim=3).unsqueeze(2)  # [L, 2, 1, H, until, D]
     layers = [(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])]
     ids = input_ids[:, :until]
-    recompute = _always_recomputed(missing, seams, plan.leading_exact_tokens(), until, policy)
+    recompute = _always_recomputed(missing, seams, spans, plan.leading_exact_tokens(), until, policy)
     candidates = torch.cat(approximate) if approximate else torch.zeros(0, dtype=torch.long)
     check_tokens = 0
     if policy.strategy == "cacheblend" and candidates.numel():
@@ -89,15 +95,18 @@ def blend(model: torch.nn.Module, plan: MatchPlan, input_ids: torch.Tensor, rota
                  check_tokens=check_tokens, first_approximate=min(seams) if seams else None)
 
 
-def _always_recomputed(missing: list[torch.Tensor], seams: list[int], exact_end: int, until: int,
-                       policy: RepairPolicy) -> torch.Tensor:
-    """Positions recomputed in every layer: missing tokens, sinks past the exact prefix, and
-    (selective) the first `seam_tokens` of each approximate chunk."""
+def _always_recomputed(missing: list[torch.Tensor], seams: list[int], spans: list[tuple[int, int]],
+                       exact_end: int, until: int, policy: RepairPolicy) -> torch.Tensor:
+    """Positions recomputed in every layer: missing tokens, sinks past the exact prefix,
+    (selective) the first `seam_tokens` of each approximate chunk, and the policy's `extra`."""
     chosen = list(missing)
     if policy.sink_tokens > exact_end:
         chosen.append(torch.arange(exact_end, min(policy.sink_tokens, until)))
     if policy.strategy == "selective":
         chosen.extend(torch.arange(s, min(s + policy.seam_tokens, until)) for s in seams)
+    if policy.extra is not None and spans:
+        extra = torch.as_tensor(policy.extra(spans, until), dtype=torch.long).flatten().cpu()
+        chosen.append(extra[(extra >= 0) & (extra < until)])
     if not chosen:
         return torch.zeros(0, dtype=torch.long)
     return torch.cat(chosen).unique().sort().values

@@ -217,8 +217,9 @@ class BudgetEvictor(Stage):
 
     def connect(self, stages: Sequence[Stage]) -> None:
         self.scorer = first_stage_of(stages, ScorerStage, "evictor/budget")
-        # Optional: with an offloader, evicted tokens go to host memory instead of away.
-        self.offloader = next((s for s in stages if isinstance(s, CpuOffloader)), None)
+        # Optional: with an offloader (any stage of that kind: `to_host` / `to_device`), evicted
+        # tokens go to host memory instead of away.
+        self.offloader = next((s for s in stages if s.kind == "offloader"), None)  # type: ignore[assignment]
 
     def budget(self, seen: int) -> int:
         return budget_tokens(self.params.max_tokens, self.params.ratio, seen)
