@@ -948,9 +948,6 @@ def test_offloader_plugin(load_plugin: PluginLoader) -> None:
         assert torch.equal(layer.keys, expected.keys) and torch.equal(layer.values, expected.values)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="stages/tiers.py (TieredEvictor.connect) finds the offloader by isinstance(CpuOffloader), "
-                          "so a plug-in offloader is not seen: evictor/budget finds it by kind")
 def test_offloader_plugin_as_the_cold_tier(load_plugin: PluginLoader) -> None:
     plugin = load_plugin(OFFLOADER)
     config = {"name": "plugin_cold_tier", "fidelity": {"lossless": False, "min_logit_cosine": 0.5},

@@ -57,7 +57,8 @@ class TieredEvictor(Stage):
     def connect(self, stages: Sequence[Stage]) -> None:
         self.scorer = first_stage_of(stages, ScorerStage, "evictor/tiered")
         self.codec = next((s for s in stages if isinstance(s, QuantizerStage)), FullPrecision())
-        self.offloader = next((s for s in stages if isinstance(s, CpuOffloader)), None)
+        # by kind, not class: any offloader stage (to_host / to_device) can hold the cold tier
+        self.offloader = next((s for s in stages if s.kind == "offloader"), None)  # type: ignore[assignment]
         if self.offloader is None and not self.params.warm.unlimited and not self.drops_cold:
             raise ValueError("evictor/tiered: the warm tier has a budget, so tokens go cold, and cold needs an "
                              "offloader stage (offloader/cpu); or set cold: {max_tokens: 0} to drop them instead")
