@@ -23,6 +23,7 @@ from .errors import ConfigError, echo
 from .params import Fraction
 from .registry import Stage, StageSpec, get_stage_class, get_stage_spec
 from .resources import bundled_dir
+from .stage_specs.reuse import shared_key_problems
 
 
 class _Strict(BaseModel):
@@ -124,6 +125,9 @@ class PipelineConfig(_Strict):
             missing = [kind for kind in s.stage_spec().requires if kind not in kinds]
             if missing:
                 raise ValueError(f"stage {s.kind}/{s.impl} needs a {' and a '.join(missing)} stage in the same config")
+        shared_keys = shared_key_problems([(s.kind, s.impl, s.params) for s in self.stages])
+        if shared_keys:
+            raise ValueError(shared_keys[0])
         lossy = [f"{s.kind}/{s.impl}" for s in self.stages
                  if not s.stage_spec().is_lossless(s.stage_spec().Params.model_validate(s.params))]
         if self.fidelity.lossless and lossy:

@@ -9,6 +9,13 @@ lookups on --device. A last section scales the tensor index batch size on random
     python tools/bench_hashing.py --quick
     python tools/bench_hashing.py --tag cpu                    # results/hashing-cpu.json, docs/hashing.png
     python tools/bench_hashing.py --device cuda --tag h100 --out-dir "$OUT" --plot "$OUT/hashing-h100.png"
+
+`--algorithms` measures the chunk-key algorithms of `hasher/chained` instead (sha256, blake2b,
+blake3, xxhash; docs/hashing.md "Chunk-key algorithms"): hashing a 32K-token prompt's 128-token
+chunks the way `ChunkHasher` feeds them, store hit and miss latency of the exact lookup, and the
+lookup's share of TTFT on the shipped reference model (CPU, `prefix_reuse` with each algorithm):
+
+    python tools/bench_hashing.py --algorithms --threads 2          # results/hashing-cpu-algorithms.json
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -232,6 +240,224 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+# -- chunk-key algorithms (--algorithms) -------------------------------------------------------------
+
+ALGORITHMS = ("sha256", "blake2b", "blake3", "xxhash")
+KEY_CHUNK = 128  # prefix_reuse's chunk size
+
+
+def _best_ns(passes: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Fastest of `repeats` passes per function, in nanoseconds, the functions taking turns."""
+    best = dict.fromkeys(passes, float("inf"))
+    for _ in range(repeats):
+        for name, fn in passes.items():
+            start = time.perf_counter_ns()
+            fn()
+            best[name] = min(best[name], time.perf_counter_ns() - start)
+    return best
+
+
+def _bound_chunk(hasher: Any, ids: torch.Tensor, span: tuple[int, int], parent: str, prefix: str, content: str,
+                 kv_shape: tuple[int, int, int], dtype: torch.dtype) -> Any:
+    from kvpatch.reuse.chunk import StoredChunk
+
+    layers, heads, dim = kv_shape
+    kv = torch.randn(layers, 2, heads, span[1] - span[0], dim).to(dtype)
+    return StoredChunk(prefix, content, ids[span[0]:span[1]].clone(), span[0], {"kv": kv},
+                       namespace=hasher.namespace, parent_hash=parent)
+
+
+def _fill(store: Any, hasher: Any, ids: torch.Tensor, spans: list, kv_shape: tuple[int, int, int],
+          dtype: torch.dtype) -> None:
+    """Put every chunk of `ids` into `store`, bound to `hasher` (as write-back would)."""
+    from kvpatch.reuse.chunk_hash import token_bytes
+
+    prefixes, contents = hasher.hashes(token_bytes(ids), spans)
+    parent = hasher.namespace
+    for span, prefix, content in zip(spans, prefixes, contents):
+        assert store.put(_bound_chunk(hasher, ids, span, parent, prefix, content, kv_shape, dtype))
+        parent = prefix
+
+
+def bench_key_hashing(n_tokens: int, repeats: int) -> dict[str, Any]:
+    """Per algorithm: one chunk's prefix key (the bytes `prefix_hash` hashes), the exact lookup's
+    keys of a whole prompt (`hashes(content=False)`) and the approximate lookup's (both keys)."""
+    from kvpatch.reuse.chunk_hash import ChunkHasher, token_bytes
+
+    ids = torch.randint(0, VOCAB, (n_tokens,), generator=torch.Generator().manual_seed(0))
+    spans = [(s, min(s + KEY_CHUNK, n_tokens)) for s in range(0, n_tokens, KEY_CHUNK)]
+    data = token_bytes(ids)
+    hashers = {a: ChunkHasher("bench-namespace", a) for a in ALGORITHMS}
+    chunks = [data[8 * a : 8 * b] for a, b in spans]
+
+    def per_chunk(h: Any) -> Callable[[], Any]:
+        parent = h.namespace
+        return lambda: [h.prefix_hash(parent, c) for c in chunks]
+
+    chunk_ns = _best_ns({a: per_chunk(h) for a, h in hashers.items()}, repeats)
+    exact_ns = _best_ns({a: (lambda h=h: h.hashes(data, spans, content=False)) for a, h in hashers.items()}, repeats)
+    both_ns = _best_ns({a: (lambda h=h: h.hashes(data, spans)) for a, h in hashers.items()}, repeats)
+    bytes_ns = _best_ns({"token_bytes": lambda: token_bytes(ids)}, repeats)["token_bytes"]
+    message = len(b"prefix\0") + len(hashers["sha256"].namespace) + 1 + 8 * KEY_CHUNK
+    # Raw digests by message size: BLAKE3 hashes 1 KiB blocks in parallel (SIMD) only within one
+    # long message; a chunk key is one ~1 KiB message, where SHA-256 with SHA-NI is as fast or faster.
+    sizes = {}
+    for size in (1024, 16384, 262144):
+        blob = os.urandom(size)
+        n = max(1, 2**20 // size)
+        best = _best_ns({a: (lambda d=h._digest: [d(blob) for _ in range(n)]) for a, h in hashers.items()}, repeats // 5 or 1)
+        sizes[str(size)] = {a: ns / n for a, ns in best.items()}
+    return {
+        "prompt_tokens": n_tokens, "chunk_tokens": KEY_CHUNK, "chunks": len(spans),
+        "prefix_message_bytes_sha256": message, "token_bytes_us_per_prompt": bytes_ns / 1e3,
+        "raw_digest_ns_by_message_bytes": sizes,
+        "per_algorithm": {a: {"ns_per_chunk": chunk_ns[a] / len(spans),
+                              "exact_keys_us_per_prompt": exact_ns[a] / 1e3,
+                              "exact_and_content_keys_us_per_prompt": both_ns[a] / 1e3,
+                              "key_example": hashers[a].prefix_hash(hashers[a].namespace, chunks[0])}
+                          for a in ALGORITHMS},
+    }
+
+
+def bench_store_lookup(n_tokens: int, repeats: int) -> dict[str, Any]:
+    """Per algorithm: `match_chunks` (the exact lookup after hashing) over a prompt whose chunks are
+    all in a RAM store (hits) and over a fresh prompt (misses), keys precomputed."""
+    from kvpatch.reuse.chunk_hash import ChunkHasher, token_bytes
+    from kvpatch.reuse.matcher import match_chunks
+    from kvpatch.reuse.memory_store import TieredChunkStore
+
+    gen = torch.Generator().manual_seed(1)
+    stored, fresh = (torch.randint(0, VOCAB, (n_tokens,), generator=gen) for _ in range(2))
+    spans = [(s, min(s + KEY_CHUNK, n_tokens)) for s in range(0, n_tokens, KEY_CHUNK)]
+    passes, stores = {}, {}
+    for a in ALGORITHMS:
+        hasher = ChunkHasher("bench-namespace", a)
+        store = TieredChunkStore(2**30, pin_memory=False)
+        store.bind(hasher, None)
+        _fill(store, hasher, stored, spans, (1, 1, 8), torch.float32)
+        hit_keys = hasher.hashes(token_bytes(stored), spans)
+        miss_keys = hasher.hashes(token_bytes(fresh), spans)
+        passes[f"{a}/hit"] = lambda s=store, k=hit_keys: match_chunks(spans, k[0], k[1], s, approximate=False)
+        passes[f"{a}/miss"] = lambda s=store, k=miss_keys: match_chunks(spans, k[0], k[1], s, approximate=False)
+        stores[a] = store
+    best = _best_ns(passes, repeats)
+    for a, store in stores.items():
+        plan = passes[f"{a}/hit"]()
+        assert all(m.kind == "exact" for m in plan.matches), f"{a}: a stored chunk was missed"
+        assert all(m.kind == "miss" for m in passes[f"{a}/miss"]().matches), f"{a}: a fresh chunk hit"
+    return {a: {f"{kind}_us_per_prompt": best[f"{a}/{kind}"] / 1e3 for kind in ("hit", "miss")}
+            | {f"{kind}_ns_per_chunk": best[f"{a}/{kind}"] / len(spans) for kind in ("hit", "miss")}
+            for a in ALGORITHMS}
+
+
+def _reuse_config(algorithm: str) -> dict[str, Any]:
+    from kvpatch.config import load_config
+
+    data = load_config("prefix_reuse").model_dump(mode="json")
+    for stage in data["stages"]:
+        if stage["kind"] == "hasher":
+            stage["params"] = {"algorithm": algorithm}
+    data["name"] = f"prefix_reuse-{algorithm}"
+    return data
+
+
+def bench_ttft_share(load_model: Callable[[], torch.nn.Module], lengths: list[int], synthetic: list[int],
+                     repeats: int) -> list[dict]:
+    """TTFT of `prefix_reuse` per algorithm (CPU): one model copy patched per algorithm, the
+    algorithms taking turns. Per length, a cold request (fresh random prompt; it writes its chunks
+    back) then the same prompt again (every chunk reused, the last token computed); a first round
+    warms up and is not counted. For `synthetic` lengths the chunks are put directly (a cold
+    patched prefill per algorithm would take minutes) and the cold case is one unpatched prefill."""
+    import kvpatch
+    from kvpatch.model_shapes import ModelShapes
+    from kvpatch.reuse.chunker import chunk_spans
+
+    models = {a: load_model() for a in ALGORITHMS}
+    reference = models["sha256"]
+    shapes = ModelShapes.of(reference.config)
+    kv = (shapes.num_layers, shapes.kv_heads, shapes.head_dim)
+    gen = torch.Generator().manual_seed(2)
+    rows = []
+
+    def forward(model: torch.nn.Module, ids: torch.Tensor) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=ids, logits_to_keep=1)
+        return (time.perf_counter() - start) * 1e3
+
+    def request(handle: Any, model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, float, float, int]:
+        handle.reuse.set_host_ids(ids)  # as the Engine does: hash the host copy
+        ms = forward(model, ids)
+        last = handle.reuse.last
+        return ms, last.lookup_ms, last.load_ms, last.reused_tokens
+
+    for length in [*lengths, *[n for n in synthetic if n not in lengths]]:
+        direct = length not in lengths
+        row: dict[str, Any] = {"length": length, "warm": "chunks put directly" if direct else "cold request",
+                               "unpatched_prefill_ms": None, "per_algorithm": {}}
+        if direct:
+            row["unpatched_prefill_ms"] = forward(reference, torch.randint(0, shapes.vocab_size, (1, length), generator=gen))
+        samples = {a: {f"{case}{part}": [] for case in ("cold", "reused") for part in ("", "_lookup", "_load")}
+                   for a in ALGORITHMS}
+        handles = {a: kvpatch.apply(m, _reuse_config(a)) for a, m in models.items()}
+        try:
+            for rep in range(repeats + 1):  # round 0 warms up
+                for a, handle in handles.items():
+                    ids = torch.randint(0, shapes.vocab_size, (1, length), generator=gen)
+                    if direct:
+                        c = handle.reuse.chunker
+                        spans = chunk_spans(ids[0].numpy(), c.params.size, c.params.boundary_window, c.boundary_tokens, [])
+                        _fill(handle.reuse.store, handle.reuse.hasher, ids[0], spans, kv, reference.dtype)
+                    else:
+                        cold = request(handle, models[a], ids)
+                    reused = request(handle, models[a], ids)
+                    assert reused[3] == length - 1, (a, length, reused[3])
+                    for case, got in (("cold", None if direct else cold), ("reused", reused)):
+                        if rep and got is not None:
+                            for part, value in zip(("", "_lookup", "_load"), got):
+                                samples[a][f"{case}{part}"].append(value)
+        finally:
+            for m in models.values():
+                kvpatch.unpatch(m)
+        for a, got in samples.items():
+            out: dict[str, Any] = {}
+            for case in ("cold", "reused"):
+                if got[case]:
+                    ttft, lookup = statistics.median(got[case]), statistics.median(got[f"{case}_lookup"])
+                    out[case] = {"ttft_ms": ttft, "lookup_ms": lookup, "lookup_share": lookup / ttft,
+                                 "load_ms": statistics.median(got[f"{case}_load"])}
+            row["per_algorithm"][a] = out
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def run_algorithms(args: argparse.Namespace) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    import kvpatch
+
+    start = time.perf_counter()
+    hashing = bench_key_hashing(args.prompt_tokens, max(args.repeats, 50))
+    store = bench_store_lookup(args.prompt_tokens, max(args.repeats, 30))
+    ttft = bench_ttft_share(lambda: kvpatch.models.load("kvpatch-ref", dtype=torch.float32)[0],
+                            args.ttft_lengths, args.synthetic_lengths, args.ttft_repeats)
+    versions = {}
+    for name in ("blake3", "xxhash"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "command": "python " + " ".join(sys.argv), "device_name": cpu_name(), "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(), "load_average_1min_at_end": os.getloadavg()[0],
+        "python": platform.python_version(), "torch": torch.__version__, "packages": versions,
+        "model": "kvpatch-ref (float32, CPU; max_position_embeddings 2048: longer prompts are timing only)",
+        "wall_s": time.perf_counter() - start,
+        "hashing": hashing, "store_lookup": store, "ttft": ttft,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="device of the tensor index (cpu, cuda)")
@@ -246,10 +472,26 @@ def main() -> None:
                         help="torch CPU threads (default: torch's choice; use 1 on a shared machine, where "
                              "OpenMP threads waiting on each other slow small tensor ops a hundredfold)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--algorithms", action="store_true",
+                        help="benchmark the chunk-key algorithms instead (hashing, store hit/miss, TTFT share)")
+    parser.add_argument("--prompt-tokens", type=int, default=32768, help="--algorithms: prompt length hashed")
+    parser.add_argument("--ttft-lengths", type=int, nargs="*", default=[2048, 8192],
+                        help="--algorithms: prompt lengths timed end to end (a cold and a fully reused request each)")
+    parser.add_argument("--synthetic-lengths", type=int, nargs="*", default=[32768],
+                        help="--algorithms: lengths whose reused request is timed over stored chunks put directly "
+                             "(no cold prefill per algorithm); one unpatched prefill is timed for the cold case")
+    parser.add_argument("--ttft-repeats", type=int, default=3, help="--algorithms: requests per point (median)")
     args = parser.parse_args()
     args.tag = args.tag or args.device.split(":")[0]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.algorithms:
+        out = args.out_dir / f"hashing-{args.tag}-algorithms.json"
+        result = run_algorithms(args)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+        return
     result = run(args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"hashing-{args.tag}.json"

@@ -198,7 +198,13 @@ def apply(model: torch.nn.Module, config: ConfigSource = "default") -> PatchHand
     for module in handle._attention_modules:
         setattr(module, KERNEL_ATTR, pipeline_config.kernels.attention)
     if handle.pipeline.has_reuse:
-        handle.reuse = ReuseController(model, handle.pipeline.stages, reuse_namespace(model))
+        try:  # e.g. a hasher whose package is missing: leave the model as it was
+            handle.reuse = ReuseController(model, handle.pipeline.stages, reuse_namespace(model))
+        except Exception:
+            for module in handle._attention_modules:
+                delattr(module, KERNEL_ATTR)
+            model.set_attn_implementation(handle._original_attention)
+            raise
         handle._post_hook = model.register_forward_hook(handle._post_forward, with_kwargs=True)
     handle._hook = model.register_forward_pre_hook(handle._pre_forward, with_kwargs=True)
     if getattr(handle.pipeline.layer_builder, "needs_cache_events", False):

@@ -9,33 +9,57 @@ The same hashes bind a stored chunk to its key: a chunk records its namespace an
 key, so `binding_problem` can recompute its key and content hash from its own token ids. A reader
 that asks for key K and gets a chunk whose tokens hash to K (from the parent it names) holds the
 K/V of exactly the tokens and history it asked for (collision resistance of the hash).
+
+Every key names its algorithm: SHA-256 keys (the default) are bare lowercase hex, as they always
+were; every other algorithm's namespace, prefix and content keys start with its tag (`blake2b:`,
+`blake3:`, `xxh3:`), so keys of two algorithms can never be equal and a chunk hashed one way is
+foreign (another namespace) to a store bound to another. xxhash (XXH3-128) is fast but not
+collision resistant against chosen inputs: its keys are only for chunks that stay in this
+process's RAM (`shareable` is False; a disk or Redis tier, or a chunk-store snapshot, refuses it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from ..errors import ConfigError
-from ..stage_specs.reuse import HashAlgorithm
+from ..stage_specs.reuse import SHAREABLE_ALGORITHMS, HashAlgorithm, unshareable_problem
 from .chunk import StoredChunk
 from .chunker import Span
 
 
+#: The prefix of every key (namespace, prefix hash, content hash) per algorithm: SHA-256 keys
+#: stay bare hex (as before tags existed: stored chunks keep their keys), the others name their algorithm.
+KEY_TAGS: dict[str, str] = {"sha256": "", "blake2b": "blake2b:", "blake3": "blake3:", "xxhash": "xxh3:"}
+
+
+def _optional(module: str, algorithm: str, extra: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"hasher algorithm {algorithm!r} needs the {module} package: pip install {module} "
+                          f"(or pip install 'kvpatch[{extra}]'), or use algorithm sha256 (the default)") from None
+
+
 def _hasher_factory(algorithm: HashAlgorithm) -> Callable[[bytes], str]:
+    """The digest of `algorithm` as lowercase hex, after the algorithm's key tag."""
+    if algorithm not in KEY_TAGS:
+        raise ConfigError(f"hasher algorithm: expected one of {', '.join(KEY_TAGS)}, got {algorithm!r}")
+    tag = KEY_TAGS[algorithm]
     if algorithm == "sha256":
         return lambda data: hashlib.sha256(data).hexdigest()
     if algorithm == "blake2b":
-        return lambda data: hashlib.blake2b(data, digest_size=32).hexdigest()
-    if algorithm == "xxhash":
-        try:
-            import xxhash
-        except ImportError:
-            raise ConfigError("hasher algorithm 'xxhash' needs the xxhash package (pip install xxhash)") from None
-        return lambda data: xxhash.xxh3_128_hexdigest(data)
-    raise ConfigError(f"hasher algorithm: expected sha256, blake2b or xxhash, got {algorithm!r}")
+        return lambda data: tag + hashlib.blake2b(data, digest_size=32).hexdigest()
+    if algorithm == "blake3":
+        blake3 = _optional("blake3", "blake3", "fast-hash").blake3
+        return lambda data: tag + blake3(data).hexdigest()
+    xxh3_128_hexdigest = _optional("xxhash", "xxhash", "fast-hash").xxh3_128_hexdigest
+    return lambda data: tag + xxh3_128_hexdigest(data)
 
 
 def token_bytes(token_ids: Sequence[int] | torch.Tensor) -> bytes:
@@ -51,6 +75,17 @@ class ChunkHasher:
         self.algorithm = algorithm
         self._digest = _hasher_factory(algorithm)
         self.namespace = self._digest(b"kvpatch-chunk-namespace\0" + namespace.encode())
+
+    @property
+    def shareable(self) -> bool:
+        """Whether keys of this algorithm may leave the process (disk, Redis, snapshots): only
+        collision-resistant ones, where a chunk whose tokens hash to its key is that key's chunk."""
+        return self.algorithm in SHAREABLE_ALGORITHMS
+
+    def require_shareable(self, where: str) -> None:
+        """ConfigError unless `shareable`: `where` (a disk tier, ...) would persist or share keys."""
+        if not self.shareable:
+            raise ConfigError(unshareable_problem(self.algorithm, where))
 
     def content_hash(self, tokens: bytes) -> str:
         return self._digest(b"content\0" + self.namespace.encode() + b"\0" + tokens)

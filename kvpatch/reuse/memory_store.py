@@ -98,7 +98,10 @@ class TieredChunkStore:
     def bind(self, hasher: ChunkHasher, shapes: ModelShapes | None) -> None:
         """Admit only chunks of `hasher`'s namespace whose tokens hash to their keys and, with
         `shapes`, that have this model's layers, kv_heads and head_dim. Chunks already in RAM
-        from another binding become misses."""
+        from another binding become misses. A hasher whose keys must stay in RAM (xxhash) is
+        refused (ConfigError) when the store has a disk or Redis tier."""
+        for tier in self.tiers():
+            hasher.require_shareable(f"the store's {tier.name} tier")
         with self._lock:
             self.hasher, self.shapes = hasher, shapes
 

@@ -53,6 +53,7 @@ def export_store(path: str | os.PathLike[str], store: ExportableStore, model: to
     """Write every chunk of `store` (RAM and disk tier) to `path` atomically; returns the path.
 
     `model` and `config` are what computed the chunks (their fingerprints go into the file)."""
+    _require_shareable_keys(store, "a chunk-store snapshot")
     return write_chunks(path, store.iter_chunks(), model, config, tokenizer=tokenizer, progress=progress)
 
 
@@ -106,11 +107,19 @@ def import_store(path: str | os.PathLike[str], store: ExportableStore, model: to
     """Put every chunk of a snapshot into `store` after `read_store_snapshot`'s checks (nothing is
     put if any fails); returns how many the store admitted (a bound store refuses, and counts,
     chunks that are not its model's). The store's budget applies (overflow spills or drops)."""
+    _require_shareable_keys(store, "a chunk-store snapshot")
     _, chunks = read_store_snapshot(path, model, config, tokenizer=tokenizer)
     admitted = 0
     for chunk in tqdm(chunks, desc="import chunks", unit="chunk", disable=not progress):
         admitted += store.put(chunk) is not False
     return admitted
+
+
+def _require_shareable_keys(store: ExportableStore, where: str) -> None:
+    """ConfigError if `store` is bound to a hasher whose keys must stay in RAM (xxhash)."""
+    hasher = getattr(store, "hasher", None)
+    if hasher is not None:
+        hasher.require_shareable(where)
 
 
 def _chunk(path: Path, i: int, record: ChunkRecord, tensors: dict[str, torch.Tensor]) -> StoredChunk:
