@@ -58,6 +58,13 @@ def test_config_invariants(config_name: str, family: str) -> None:
         patched = _teacher_forced_logits(model, ids, forced)
         patched_tokens = model.generate(ids, **gen)
 
+    check_fidelity(config, patched, reference, patched_tokens, reference_tokens)
+
+
+def check_fidelity(config: kvpatch.PipelineConfig, patched: torch.Tensor, reference: torch.Tensor,
+                   patched_tokens: torch.Tensor, reference_tokens: torch.Tensor) -> dict[str, float]:
+    """What a config promises, asserted on its outputs: lossless = logits within float tolerance
+    and identical tokens; lossy = its declared logit-cosine and top-1 bounds. Returns the figures."""
     if config.fidelity.lossless:
         tolerance = 1e-4 if config.compile.enabled else 1e-5
         torch.testing.assert_close(patched, reference, atol=tolerance, rtol=0)
@@ -68,3 +75,4 @@ def test_config_invariants(config_name: str, family: str) -> None:
         assert cosine.min().item() >= config.fidelity.min_logit_cosine
     if config.fidelity.min_top1_agreement is not None:
         assert top1 >= config.fidelity.min_top1_agreement
+    return {"min_cosine": cosine.min().item(), "top1": top1, "max_abs": (patched - reference).abs().max().item()}

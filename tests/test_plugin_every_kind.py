@@ -31,11 +31,10 @@ import kvpatch
 from kvpatch import registry
 from kvpatch.compat import cache_kwarg, output_cache
 from kvpatch.cache import layer_layouts
-from kvpatch.config import PipelineConfig
 from kvpatch.stages.evictor import EvictingLayer
 from kvpatch.stages.storage_quantized import QuantizedLayer
 from kvpatch.testing import prompt_ids, tiny_model, tiny_tokenizer
-from test_config_matrix import _teacher_forced_logits
+from test_config_matrix import _teacher_forced_logits, check_fidelity
 
 #: The config matrix's families: the plug-ins that do not reuse chunks run on each. In the tiny
 #: mistral and phi3 every layer slides a window (bounded already), so storage, quantizer, scorer
@@ -101,21 +100,6 @@ def _generate(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model.generate(ids, attention_mask=torch.ones_like(ids), **GEN)
 
 
-def _check_fidelity(config: PipelineConfig, patched: torch.Tensor, reference: torch.Tensor,
-                    patched_tokens: torch.Tensor, reference_tokens: torch.Tensor) -> dict[str, float]:
-    """What tests/test_config_matrix.py asserts of a config, on these outputs."""
-    if config.fidelity.lossless:
-        torch.testing.assert_close(patched, reference, atol=1e-5, rtol=0)
-        assert torch.equal(patched_tokens, reference_tokens)
-    cosine = torch.nn.functional.cosine_similarity(patched.flatten(0, 1), reference.flatten(0, 1), dim=-1)
-    top1 = (patched.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    if config.fidelity.min_logit_cosine is not None:
-        assert cosine.min().item() >= config.fidelity.min_logit_cosine
-    if config.fidelity.min_top1_agreement is not None:
-        assert top1 >= config.fidelity.min_top1_agreement
-    return {"min_cosine": cosine.min().item(), "top1": top1, "max_abs": (patched - reference).abs().max().item()}
-
-
 def _matrix_check(config_dict: dict, family: str = "llama") -> tuple[kvpatch.PatchHandle, dict[str, float]]:
     """The config matrix's test on one family: prompt_ids(2, 20), 12 teacher-forced steps and 16
     greedy tokens, patched vs unpatched."""
@@ -127,7 +111,7 @@ def _matrix_check(config_dict: dict, family: str = "llama") -> tuple[kvpatch.Pat
     handle = kvpatch.apply(model, config)
     patched = _teacher_forced_logits(model, ids, forced)
     patched_tokens = _generate(model, ids)
-    return handle, _check_fidelity(config, patched, reference, patched_tokens, reference_tokens)
+    return handle, check_fidelity(config, patched, reference, patched_tokens, reference_tokens)
 
 
 def _full_layers(handle: kvpatch.PatchHandle) -> list:
@@ -171,7 +155,7 @@ def _lossless_reuse_check(config_dict: dict) -> tuple[kvpatch.PatchHandle, list[
         patched = _reuse_teacher_forced_logits(model, ids, forced)
         reused.append(handle.reuse.last.reused_tokens)
         expected = _reuse_teacher_forced_logits(reference, ids, forced)
-        _check_fidelity(config, patched, expected, _generate(model, ids), _generate(reference, ids))
+        check_fidelity(config, patched, expected, _generate(model, ids), _generate(reference, ids))
     assert reused[0] == 0 and reused[1] > 0, reused
     return handle, reused
 
@@ -585,7 +569,7 @@ def test_recompute_plugin(load_plugin: PluginLoader, head: int, exact: bool) -> 
     per_chunk = min(head + 1, CHUNK)
     assert isinstance(stage, plugin.HeadTailRecompute) and stage.calls == 1
     assert stats.recomputed_tokens == stage.chosen == 2 * per_chunk
-    _check_fidelity(config, patched, expected, patched.argmax(-1), expected.argmax(-1))
+    check_fidelity(config, patched, expected, patched.argmax(-1), expected.argmax(-1))
     # recomputing every moved token restores exactness; two of eight per chunk does not
     assert torch.allclose(patched, expected, atol=1e-4, rtol=0) == exact
 

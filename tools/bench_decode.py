@@ -141,7 +141,11 @@ def replay_only(graphs: Any, steps: int) -> float | None:
     entries = list(graphs._graphs.values())
     if not entries:
         return None
-    graph = entries[-1].graph
+    return replay_ms(entries[-1].graph, steps)
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, steps: int) -> float:
+    """GPU ms per replay of `graph`, over `steps` replays timed with CUDA events."""
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -197,16 +201,8 @@ def hf_static_graph(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> fl
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    for _ in range(2):
-        graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps
+    replay_ms(graph, 2)  # warm-up
+    return replay_ms(graph, steps)
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
