@@ -43,7 +43,11 @@ def test_validating_every_bundled_config_imports_neither_torch_nor_transformers(
 @pytest.fixture
 def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The registry as it is, restored after the test (stages registered here do not leak)."""
-    kvpatch.available_stages()  # the built-in declarations, loaded before the copy
+    # every built-in declaration and implementation loaded before the copy: an implementation first
+    # imported inside the test would register only into the copy, and be lost to later tests
+    for kind, names in kvpatch.available_stages().items():
+        for name in names:
+            registry.get_stage_class(kind, name)
     monkeypatch.setattr(registry, "_SPECS", {kind: dict(specs) for kind, specs in registry._SPECS.items()})
     monkeypatch.setattr(registry, "_CLASSES", {kind: dict(classes) for kind, classes in registry._CLASSES.items()})
     yield
