@@ -39,8 +39,11 @@ def test_unverified_family_is_refused() -> None:
 
 
 def test_patch_that_does_not_take_effect_is_detected_and_rolled_back() -> None:
-    """A family whose attention bypasses the interface, disguised as a supported one."""
-    model = _model("falcon")
+    """A family whose attention bypasses the interface, disguised as a supported one.
+
+    Bloom, not falcon: transformers 5.25 moved FalconAttention onto the AttentionInterface.
+    """
+    model = _model("bloom", **REFUSED["bloom"])
     original = model.config._attn_implementation
     model.config.model_type = "llama"
     with pytest.raises(kvpatch.UnsupportedModelError, match="did not take effect.*0 of 2 layers"):
