@@ -239,20 +239,40 @@ def make_training_row(
     """A packed training row of exactly `length` ids: needle examples, each followed by its
     answer and <eos>, with random depths and log-uniform context lengths (short rows teach the
     task fast, long ones make it hold at length); leftover room is plain filler."""
-    eos = getattr(tokenizer, "eos_token_id", None)
-    tail = [] if eos is None else [int(eos)]
     # Short contexts are where retrieval is learned first (measured: a small model learns it in
     # a few hundred steps at 10-20 filler tokens, not at all in 1500 steps at 10-60).
     min_context = max(min_context or 0, _row_overhead(tokenizer) + 8)
+
+    def example(ctx: int, depth: float, rng: random.Random) -> NeedleExample:
+        return make_needle_example(tokenizer, filler_ids, ctx, depth, rng)
+
+    return pack_training_row(example, tokenizer, filler_ids, length, rng, min_context, VALUE_DIGITS + 8)
+
+
+def pack_training_row(
+    example: Callable[[int, float, random.Random], Any],
+    tokenizer: Any,
+    filler_ids: Sequence[int],
+    length: int,
+    rng: random.Random,
+    min_context: int,
+    answer_room: int,
+) -> TrainingRow:
+    """Pack rows `example(context_tokens, depth, rng)` (anything with `input_ids` and
+    `answer_ids`), each followed by its answer and <eos>, into exactly `length` ids, at random
+    depths and log-uniform context lengths from `min_context`; `answer_room` must hold an answer
+    and <eos>. Leftover room is plain filler. Shared by the needle and the other tasks."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    tail = [] if eos is None else [int(eos)]
     ids: list[int] = []
     mask: list[bool] = []
     while True:
         room = length - len(ids)
-        if room < min_context + VALUE_DIGITS + 8:
+        if room < min_context + answer_room:
             break
-        top = room - (VALUE_DIGITS + 8)
+        top = room - answer_room
         ctx = min(top, round(math.exp(rng.uniform(math.log(min_context), math.log(top)))))
-        ex = make_needle_example(tokenizer, filler_ids, ctx, rng.random(), rng)
+        ex = example(ctx, rng.random(), rng)
         ids.extend(ex.input_ids + ex.answer_ids + tail)
         mask.extend([False] * len(ex.input_ids) + [True] * len(ex.answer_ids) + [False] * len(tail))
     if len(ids) < length:

@@ -1,0 +1,125 @@
+"""The long-context protocol: RULER-style tasks (exact lengths, depths where asked, answers right
+by construction, seeded), their scoring (a wrong answer scores 0) and the harness preset."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from kvpatch.data.needle import ADJECTIVES, NEWLINE_SNAP_TOKENS, NOUNS, encode
+from kvpatch.data.tasks import (
+    TASKS,
+    TaskExample,
+    is_task_correct,
+    make_task_batch,
+    make_task_example,
+    make_task_training_row,
+)
+from transformers import AutoTokenizer
+
+from kvpatch.models import heldout_text, model_dir
+
+KEY = rf"(?:{'|'.join(ADJECTIVES)})_(?:{'|'.join(NOUNS)})"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(model_dir())
+
+
+@pytest.fixture(scope="module")
+def filler(tokenizer) -> list[int]:
+    return encode(tokenizer, heldout_text())[:20_000]
+
+
+def ground_truth(text: str) -> tuple[str, ...]:
+    """The answer read off the decoded row alone: the definitions of the generated keys, the key
+    the final query asks, and (for chains) the references followed to a number."""
+    lines = text.split("\n")
+    assigned = {m[1]: m[2] for line in lines if (m := re.fullmatch(rf"({KEY}) = (\d+|{KEY})", line))}
+    appended = [m[2] for line in lines if (m := re.fullmatch(rf"({KEY})\.append\((\d+)\)", line))]
+    asked = re.search(rf"# what (?:is|did) ({KEY})(?:\?| collect\?)\n\1 ==? \[?$", text)
+    assert asked, text[-80:]
+    if appended:
+        return tuple(appended)
+    value = assigned[asked[1]]
+    while not value.isdigit():
+        value = assigned[value]
+    return (value,)
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("length", [256, 1000, 2048])
+def test_rows_have_the_exact_length_and_the_answer_the_text_implies(task: str, length: int, tokenizer,
+                                                                    filler) -> None:
+    rng = random.Random(length)
+    for depth in (0.05, 0.5, 0.95):
+        ex = make_task_example(task, tokenizer, filler, length, depth, rng)
+        assert len(ex.input_ids) == length and ex.input_ids[0] == tokenizer.bos_token_id
+        assert ground_truth(tokenizer.decode(ex.input_ids, skip_special_tokens=True)) == ex.answers
+        assert tokenizer.decode(ex.answer_ids) == ex.answer_text
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_the_placing_snippet_sits_at_the_requested_depth(task: str, tokenizer, filler) -> None:
+    length, rng = 2048, random.Random(7)
+    for depth in (0.05, 0.275, 0.5, 0.725, 0.95):
+        ex = make_task_example(task, tokenizer, filler, length, depth, rng)
+        lines = [encode(tokenizer, "\n" + tokenizer.decode(ex.input_ids[p + 1:]).split("\n")[0])
+                 for p in ex.positions]
+        planted = sum(map(len, lines))
+        n_filler = length - 1 - planted - ex.query_length
+        before = ex.positions[0] - 1 - sum(len(s) for s, p in zip(lines, ex.positions) if p < ex.positions[0])
+        assert abs(before - depth * n_filler) <= NEWLINE_SNAP_TOKENS + 2, (depth, before, n_filler)
+        snippet = tokenizer.decode(ex.input_ids[ex.positions[0]:ex.positions[0] + len(lines[0])])
+        assert ex.answers[0] in snippet or task == "multivalue"
+
+
+def test_multikey_rows_hold_distractors_and_multivalue_rows_every_value(tokenizer, filler) -> None:
+    multikey = make_task_example("multikey", tokenizer, filler, 1024, 0.5, random.Random(1))
+    text = tokenizer.decode(multikey.input_ids, skip_special_tokens=True)
+    assert len(re.findall(rf"\n{KEY} = \d+\n", text)) == len(multikey.positions) == 4
+    multivalue = make_task_example("multivalue", tokenizer, filler, 1024, 0.5, random.Random(1))
+    assert len(multivalue.answers) == 3 and multivalue.answer_text == ", ".join(multivalue.answers) + "]"
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_seed_fixes_the_rows(task: str, tokenizer, filler) -> None:
+    a = make_task_batch(task, tokenizer, filler, 512, 0.25, 3, seed=0)
+    assert a == make_task_batch(task, tokenizer, filler, 512, 0.25, 3, seed=0)
+    assert a != make_task_batch(task, tokenizer, filler, 512, 0.25, 3, seed=1)
+
+
+def _example(answers: tuple[str, ...]) -> TaskExample:
+    text = ", ".join(answers) + ("]" if len(answers) > 1 else "")
+    return TaskExample("multivalue" if len(answers) > 1 else "multikey", [1, 2], [3], text, answers, 0.5, (1,), 1)
+
+
+@pytest.mark.parametrize(("decoded", "answers", "correct"), [
+    ("48213\n", ("48213",), True),
+    (" 48213 # ok", ("48213",), True),
+    ("48214\n", ("48213",), False),
+    ("482130", ("48213",), False),
+    ("4821", ("48213",), False),
+    ("", ("48213",), False),
+    ("11111, 22222, 33333]", ("11111", "22222", "33333"), True),
+    ("33333, 11111, 22222]", ("11111", "22222", "33333"), True),
+    ("11111, 22222]", ("11111", "22222", "33333"), False),
+    ("11111, 22222, 33334]", ("11111", "22222", "33333"), False),
+    ("11111, 22222, 33333, 44444]", ("11111", "22222", "33333"), False),
+    ("11111, 11111, 22222]", ("11111", "22222", "33333"), False),
+])
+def test_scoring_needs_every_answer_exactly(decoded: str, answers: tuple[str, ...], correct: bool) -> None:
+    assert is_task_correct(decoded, _example(answers)) is correct
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_training_rows_are_exact_and_mask_the_answers(task: str, tokenizer, filler) -> None:
+    row = make_task_training_row(task, tokenizer, filler, 2048, random.Random(3))
+    assert len(row.input_ids) == len(row.answer_mask) == 2048
+    answer = tokenizer.decode([i for i, m in zip(row.input_ids, row.answer_mask) if m])
+    assert answer and re.fullmatch(r"[\d, \]]+", answer)
+    with pytest.raises(ValueError, match="unknown task 'needles'"):
+        make_task_training_row("needles", tokenizer, filler, 2048, random.Random(3))
