@@ -1,4 +1,4 @@
-"""The remote tier of a chunk store: a Redis server that several processes (a fleet) share.
+"""The remote tier of a chunk store: a Redis server (or Redis Cluster) that a fleet of processes shares.
 
 Values are sealed chunk bytes (`sealed.seal`: the chunk format, a checksum and an HMAC under the
 chunk secret), so a damaged value, one copied from another key or one written by a client without
@@ -15,11 +15,22 @@ A put and a hit are one Lua script each (one round trip, atomic across processes
 stores the chunk, accounts its bytes, then evicts the least recently used chunks of the
 namespace until it fits `budget_bytes`; a hit refreshes recency and the TTL (`ttl_s` is the time
 since a chunk's last put or hit). Chunks that expired are dropped from the accounting at the
-next put. Needs one Redis server (keys are computed inside the scripts: not Redis Cluster).
+next put.
+
+Redis Cluster (`cluster=True`, `url` naming any node): a script may only touch keys of one hash
+slot, so the namespace is split into `shards` sub-namespaces `{ns:0}` .. `{ns:<shards-1>}` (the
+braces are a hash tag: each shard's keys, bookkeeping included, share one slot, and the shards'
+slots spread over the nodes). A chunk lives in shard CRC-32(prefix hash) mod `shards`, with its
+content key; the scripts above run unchanged inside one shard, so put and hit stay atomic, but
+LRU and `budget_bytes` are per shard: each shard holds at most budget_bytes / shards (the total
+stays within the budget; a chunk larger than one shard's share is rejected). A content lookup
+does not know its shard and asks each in turn (exact prefix lookups cost one call). The nodes
+must run with `cluster-require-full-coverage no`, else a lost node stops the whole cluster.
 
 A server that is down or slow never raises out of here: the call is a miss (or a dropped put),
 one `StoreUnavailableWarning` is issued per outage, and calls are skipped for `retry_s` seconds
-so lookups do not each wait for a timeout.
+so lookups do not each wait for a timeout. On a cluster this holds per node: a lost node's shards
+are misses (one warning), the other nodes keep serving theirs.
 
 Authentication is on by default (`authenticate=True`): a Redis namespace is writable by every
 client that can reach the server, so a checksum alone would let any of them plant K/V that steer
@@ -34,11 +45,13 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..errors import ConfigError, KVPatchError
+from ..stage_specs.store_memory import cluster_problem
 from .chunk import MAX_CHUNK_BYTES, ChunkFormatError, StoredChunk, StoreUnavailableWarning
 from .sealed import SECRET_ENV, resolve_secret, seal, unseal
 
@@ -151,14 +164,20 @@ return {p, data}
 """
 
 
+#: Shards of a namespace on a Redis Cluster when the config does not say.
+DEFAULT_SHARDS = 16
+
+
 class RedisTier:
-    """Chunks in a Redis server, shared by every process that uses the same `url` and `namespace`."""
+    """Chunks in a Redis server or a Redis Cluster (`cluster`), shared by every process that uses
+    the same `url` and `namespace`."""
 
     name = "redis"
 
     def __init__(self, url: str, namespace: str = "kvpatch", budget_bytes: int | None = None,
                  ttl_s: float | None = None, timeout_s: float = 0.5, retry_s: float = 5.0,
-                 secret: str | bytes | None = None, authenticate: bool = True) -> None:
+                 secret: str | bytes | None = None, authenticate: bool = True, cluster: bool = False,
+                 shards: int | None = None) -> None:
         self.secret = resolve_secret(secret, "redis.secret") if authenticate else None
         if authenticate and self.secret is None:
             raise ConfigError(
@@ -169,21 +188,33 @@ class RedisTier:
             import redis
         except ImportError:
             raise KVPatchError("the redis chunk-store tier needs redis-py: pip install 'kvpatch[redis]'") from None
-        self.url, self.namespace = url, namespace
+        problem = cluster_problem(url, cluster, shards)
+        if problem is not None:
+            raise ConfigError(f"redis.{problem}")
+        self.url, self.namespace, self.cluster = url, namespace, cluster
+        self.shards = (shards or DEFAULT_SHARDS) if cluster else 1
         self.budget_bytes, self.ttl_ms = budget_bytes or 0, int((ttl_s or 0) * 1000)
-        self.retry_s = retry_s
+        self.shard_budget = self.budget_bytes // self.shards  # 0: no budget
+        if self.budget_bytes and not self.shard_budget:
+            raise ConfigError(f"redis.budget_bytes: {self.budget_bytes} bytes cannot be split over "
+                              f"{self.shards} shards; expected at least one byte per shard")
+        self.retry_s, self._timeout_s = retry_s, timeout_s
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        if cluster:  # slot-map failures (a slot no node serves) are not RedisErrors
+            self._errors += (redis.exceptions.RedisClusterException,)
         self._wrong_type = redis.ResponseError
-        self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        self._put = self._client.register_script(_PUT)
-        self._get = self._client.register_script(_GET)
-        self._keys = [f"{namespace}:lru", f"{namespace}:meta", f"{namespace}:bytes"]
-        self._retry_at: float | None = None  # set while the server is considered down
+        self._namespaces = [self._shard_namespace(i) for i in range(self.shards)] if cluster else [namespace]
+        self._client: Any = None
+        self._scripts: dict[str, Any] = {}
+        if not cluster:  # a cluster client is made at the first call (see _connected)
+            self._connect(redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s))
+        self._down: dict[str, float] = {}  # server (cluster: node) considered down -> when to try again
         self.evictions = self.errors = self.skipped = self.rejected = 0
-        self.max_value_bytes = min(self.budget_bytes or MAX_CHUNK_BYTES, MAX_CHUNK_BYTES)
+        self.max_value_bytes = min(self.shard_budget or MAX_CHUNK_BYTES, MAX_CHUNK_BYTES)
 
     def contains(self, prefix_hash: str) -> bool:
-        return bool(self._call("exists", lambda: self._client.exists(self._chunk_key(prefix_hash)), 0))
+        ns = self._shard(prefix_hash)
+        return bool(self._call("exists", lambda: self._connected().exists(f"{ns}:c:{prefix_hash}"), 0, ns))
 
     def read(self, prefix_hash: str) -> StoredChunk | None:
         return self._fetch("prefix", prefix_hash)
@@ -196,22 +227,25 @@ class RedisTier:
 
     def write(self, chunk: StoredChunk) -> None:
         data = seal(chunk, self.secret)
-        args = [self.namespace, chunk.prefix_hash, chunk.content_hash, data, self.ttl_ms, self.budget_bytes]
-        evicted = self._call("put", lambda: self._put(keys=self._keys, args=args), 0)
+        ns = self._shard(chunk.prefix_hash)
+        args = [ns, chunk.prefix_hash, chunk.content_hash, data, self.ttl_ms, self.shard_budget]
+        evicted = self._call("put", lambda: self._eval("put", ns, 3, args), 0, ns)
         if evicted < 0:
             self.rejected += 1
         else:
             self.evictions += evicted
 
     def bytes_used(self) -> int | None:
-        """Bytes the namespace holds on the server (every process's chunks), None if unreachable."""
-        return self._call("stats", self._read_count, None)
+        """Bytes the namespace holds on the server (every process's chunks; on a cluster the sum
+        over its shards), None if unreachable (any shard's node) or unknown."""
+        counts = [self._call("stats", lambda ns=ns: self._read_count(ns), None, ns) for ns in self._namespaces]
+        return None if None in counts else sum(counts)  # type: ignore[arg-type]
 
-    def _read_count(self) -> int | None:
-        """The namespace's byte count; None if the key holds something else (the next put
-        recounts it): damaged bookkeeping is not an outage."""
+    def _read_count(self, ns: str) -> int | None:
+        """The byte count of (shard) namespace `ns`; None if the key holds something else (the
+        next put recounts it): damaged bookkeeping is not an outage."""
         try:
-            raw = self._client.get(self._keys[2])
+            raw = self._connected().get(f"{ns}:bytes")
         except self._wrong_type:  # WRONGTYPE: another kind of value under the key
             return None
         try:
@@ -220,45 +254,104 @@ class RedisTier:
             return None
 
     def stats(self) -> dict[str, Any]:
-        return {"bytes": self.bytes_used(), "evictions": self.evictions, "available": self._retry_at is None,
-                "errors": self.errors, "skipped_while_down": self.skipped, "rejected": self.rejected,
-                "authenticated": self.secret is not None, "budget_bytes": self.budget_bytes or None,
-                "ttl_s": self.ttl_ms / 1000 or None}
+        stats = {"bytes": self.bytes_used(), "evictions": self.evictions, "available": not self._down,
+                 "errors": self.errors, "skipped_while_down": self.skipped, "rejected": self.rejected,
+                 "authenticated": self.secret is not None, "budget_bytes": self.budget_bytes or None,
+                 "ttl_s": self.ttl_ms / 1000 or None}
+        if self.cluster:
+            stats.update(shards=self.shards, unavailable=sorted(self._down))
+        return stats
 
-    def _chunk_key(self, prefix_hash: str) -> str:
-        return f"{self.namespace}:c:{prefix_hash}"
+    # -- where keys live ----------------------------------------------------------------------
+
+    def _shard_namespace(self, index: int) -> str:
+        """A shard's namespace: a hash tag, so that every key of the shard is in one slot."""
+        return "{" + f"{self.namespace}:{index}" + "}"
+
+    def _shard(self, key: str) -> str:
+        """The namespace that holds chunk `key` (a prefix hash): the namespace itself on one
+        server; on a cluster one of the shards', by CRC-32 of the key (the same in every process)."""
+        return self._namespaces[zlib.crc32(key.encode()) % self.shards] if self.cluster else self.namespace
+
+    def _endpoint(self, ns: str) -> str:
+        """What an outage is tracked by: the server; on a cluster the node that serves `ns`'s
+        slot (the cluster as a whole while the slot map is unknown)."""
+        if not self.cluster or self._client is None:
+            return self.url
+        try:
+            return str(self._client.get_node_from_key(f"{ns}:lru").name)
+        except self._errors:
+            return self.url
+
+    # -- calls --------------------------------------------------------------------------------
+
+    def _connect(self, client: Any) -> None:
+        self._client = client
+        self._scripts = {"put": client.register_script(_PUT), "get": client.register_script(_GET)}
+
+    def _connected(self) -> Any:
+        """The client. A cluster client is made at the first call, not at construction: it must
+        reach a node to learn the slot map, and a cluster that is down is an outage (misses), not
+        a config error. redis-py's own retries are off: a failed call is a miss at once."""
+        if self._client is None:
+            from redis.backoff import NoBackoff
+            from redis.cluster import RedisCluster
+            from redis.retry import Retry
+
+            self._connect(RedisCluster.from_url(self.url, socket_timeout=self._timeout_s,
+                                                socket_connect_timeout=self._timeout_s, retry=Retry(NoBackoff(), 0)))
+        return self._client
+
+    def _eval(self, script: str, ns: str, n_keys: int, args: list[Any]) -> Any:
+        """Run `script` ("put" or "get") in (shard) namespace `ns`; its first `n_keys` of
+        lru, meta, bytes are passed as KEYS (they route the call to the shard's slot)."""
+        self._connected()
+        keys = [f"{ns}:lru", f"{ns}:meta", f"{ns}:bytes"][:n_keys]
+        return self._scripts[script](keys=keys, args=args)
 
     def _fetch(self, mode: str, key: str) -> StoredChunk | None:
         """The chunk, None on a miss (or while down); a refused value raises a ChunkFormatError
-        subclass (the store counts it as a miss)."""
-        args = [self.namespace, mode, key, self.ttl_ms, self.max_value_bytes]
-        reply = self._call("get", lambda: self._get(keys=self._keys[:2], args=args), None)
+        subclass (the store counts it as a miss). A content hash does not say which shard holds
+        its chunk, so on a cluster a content lookup asks every shard until one has it."""
+        for ns in self._namespaces if mode == "content" else [self._shard(key)]:
+            chunk = self._fetch_in(ns, mode, key)
+            if chunk is not None:
+                return chunk
+        return None
+
+    def _fetch_in(self, ns: str, mode: str, key: str) -> StoredChunk | None:
+        args = [ns, mode, key, self.ttl_ms, self.max_value_bytes]
+        reply = self._call("get", lambda: self._eval("get", ns, 2, args), None, ns)
         if reply is None:
             return None
         stored_under, data = reply
         prefix_hash = stored_under.decode(errors="replace") if isinstance(stored_under, bytes) else str(stored_under)
-        where = f"redis {self.url} {self.namespace}:c:{prefix_hash[:16]}"
+        where = f"redis {self.url} {ns}:c:{prefix_hash[:16]}"
         if not isinstance(data, bytes):
             found = "not a string value" if data < 0 else f"a value of {data} bytes"
             raise ChunkFormatError(f"{where}: {found}, expected a sealed chunk of at most {self.max_value_bytes} bytes")
         return unseal(data, where, key=prefix_hash, secret=self.secret)
 
-    def _call(self, what: str, op: Callable[[], T], default: T) -> T:
-        """`op()`, or `default` if the server fails (then skip calls for `retry_s` seconds)."""
-        if self._retry_at is not None and time.monotonic() < self._retry_at:
+    def _call(self, what: str, op: Callable[[], T], default: T, ns: str | None = None) -> T:
+        """`op()`, or `default` if the server (on a cluster: the node of `ns`'s slot) fails; then
+        calls to it are skipped for `retry_s` seconds. One warning per outage of each."""
+        endpoint = self._endpoint(ns) if ns is not None else self.url
+        retry_at = self._down.get(endpoint)
+        if retry_at is not None and time.monotonic() < retry_at:
             self.skipped += 1
             return default
         try:
             result = op()
         except self._errors as err:
             self.errors += 1
-            if self._retry_at is None:
-                warnings.warn(f"redis chunk store {self.url} unavailable ({what}: {err}); its lookups are misses "
+            if retry_at is None:
+                server = f"{self.url} (cluster node {endpoint})" if endpoint != self.url else self.url
+                warnings.warn(f"redis chunk store {server} unavailable ({what}: {err}); its lookups are misses "
                               f"until it is back (retrying every {self.retry_s:g} s)", StoreUnavailableWarning,
                               stacklevel=4)
-            self._retry_at = time.monotonic() + self.retry_s
+            self._down[endpoint] = time.monotonic() + self.retry_s
             return default
-        if self._retry_at is not None:
-            log.warning("redis chunk store %s is back", self.url)
-            self._retry_at = None
+        if retry_at is not None:
+            log.warning("redis chunk store %s is back", endpoint)
+            del self._down[endpoint]
         return result

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import ByteSize, Field, SecretStr, field_validator
+from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
 
 from ..errors import echo
 from ..registry import StageParams, declare_stage
@@ -65,6 +65,12 @@ class RedisParams(StageParams):
     secret: SecretStr | None = None
     #: false: values are not authenticated (only for a Redis that only trusted processes can write).
     authenticate: bool = True
+    #: true: `url` is a node of a Redis Cluster; the namespace is split into `shards` hash-tagged
+    #: shards spread over its slots, each holding budget_bytes / shards (kvpatch/reuse/redis_tier.py).
+    cluster: bool = False
+    #: Shards of the namespace on a cluster (default 16; only with cluster: true). More shards than
+    #: nodes spread the chunks evenly; every shard is one call for a content lookup.
+    shards: int | None = Field(default=None, ge=1, le=16384)
 
     @field_validator("url")
     @classmethod
@@ -76,6 +82,26 @@ class RedisParams(StageParams):
         return url
 
     _secret = field_validator("secret")(_check_secret)
+
+    @model_validator(mode="after")
+    def _cluster_fits(self) -> RedisParams:
+        problem = cluster_problem(self.url, self.cluster, self.shards)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+
+def cluster_problem(url: str, cluster: bool, shards: int | None) -> str | None:
+    """Why `cluster`/`shards` do not fit `url` (a cluster is reached over TCP and has only
+    database 0); None: they fit."""
+    if not cluster:
+        return None if shards is None else f"shards: {shards} given, but shards only apply with cluster: true"
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return f"cluster: true needs a redis:// or rediss:// url of a cluster node, got {echo(url)}"
+    if parts.path.strip("/") not in ("", "0"):
+        return f"cluster: true: a Redis Cluster has only database 0, but {echo(url)} names database {parts.path.strip('/')!r}"
+    return None
 
 
 class MemoryStoreParams(StageParams):

@@ -7,6 +7,7 @@
         codec: int8                   # dense | int8 | int4 (KIVI layout, kvpatch/reuse/codecs.py)
         disk: {path: /var/cache/kvpatch/chunks, budget_bytes: 100GiB}     # RAM overflow spills here
         redis: {url: redis://10.0.0.5:6379/0, budget_bytes: 20GiB, ttl_s: 86400}  # shared by a fleet
+        # or a Redis Cluster: {url: redis://10.0.0.5:7000, cluster: true, shards: 16}
 
 Shared tiers are authenticated (HMAC-SHA256 under a secret: `secret` here or the
 KVPATCH_CHUNK_SECRET environment variable; docs/security.md): Redis always unless
@@ -48,7 +49,7 @@ class MemoryStore(TieredChunkStore, Stage):
 
             r = params.redis
             remote = RedisTier(r.url, r.namespace, r.budget_bytes, r.ttl_s, r.timeout_s, r.retry_s,
-                               _plain(r.secret), r.authenticate)
+                               _plain(r.secret), r.authenticate, r.cluster, r.shards)
         TieredChunkStore.__init__(self, params.budget_bytes, params.codec, params.pin_memory, disk, remote)
 
     def connect(self, stages: Sequence[Stage]) -> None:
