@@ -43,6 +43,7 @@ explicit statement that only trusted processes can write to this Redis.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import zlib
@@ -164,6 +165,9 @@ return {p, data}
 """
 
 
+_SCRIPTS = {"put": _PUT, "get": _GET}
+_SHA1 = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in _SCRIPTS.items()}
+
 #: Shards of a namespace on a Redis Cluster when the config does not say.
 DEFAULT_SHARDS = 16
 
@@ -205,15 +209,15 @@ class RedisTier:
         self._wrong_type = redis.ResponseError
         self._namespaces = [self._shard_namespace(i) for i in range(self.shards)] if cluster else [namespace]
         self._client: Any = None
-        self._scripts: dict[str, Any] = {}
+        self._no_script = redis.exceptions.NoScriptError
         if not cluster:  # a cluster client is made at the first call (see _connected)
-            self._connect(redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s))
+            self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._down: dict[str, float] = {}  # server (cluster: node) considered down -> when to try again
         self.evictions = self.errors = self.skipped = self.rejected = 0
         self.max_value_bytes = min(self.shard_budget or MAX_CHUNK_BYTES, MAX_CHUNK_BYTES)
 
     def contains(self, prefix_hash: str) -> bool:
-        ns = self._shard(prefix_hash)
+        ns = self.shard_of(prefix_hash)
         return bool(self._call("exists", lambda: self._connected().exists(f"{ns}:c:{prefix_hash}"), 0, ns))
 
     def read(self, prefix_hash: str) -> StoredChunk | None:
@@ -227,7 +231,7 @@ class RedisTier:
 
     def write(self, chunk: StoredChunk) -> None:
         data = seal(chunk, self.secret)
-        ns = self._shard(chunk.prefix_hash)
+        ns = self.shard_of(chunk.prefix_hash)
         args = [ns, chunk.prefix_hash, chunk.content_hash, data, self.ttl_ms, self.shard_budget]
         evicted = self._call("put", lambda: self._eval("put", ns, 3, args), 0, ns)
         if evicted < 0:
@@ -268,7 +272,7 @@ class RedisTier:
         """A shard's namespace: a hash tag, so that every key of the shard is in one slot."""
         return "{" + f"{self.namespace}:{index}" + "}"
 
-    def _shard(self, key: str) -> str:
+    def shard_of(self, key: str) -> str:
         """The namespace that holds chunk `key` (a prefix hash): the namespace itself on one
         server; on a cluster one of the shards', by CRC-32 of the key (the same in every process)."""
         return self._namespaces[zlib.crc32(key.encode()) % self.shards] if self.cluster else self.namespace
@@ -285,9 +289,6 @@ class RedisTier:
 
     # -- calls --------------------------------------------------------------------------------
 
-    def _connect(self, client: Any) -> None:
-        self._client = client
-        self._scripts = {"put": client.register_script(_PUT), "get": client.register_script(_GET)}
 
     def _connected(self) -> Any:
         """The client. A cluster client is made at the first call, not at construction: it must
@@ -298,22 +299,26 @@ class RedisTier:
             from redis.cluster import RedisCluster
             from redis.retry import Retry
 
-            self._connect(RedisCluster.from_url(self.url, socket_timeout=self._timeout_s,
-                                                socket_connect_timeout=self._timeout_s, retry=Retry(NoBackoff(), 0)))
+            self._client = RedisCluster.from_url(self.url, socket_timeout=self._timeout_s,
+                                                 socket_connect_timeout=self._timeout_s, retry=Retry(NoBackoff(), 0))
         return self._client
 
     def _eval(self, script: str, ns: str, n_keys: int, args: list[Any]) -> Any:
         """Run `script` ("put" or "get") in (shard) namespace `ns`; its first `n_keys` of
         lru, meta, bytes are passed as KEYS (they route the call to the shard's slot)."""
-        self._connected()
+        client = self._connected()
         keys = [f"{ns}:lru", f"{ns}:meta", f"{ns}:bytes"][:n_keys]
-        return self._scripts[script](keys=keys, args=args)
+        try:
+            return client.evalsha(_SHA1[script], n_keys, *keys, *args)
+        except self._no_script:  # not in this node's script cache yet (new, restarted, flushed): send it
+            return client.eval(_SCRIPTS[script], n_keys, *keys, *args)  # to that node only (not SCRIPT LOAD,
+            # which a cluster client sends to every node: one node down would fail every shard's call)
 
     def _fetch(self, mode: str, key: str) -> StoredChunk | None:
         """The chunk, None on a miss (or while down); a refused value raises a ChunkFormatError
         subclass (the store counts it as a miss). A content hash does not say which shard holds
         its chunk, so on a cluster a content lookup asks every shard until one has it."""
-        for ns in self._namespaces if mode == "content" else [self._shard(key)]:
+        for ns in self._namespaces if mode == "content" else [self.shard_of(key)]:
             chunk = self._fetch_in(ns, mode, key)
             if chunk is not None:
                 return chunk
