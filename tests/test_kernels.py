@@ -23,6 +23,7 @@ from kvpatch.compat import cache_kwarg, output_cache
 from kvpatch.config import StageConfig
 from kvpatch.kernels import math_attention
 from kvpatch.kernels.packed import PackedKV
+from kvpatch.kernels.decode_tuning import DecodeTuning, plan, policy_splits, split_count
 from kvpatch.kernels.triton_decode import decode_attention
 from kvpatch.kernels.triton_quantize import kivi_encode
 from kvpatch.kernels import triton_support
@@ -133,26 +134,43 @@ def test_kivi_loop_variants(bits: int, score_join: bool) -> None:
     query = torch.randn(2, 6, 1, 64, device=DEVICE, dtype=torch.bfloat16)
     lengths = torch.tensor([total, total - 40], device=DEVICE)
     mask = torch.rand(2, 1, 1, total, device=DEVICE) > 0.3
-    knobs = {"score_join": score_join, "block_n": 64, "num_splits": 2}
-    out = decode_attention(query, kv, 0.125, lengths=lengths, mask=mask, **knobs)
+    tuning = DecodeTuning(score_join=score_join, block_n=64, num_splits=2)
+    out = decode_attention(query, kv, 0.125, lengths=lengths, mask=mask, tuning=tuning)
     assert not out.isnan().any()
     assert relative_error(out, reference(query, kv, 0.125, lengths=lengths, mask=mask)) < 1e-2
 
 
 def test_split_policies() -> None:
     """waveN fills one wave of N code programs per SM; coverN rounds up; a bad name is refused."""
-    from kvpatch.kernels.triton_decode import _num_splits
-
     cpu = torch.device("cpu")  # 4 "SMs" off the GPU
-    assert _num_splits(255, 2, cpu, "wave4") == 8 and _num_splits(255, 3, cpu, "wave4") == 5
-    assert _num_splits(255, 3, cpu, "cover4") == 6 and _num_splits(3, 1, cpu, "cover8") == 3
-    assert _num_splits(255, 64, cpu, "wave4") == 1
+    assert policy_splits(255, 2, cpu, "wave4") == 8 and policy_splits(255, 3, cpu, "wave4") == 5
+    assert policy_splits(255, 3, cpu, "cover4") == 6 and policy_splits(3, 1, cpu, "cover8") == 3
+    assert policy_splits(255, 64, cpu, "wave4") == 1
     with pytest.raises(ValueError, match="split_policy 'even4'"):
-        _num_splits(10, 1, cpu, "even4")
+        policy_splits(10, 1, cpu, "even4")
     kv = random_packed(1, 2, 64, 4, 16, 0, 9, 3, torch.float32)
     query = torch.randn(1, 4, 1, 64, device=DEVICE)
-    outs = [decode_attention(query, kv, 0.125, split_policy=policy) for policy in ("wave1", "cover8")]
+    outs = [decode_attention(query, kv, 0.125, tuning=DecodeTuning(split_policy=policy)) for policy in ("wave1", "cover8")]
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=0)
+
+
+def test_launch_plan_rules() -> None:
+    """The per-kind rules of the launch plan: explicit knobs win, FibQuant tiles stay 64 tokens,
+    a KIVI tile holds at least one group, the fp16 KIVI loop is register-capped and one-wave
+    split, and a dense-only cache keeps at least 8 tiles per split."""
+    bf16, cpu = torch.bfloat16, torch.device("cpu")
+    gpu_kivi = plan(None, "kivi", bf16, interpret=False, group_size=256)
+    assert (gpu_kivi.block_n, gpu_kivi.maxnreg, gpu_kivi.split_policy, gpu_kivi.fast_cvt) == (256, 128, "wave4", True)
+    fp32_kivi = plan(None, "kivi", torch.float32, interpret=False, group_size=16)
+    assert (fp32_kivi.block_n, fp32_kivi.num_stages, fp32_kivi.maxnreg, fp32_kivi.split_policy) == (64, 3, 0, "cover8")
+    fib = plan(DecodeTuning(block_n=256), "fibquant", bf16, interpret=False)
+    assert fib.block_n == 64 and not fib.fast_cvt and fib.maxnreg == 0
+    explicit = plan(DecodeTuning(block_n=32, num_stages=4, maxnreg=0, split_policy="wave2"), "kivi", bf16, False, 16)
+    assert (explicit.block_n, explicit.num_stages, explicit.maxnreg, explicit.split_policy) == (32, 4, 0, "wave2")
+    dense = plan(None, "dense", bf16, interpret=True)
+    assert dense.dense_block_n == dense.block_n == 64
+    assert split_count(dense, "dense", 40, 1, cpu) == 5  # cover8 alone would give 32
+    assert split_count(plan(DecodeTuning(num_splits=7), "dense", bf16, True), "dense", 40, 1, cpu) == 7
 
 
 def test_per_sequence_lengths_and_mask() -> None:
@@ -162,7 +180,7 @@ def test_per_sequence_lengths_and_mask() -> None:
     total = kv.num_tokens
     query = torch.randn(4, 8, 2, 64, device=DEVICE, dtype=torch.bfloat16)
     lengths = torch.tensor([total, total - 37, 0, 5], device=DEVICE)
-    out = decode_attention(query, kv, 0.125, lengths=lengths, num_splits=3)
+    out = decode_attention(query, kv, 0.125, lengths=lengths, tuning=DecodeTuning(num_splits=3))
     ref = reference(query, kv, 0.125, lengths=lengths)
     assert not out.isnan().any() and torch.equal(out[2], torch.zeros_like(out[2]))
     assert relative_error(out, ref) < 1e-2
@@ -201,11 +219,11 @@ def test_dense_static_buffer_is_split_over_its_valid_tokens(capacity: int, count
     kv.counts = torch.tensor([0, 0, count], device=DEVICE)
     kv.host_counts = (0, 0, count)
     query = torch.randn(2, 8, 1, 64, device=DEVICE, dtype=torch.bfloat16)
-    out = decode_attention(query, kv, 0.125, num_splits=splits)
+    out = decode_attention(query, kv, 0.125, tuning=DecodeTuning(num_splits=splits))
     assert not out.isnan().any()
     assert relative_error(out, reference(query, kv, 0.125)) < 1e-2
     mask = torch.rand(2, 1, 1, sinks + capacity, device=DEVICE) > 0.3
-    out = decode_attention(query, kv, 0.125, mask=mask, num_splits=splits)
+    out = decode_attention(query, kv, 0.125, mask=mask, tuning=DecodeTuning(num_splits=splits))
     assert not out.isnan().any()
     assert relative_error(out, reference(query, kv, 0.125, mask=mask)) < 1e-2
 

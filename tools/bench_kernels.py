@@ -121,6 +121,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def time_point(batch: int, tokens: int, bits_list: list[int], tuning: dict[int, dict[str, int]],
                with_dequant: bool) -> dict[str, Any]:
     from kvpatch.kernels import math_attention
+    from kvpatch.kernels.decode_tuning import DecodeTuning
     from kvpatch.kernels.triton_decode import decode_attention
 
     kv_bytes = 2 * batch * KV_HEADS * tokens * DIM * 2
@@ -133,10 +134,10 @@ def time_point(batch: int, tokens: int, bits_list: list[int], tuning: dict[int, 
     for bits in bits_list:
         nbytes = packed_bytes(sets[0]["packed"][bits]) + qo_bytes
         knobs = tuning.get(bits, {})
-        ms = bench(rotating(sets, lambda s, b=bits, k=knobs: decode_attention(s["q"], s["packed"][b], DIM**-0.5, **k)))
+        ms = bench(rotating(sets, lambda s, b=bits, k=knobs: decode_attention(s["q"], s["packed"][b], DIM**-0.5, tuning=DecodeTuning(**k))))
         entry = {"ms": ms, "bytes": nbytes, "tb_per_s": nbytes / ms / 1e9, "speedup_vs_sdpa": row["sdpa_bf16"]["ms"] / ms}
         s = sets[0]
-        fused = decode_attention(s["q"], s["packed"][bits], DIM**-0.5, **knobs)[:2].double()
+        fused = decode_attention(s["q"], s["packed"][bits], DIM**-0.5, tuning=DecodeTuning(**knobs))[:2].double()
         keys, values = (t[:2].double() for t in s["packed"][bits].dense())
         ref = math_attention(s["q"][:2].double(), keys, values, None, DIM**-0.5)[0]
         entry["rel_error_vs_fp64_dequantized"] = ((fused - ref).norm() / ref.norm()).item()
@@ -155,6 +156,7 @@ def sweep(points: list[tuple[int, int]], bits_list: list[int], block_ns: list[in
     `score_joins` / `maxnregs`: None = decode_attention's default (the knob is left out);
     `split_policies`: decode_attention's `split_policy` values (the split count per point)."""
     from kvpatch.kernels import triton_decode
+    from kvpatch.kernels.decode_tuning import DecodeTuning
 
     variants = [{"block_n": bn, "num_warps": w, "num_stages": st} for bn in block_ns for w in warps for st in stages]
     variants = [{**v, **({"score_join": bool(j)} if j is not None else {}), **({"maxnreg": r} if r is not None else {})}
@@ -170,7 +172,7 @@ def sweep(points: list[tuple[int, int]], bits_list: list[int], block_ns: list[in
                     knobs = dict(variant, split_policy=policy)
                     try:
                         ms = bench(rotating(sets, lambda s, b=bits, k=knobs: triton_decode.decode_attention(
-                            s["q"], s["packed"][b], DIM**-0.5, **k)))
+                            s["q"], s["packed"][b], DIM**-0.5, tuning=DecodeTuning(**k))))
                     except Exception as err:  # noqa: BLE001 - e.g. too much shared memory: not a candidate
                         print(f"sweep: {knobs} int{bits} skipped: {str(err)[:120]}", flush=True)
                         ms = math.inf

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ..quant.kernel_layouts import FibQuantCodes, KiviPacking
+from .decode_tuning import DecodeTuning, plan, split_count
 from .packed import PackedKV
 from .triton_fibquant import _fibquant_part
 from .triton_kivi import _kivi_part
@@ -232,20 +233,23 @@ def _rotation_matrix(rotation: object, dim: int, device: torch.device) -> torch.
     return cached[1]
 
 
-def _num_splits(tiles: int, programs: int, device: torch.device, policy: str = "cover8") -> int:
-    """Splits per (batch, kv head), at least one tile each. `policy`:
-    - "coverN": enough splits that the code programs cover the device N programs per SM over
-      (8 was the best for v1, results/kernels-h100-v1-sweep.json; 4 for v4/v5);
-    - "waveN": the most splits for which the code programs fit in one wave of N programs per SM
-      (no half-empty last wave; the one short dense program per (batch, kv head) is not counted:
-      counting it cost B=32 half its splits, results/kernels-h100-splits.json)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    kind, per_sm = policy.rstrip("0123456789"), int(policy[len(policy.rstrip("0123456789")):] or 0)
-    if kind not in ("cover", "wave") or per_sm < 1:
-        raise ValueError(f"split_policy {policy!r}: expected 'coverN' or 'waveN' with N >= 1")
-    if kind == "wave":
-        return max(1, min(tiles, per_sm * sms // programs))
-    return max(1, min(tiles, triton.cdiv(per_sm * sms, programs)))
+def _code_operands(kv: PackedKV, kind: str, device: torch.device, dim: int, residual_k: torch.Tensor,
+                   block_n: int) -> tuple[list[torch.Tensor], int, int, int, int, int]:
+    """The kernel's six code operands and (bits, group, code blocks, block_dim, tokens the splits
+    cover). A dense-only cache passes the residual as placeholders and its splits cover the
+    residual buffer's capacity (fixed for a static layer's graph)."""
+    if kind == "dense":
+        return [residual_k] * 6, 8, block_n, 0, 1, residual_k.shape[-2]
+    kt, vt = kv.key_codes.tensors, kv.value_codes.tensors
+    n_blocks = kv.key_codes.num_blocks
+    if kind == "fibquant":
+        layout = kv.kernel_layout()
+        codes = [kt["index"], kt["norm"], kv.quantizer.codebook("key", dim, device),
+                 vt["index"], vt["norm"], kv.quantizer.codebook("value", dim, device)]
+        return [t.contiguous() for t in codes], layout.code_bits, 1, n_blocks, layout.block_dim, n_blocks
+    layout = kv.kernel_layout()
+    codes = [kt["packed"], kt["scale"], kt["zero"], vt["packed"], vt["scale"], vt["zero"]]
+    return [t.contiguous() for t in codes], layout.bits, layout.group_size, n_blocks, 1, n_blocks * layout.group_size
 
 
 def decode_attention(
@@ -254,53 +258,26 @@ def decode_attention(
     scaling: float,
     mask: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
-    num_splits: int | None = None,
-    block_n: int | None = None,
-    num_warps: int = 4,
-    num_stages: int | None = None,
-    fast_cvt: bool | None = None,
-    score_join: bool | None = None,
-    maxnreg: int | None = None,
-    dense_block_n: int = 64,
-    split_policy: str | None = None,
+    tuning: DecodeTuning | None = None,
 ) -> torch.Tensor:
     """Attention of query `[B, Hq, Tq, D]` over every token of `kv`; returns `[B, Hq, Tq, D]`.
 
     `mask` is boolean `[B or 1, 1, Tq or 1, >= Tk]` (True = attend); `lengths` (int `[B]`) limits
-    sequence b to its first `lengths[b]` tokens, the last query seeing all of them.
-    `num_splits`, `block_n` (tokens per tile), `num_warps`, `num_stages` are tuning knobs
-    (tools/bench_kernels.py sweeps them); the defaults are the best measured on an H100.
-    `block_n` defaults to 128 with `fast_cvt`, else 64. `fast_cvt` (default: on the GPU for bf16/fp16 queries) dequantizes the codes in fp16 with
-    inline PTX (magic-number conversion, fp16 dots); off, in fp32 with the query's dot dtype.
-    `score_join` (default off: slower in the H100 sweep for int4 and int2) interleaves the per-field score tiles into one
-    natural-order tile (one softmax and PB large PV dots per tile, see `_kivi_part`).
-    `maxnreg` caps registers per thread (Triton's launch option; default 128 at 4 warps = 4
-    programs of 4 warps per H100 SM, the sweep's best despite a few spills; 0 = no cap). `dense_block_n` is the tile of the small bf16
-    sinks/residual part (it sets the kernel's register and shared-memory peak if larger).
+    sequence b to its first `lengths[b]` tokens, the last query seeing all of them. `tuning`
+    overrides the measured launch defaults (decode_tuning.py; tools/bench_kernels.py sweeps them).
     """
     reason = unsupported_reason(query, kv, mask)
     if reason is not None:
         raise ValueError(f"decode_attention: {reason}")
     batch, q_heads, q_len, dim = query.shape
     kv_heads = kv.keys.shape[1]
-    if fast_cvt is None:
-        fast_cvt = not interpreting() and query.dtype != torch.float32
-    if block_n is None:
-        # fp16 dequant: 128-token tiles (4.1 SASS instr per int4 element at 4 warps, no spills);
-        # the fp32 path spills at 128 (tools/kernel_sass.py)
-        block_n = 128 if fast_cvt else 64
-    if num_stages is None:
-        num_stages = 2 if fast_cvt else 3  # the H100 sweeps' best (v4 / v1)
-    if maxnreg is None:
-        # fp16 KIVI loops at 4 warps: 4 programs per SM (results/kernels-h100-v5.json: better than
-        # 168 or no cap at B=1 and B=8); the fp32 path, FibQuant and dense-only caches are uncapped
-        maxnreg = 128 if num_warps == 4 and fast_cvt and isinstance(kv.kernel_layout(), KiviPacking) else 0
-    launch = {"maxnreg": maxnreg} if maxnreg and not interpreting() else {}
+    layout = kv.kernel_layout() if kv.key_codes is not None else None
+    fibquant = layout if isinstance(layout, FibQuantCodes) else None
+    kind = "fibquant" if fibquant is not None else ("kivi" if layout is not None else "dense")
+    launch = plan(tuning, kind, query.dtype, interpreting(), layout.group_size if kind == "kivi" else 1)
     gqa = q_heads // kv_heads
     rows = gqa * q_len
     block_m = max(16, triton.next_power_of_2(rows))
-    layout = kv.kernel_layout() if kv.key_codes is not None else None
-    fibquant = layout if isinstance(layout, FibQuantCodes) else None
     rotate: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # noqa: E731
     if fibquant is not None:  # everything in the codes' rotated space: q.k and sum(p v) are invariant
         matrix = _rotation_matrix(kv.quantizer.rotation(dim, query.device), dim, query.device)
@@ -309,36 +286,9 @@ def decode_attention(
     residual_k, residual_v = rotate(kv.keys).contiguous(), rotate(kv.values).contiguous()
     sink_k = rotate(kv.sink_keys).contiguous() if kv.sink_keys is not None else residual_k
     sink_v = rotate(kv.sink_values).contiguous() if kv.sink_values is not None else residual_v
-    if fibquant is not None:
-        block_dim, bits = fibquant.block_dim, fibquant.code_bits
-        kt, vt = kv.key_codes.tensors, kv.value_codes.tensors
-        codes = [kt["index"], kt["norm"], kv.quantizer.codebook("key", dim, query.device),
-                 vt["index"], vt["norm"], kv.quantizer.codebook("value", dim, query.device)]
-        codes = [t.contiguous() for t in codes]
-        n_blocks, group = kv.key_codes.num_blocks, 1
-        block_n = 64
-        splits = num_splits or _num_splits(triton.cdiv(n_blocks, block_n), batch * kv_heads, query.device,
-                                           split_policy or "cover8")
-    elif kv.key_codes is not None:
-        block_dim = 1
-        bits, group = layout.bits, layout.group_size
-        if score_join is None:
-            score_join = False  # the H100 sweep (results/kernels-h100-v5.json): per-field wins for int4 and int2
-        kt, vt = kv.key_codes.tensors, kv.value_codes.tensors
-        codes = [kt["packed"], kt["scale"], kt["zero"], vt["packed"], vt["scale"], vt["zero"]]
-        codes = [t.contiguous() for t in codes]
-        n_blocks = kv.key_codes.num_blocks
-        block_n = max(block_n, group)
-        splits = num_splits or _num_splits(triton.cdiv(n_blocks * group, block_n), batch * kv_heads, query.device,
-                                           split_policy or ("wave4" if fast_cvt else "cover8"))
-    else:  # the splits cover the residual buffer's capacity (fixed for a static layer's graph)
-        bits, group, n_blocks, block_dim = 8, block_n, 0, 1
-        codes = [residual_k] * 6
-        # at least 8 tiles per split, at most 8 programs per SM: within 15% of the best of the H200 sweep
-        # at B 1 and 8, T 8K and 32K (results/kernels-h200-dense-splits.jsonl)
-        tiles = triton.cdiv(residual_k.shape[-2], block_n)
-        splits = num_splits or min(_num_splits(tiles, batch * kv_heads, query.device, split_policy or "cover8"),
-                                   max(1, tiles // 8))
+    codes, bits, group, n_blocks, block_dim, tokens = _code_operands(kv, kind, query.device, dim, residual_k,
+                                                                     launch.block_n)
+    splits = split_count(launch, kind, triton.cdiv(tokens, launch.block_n), batch * kv_heads, query.device)
     if mask is not None:
         # a contiguous byte copy of [B, Tq, Tk] (small; inductor cannot lower a bool -> uint8 view);
         # a static layer's mask spans its capacity and is read only up to the valid tokens
@@ -361,12 +311,12 @@ def decode_attention(
         mask if mask is not None else residual_k, *mask_strides,
         lengths.to(torch.int32) if lengths is not None else residual_k,
         o_part, m_part, l_part,
-        BN=block_n, G=group, BITS=bits, HAS_CODES=kv.key_codes is not None,
+        BN=launch.block_n, G=group, BITS=bits, HAS_CODES=kv.key_codes is not None,
         HAS_MASK=mask is not None, HAS_LENGTHS=lengths is not None, HAS_COUNTS=kv.counts is not None,
-        DOT_FP32=interpreting() or query.dtype == torch.float32, FAST_CVT=fast_cvt and fibquant is None,
-        FIBQUANT=fibquant is not None, BD=block_dim,
-        SCORE_JOIN=bool(score_join), DENSE_BN=min(dense_block_n, block_n) if kv.key_codes is not None else block_n,
-        num_warps=num_warps, num_stages=num_stages, **launch, **flags,
+        DOT_FP32=interpreting() or query.dtype == torch.float32, FAST_CVT=launch.fast_cvt,
+        FIBQUANT=fibquant is not None, BD=block_dim, SCORE_JOIN=launch.score_join, DENSE_BN=launch.dense_block_n,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        **({"maxnreg": launch.maxnreg} if launch.maxnreg and not interpreting() else {}), **flags,
     )
     _decode_reduce[(batch * kv_heads,)](o_part, m_part, l_part, out, *out.stride()[:3], splits + 1, **flags)
     if fibquant is not None:

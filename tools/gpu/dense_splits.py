@@ -3,6 +3,7 @@
 import json
 import torch
 from kvpatch.kernels.packed import PackedKV
+from kvpatch.kernels.decode_tuning import DecodeTuning
 from kvpatch.kernels.triton_decode import decode_attention
 
 rows = []
@@ -15,7 +16,7 @@ for batch in (1, 8):
         q = torch.randn(batch, 32, 1, 64, device="cuda", dtype=torch.bfloat16)
         for splits in (4, 8, 16, 24, 32, 48, 64, 96, 133):
             for bn in (64, 128):
-                fn = lambda: decode_attention(q, kv, 0.125, num_splits=splits, block_n=bn)
+                fn = lambda: decode_attention(q, kv, 0.125, tuning=DecodeTuning(num_splits=splits, block_n=bn))
                 for _ in range(3):
                     fn()
                 g = torch.cuda.CUDAGraph()
