@@ -329,12 +329,17 @@ def _decode_entry(entry: Any) -> tuple[IndexKey, int]:
 
 
 def atomic_write_text(path: Union[str, os.PathLike[str]], text: str) -> None:
-    """Write `text` to a temp file in the target's directory, fsync it, then os.replace."""
+    """Write `text` (UTF-8) so that `path` holds its old content or all of the new."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Union[str, os.PathLike[str]], data: bytes) -> None:
+    """Write `data` to a temp file in the target's directory, fsync it, then os.replace."""
     target = Path(path)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
