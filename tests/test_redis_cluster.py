@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import warnings
+import zlib
 from collections.abc import Iterator
 
 import pytest
@@ -81,7 +82,9 @@ def test_chunks_hit_across_slots_and_spread_over_every_node(cluster: LocalCluste
     assert remote.read_by_content(make_chunk(CHUNKS).content_hash) is None
     by_node = chunk_keys_by_node(cluster)
     assert all(by_node.values()), {port: len(keys) for port, keys in by_node.items()}  # every node holds chunks
-    assert sum(len(keys) for keys in by_node.values()) == CHUNKS
+    documented = {f"{{test:{zlib.crc32(c.prefix_hash.encode()) % 16}}}:c:{c.prefix_hash}".encode()
+                  for c in map(make_chunk, range(CHUNKS))}  # the layout docs/serving.md#redis-keys gives
+    assert {key for keys in by_node.values() for key in keys} == documented
     for port, keys in by_node.items():
         for key in keys:  # each chunk is where the cluster's slot map puts it, with its shard's bookkeeping
             assert node_of(cluster, key.decode()) == port
