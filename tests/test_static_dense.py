@@ -152,3 +152,25 @@ def test_prefix_reuse_into_static_layers_is_exact() -> None:
     assert isinstance(kvpatch.get_handle(model).last_cache.layers[0], StaticDenseLayer)
     assert results[1].kv_reuse_ratio == results[0].kv_reuse_ratio > 0.5
     assert results[1].tokens == results[0].tokens
+
+
+def test_snapshot_of_a_static_dense_cache_continues_exactly(tmp_path) -> None:
+    """A static dense cache exports as a dense snapshot and imports into static layers that
+    continue token for token like the original (the restored layer re-arms its buffer)."""
+    ids = prompt_ids(batch=1, length=30)
+    model = tiny_model("llama")
+    handle = kvpatch.apply(model, _static(capacity=64))
+    with torch.no_grad():
+        out = model(ids[:, :20], use_cache=True)
+        for i in range(20, 24):
+            out = model(ids[:, i : i + 1], use_cache=True, past_key_values=out.past_key_values)
+        cache = out.past_key_values
+        path = handle.export_snapshot(tmp_path / "static-dense.safetensors", cache=cache, token_ids=ids[:, :24])
+        restored = handle.import_snapshot(path)
+        assert all(isinstance(layer, StaticDenseLayer) for layer in restored.layers)
+        for i in range(24, 30):
+            a = model(ids[:, i : i + 1], use_cache=True, past_key_values=cache).logits
+            b = model(ids[:, i : i + 1], use_cache=True, past_key_values=restored).logits
+            assert torch.equal(a, b)
+    assert restored.layers[0].get_seq_length() == cache.layers[0].get_seq_length() == 30
+

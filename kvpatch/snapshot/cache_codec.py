@@ -1,6 +1,7 @@
 """A `KVPatchCache` <-> a flat dict of named tensors plus one `LayerRecord` per layer.
 
-Each layer class kvpatch builds has one kind here: "dense" (`DynamicLayer`), "sliding"
+Each layer class kvpatch builds has one kind here: "dense" (`DynamicLayer`, and `StaticDenseLayer`,
+whose `keys/values` are views of its valid tokens and which re-arms its buffer from assigned K/V), "sliding"
 (`DynamicSlidingWindowLayer`, which also needs its cumulative token count) and "quantized"
 (`QuantizedLayer`: residual, attention sinks and codes). Tensors are stored exactly as the layer
 holds them, so a restored cache is bit-identical and continues generation exactly.
@@ -14,6 +15,7 @@ from transformers.cache_utils import CacheLayerMixin, DynamicLayer, DynamicSlidi
 from ..errors import SnapshotError
 from ..cache import KVPatchCache
 from ..quant.codes import Codes
+from ..stages.storage_dense_static import StaticDenseLayer
 from ..stages.storage_quantized import QuantizedLayer
 from .format import CodesRecord, LayerKind, LayerRecord, TensorRecord, layer_tensor_name
 from ..files.safetensors_io import dtype_name
@@ -27,7 +29,7 @@ def layer_kind(layer: CacheLayerMixin) -> LayerKind:
         return "quantized"
     if isinstance(layer, DynamicSlidingWindowLayer):
         return "sliding"
-    if type(layer) is DynamicLayer:
+    if type(layer) is DynamicLayer or type(layer) is StaticDenseLayer:
         return "dense"
     raise SnapshotError(f"cannot snapshot a {type(layer).__name__} cache layer (kinds: dense, sliding, quantized)")
 
