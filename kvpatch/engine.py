@@ -108,6 +108,17 @@ class CorrectnessReport:
                 "max_kl": self.max_kl, "prompts": [asdict(p) for p in self.prompts]}
 
 
+def _stop_ids(eos: int | Sequence[int] | None) -> set[int]:
+    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+
+
+def _until_stop(tokens: list[int], stop: set[int]) -> list[int]:
+    """A row's new tokens up to and including its first stop token (a batch pads rows that
+    stopped early until the longest one ends)."""
+    ends = [i for i, token in enumerate(tokens) if token in stop]
+    return tokens[: ends[0] + 1] if ends else tokens
+
+
 class _FirstTokenClock:
     """A generate streamer that notes when the first new token exists (TTFT)."""
 
@@ -188,6 +199,26 @@ class Engine:
         self.reuse.set_host_ids(ids)
         return ids.to(self.device)
 
+    def _prepare_batch(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids `[B, L]` of several prompts, left-padded to the longest, and their attention
+        mask, on the model's device (the reuse controller told each row's segment starts)."""
+        if not prompts:
+            raise ValueError("no prompts: pass a non-empty list of prompts")
+        encoded = [self.encode(prompt) for prompt in prompts]
+        length = max(ids.shape[1] for ids, _ in encoded)
+        ids = torch.full((len(encoded), length), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, (row_ids, _) in enumerate(encoded):
+            ids[row, length - row_ids.shape[1]:] = row_ids[0]
+            mask[row, length - row_ids.shape[1]:] = 1
+        self.reuse.set_segment_starts([starts for _, starts in encoded])
+        self.reuse.set_host_ids(ids)
+        return ids.to(self.device), mask.to(self.device)
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
     def encode(self, prompt: Prompt) -> tuple[torch.Tensor, list[int]]:
         """Token ids `[1, L]` (on the CPU) of a prompt and where its segments start.
 
@@ -235,24 +266,39 @@ class Engine:
         """Greedy by default; any `generate` keyword (do_sample, temperature, ...) passes through."""
         start = time.perf_counter()
         ids = self._prepare(prompt)
+        return self._generate(ids, torch.ones_like(ids), start, max_new_tokens, gen_kwargs)[0]
+
+    @_one_request_at_a_time
+    def generate_batch(self, prompts: Sequence[Prompt], max_new_tokens: int = 64,
+                       **gen_kwargs: Any) -> list[GenerationResult]:
+        """Several prompts (each a string or a list of segments) in one left-padded batch, as a
+        server batches requests; one result per prompt, with that row's own reuse figures (rows
+        reuse different amounts; docs/reuse.md#batches). TTFT and total time are the batch's."""
+        start = time.perf_counter()
+        ids, mask = self._prepare_batch(prompts)
+        return self._generate(ids, mask, start, max_new_tokens, gen_kwargs)
+
+    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, start: float, max_new_tokens: int,
+                  gen_kwargs: dict[str, Any]) -> list[GenerationResult]:
         gen_kwargs.setdefault("do_sample", False)
         clock = _FirstTokenClock(start)
         with torch.no_grad():
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                      streamer=clock, pad_token_id=self.tokenizer.pad_token_id
-                                      if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id,
-                                      **gen_kwargs)
-        tokens = out[0, ids.shape[1]:].tolist()
+            out = self.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, streamer=clock,
+                                      pad_token_id=self._pad_id(), **gen_kwargs)
         total = (time.perf_counter() - start) * 1e3
         self.reuse.writer.flush()  # the new chunks are in the store before the next request
         first = clock.first_token_at
-        stats = self.reuse.last
-        return GenerationResult(
-            output_text=self.tokenizer.decode(tokens, skip_special_tokens=True), tokens=tokens,
-            prompt_tokens=ids.shape[1], ttft_ms=(first - start) * 1e3 if first is not None else total,
-            total_ms=total, kv_reuse_ratio=stats.kv_reuse_ratio, approximate_ratio=stats.approximate_ratio,
-            recomputed_tokens=stats.recomputed_tokens,
-        )
+        ttft = (first - start) * 1e3 if first is not None else total
+        stop = _stop_ids(gen_kwargs.get("eos_token_id", self.model.generation_config.eos_token_id))
+        results = []
+        for row, stats in zip(out[:, ids.shape[1]:].tolist(), self.reuse.last.rows):
+            tokens = _until_stop(row, stop)
+            results.append(GenerationResult(
+                output_text=self.tokenizer.decode(tokens, skip_special_tokens=True), tokens=tokens,
+                prompt_tokens=stats.prompt_tokens, ttft_ms=ttft, total_ms=total,
+                kv_reuse_ratio=stats.kv_reuse_ratio, approximate_ratio=stats.approximate_ratio,
+                recomputed_tokens=stats.recomputed_tokens))
+        return results
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 64, **gen_kwargs: Any) -> Iterator[str]:
         """Yield the output text piece by piece as it is generated.
@@ -346,4 +392,4 @@ class Engine:
 
     @_one_request_at_a_time
     def stats(self) -> dict[str, Any]:
-        return {"last_request": asdict(self.reuse.last), **self.handle.stats()}
+        return {"last_request": self.reuse.last.to_dict(), **self.handle.stats()}

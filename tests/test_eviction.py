@@ -128,7 +128,7 @@ def test_padded_batches_are_refused_clearly() -> None:
     ids = prompt_ids(batch=2, length=12)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
-    with pytest.raises(PaddedBatchError, match="padded batches"):
+    with pytest.raises(PaddedBatchError, match="config 'test-tova' evicts tokens, which does not support padded batches"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2)
 
 

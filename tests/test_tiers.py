@@ -208,7 +208,7 @@ def test_padded_batches_are_refused() -> None:
     ids = prompt_ids(batch=2, length=12)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
-    with pytest.raises(PaddedBatchError, match="padded batches"):
+    with pytest.raises(PaddedBatchError, match="config 'test-tiers' evicts tokens, which does not support padded batches"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2)
 
 

@@ -126,6 +126,7 @@ class PatchHandle:
             "batch_size": cache.batch_size() if cache is not None else 0,
             "layers": len(cache.layers) if cache is not None else 0,
             "stages": self.pipeline.stats(),
+            **({"reuse": self.reuse.last.to_dict()} if self.reuse is not None else {}),
             **({"decode_graphs": self.decode_graphs.stats()} if self.decode_graphs is not None else {}),
         }
 
@@ -208,7 +209,8 @@ def apply(model: torch.nn.Module, config: ConfigSource = "default") -> PatchHand
         handle._post_hook = model.register_forward_hook(handle._post_forward, with_kwargs=True)
     handle._hook = model.register_forward_pre_hook(handle._pre_forward, with_kwargs=True)
     if getattr(handle.pipeline.layer_builder, "needs_cache_events", False):
-        handle._events = CacheEvents(model, handle._attention_modules, handle._cache_kwarg, lambda: handle.last_cache)
+        handle._events = CacheEvents(model, handle._attention_modules, handle._cache_kwarg, lambda: handle.last_cache,
+                                     pipeline_config.name)
     # last: its pre-hook runs first and its post-hook last, so threads sharing the model take turns
     # per top-level forward (the hooks above keep per-forward state; concurrency.py)
     handle._guard = ForwardGuard(model)

@@ -28,8 +28,9 @@ class CacheEvents:
     """Installed by `apply` when the pipeline's layers need attention events; `remove()` undoes it."""
 
     def __init__(self, model: torch.nn.Module, modules: list[torch.nn.Module], cache_kwarg: str,
-                 active_cache: Callable[[], KVPatchCache | None]) -> None:
+                 active_cache: Callable[[], KVPatchCache | None], config_name: str = "?") -> None:
         self._modules = {id(m) for m in modules}
+        self._config_name = config_name
         self._active_cache = active_cache
         self._cache_kwarg = cache_kwarg
         add_observer(self._observe)
@@ -50,9 +51,10 @@ class CacheEvents:
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2 and not bool(mask.all()):
             raise PaddedBatchError(
-                "kvpatch: this config evicts tokens, which does not support padded batches (the "
-                "padding mask is indexed by positions that eviction removes); run one sequence per "
-                "call or batch prompts of equal length"
+                f"kvpatch: config {self._config_name!r} evicts tokens, which does not support padded "
+                "batches (the padding mask is indexed by positions that eviction removes, and padding "
+                "would count against each row's budget); run one sequence per call or batch prompts of "
+                "equal length (configs without eviction, chunk reuse included, take left-padded batches)"
             )
 
     def _after_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:

@@ -6,17 +6,18 @@ forward's inputs to the tokens still to compute. After the forward it writes new
 chunks back to the store, so the next request hits without an explicit warm().
 
 Reuse only applies where it is invisible to the caller: a forward that keeps only the last
-position's logits (`logits_to_keep=1`, what `generate` passes) into an empty cache, without
-padding. Other forwards still feed the store.
+position's logits (`logits_to_keep=1`, what `generate` passes) into an empty cache. Other
+forwards still feed the store. Batches may be left-padded (batch_layout.py): each row matches
+its own real tokens; padding never enters a chunk, a hash or the stats.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -26,13 +27,14 @@ from ..model_shapes import ModelShapes
 from ..cache import KVPatchCache
 from ..snapshot.fingerprint import model_fingerprint
 from ..stages.reuse import CacheBlendRecompute
-from ..reuse.blend import RepairPolicy, blend
+from ..reuse.blend import KVLayers, RepairPolicy, blend
 from ..reuse.chunk import ChunkStore
 from ..reuse.chunk_hash import ChunkHasher, token_bytes
 from ..reuse.codecs import dense_kv
 from ..reuse.matcher import MatchPlan
 from ..reuse.rope import KeyRotator
 from ..reuse.writeback import ChunkWriter, NewChunk
+from .batch_layout import BatchLayout, batch_layout
 
 logger = logging.getLogger("kvpatch")
 
@@ -43,37 +45,94 @@ PREWARM_CAP_BYTES = 8 * 2**30
 _POSITIONAL_KWARGS = ("input_ids", "position_ids")
 
 
+def _ratio(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
 @dataclass
-class RequestStats:
-    """What reuse did for the last prefill (one per forward, summed over batch rows)."""
+class RowStats:
+    """What reuse did for one row of the last prefill (its real tokens; padding never counts)."""
 
     prompt_tokens: int = 0
     reused_tokens: int = 0
     approximate_tokens: int = 0
     recomputed_tokens: int = 0
     check_tokens: int = 0
+
+    @property
+    def kv_reuse_ratio(self) -> float:
+        return _ratio(self.reused_tokens, self.prompt_tokens)
+
+    @property
+    def approximate_ratio(self) -> float:
+        return _ratio(self.approximate_tokens, self.prompt_tokens)
+
+
+@dataclass
+class RequestStats:
+    """What reuse did for the last prefill: per batch row (`rows`) and summed over them."""
+
+    rows: list[RowStats] = field(default_factory=list)
     lookup_ms: float = 0.0
     load_ms: float = 0.0
     written_chunks: int = 0
 
+    def _total(self, name: str) -> int:
+        return sum(getattr(row, name) for row in self.rows)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self._total("prompt_tokens")
+
+    @property
+    def reused_tokens(self) -> int:
+        return self._total("reused_tokens")
+
+    @property
+    def approximate_tokens(self) -> int:
+        return self._total("approximate_tokens")
+
+    @property
+    def recomputed_tokens(self) -> int:
+        return self._total("recomputed_tokens")
+
+    @property
+    def check_tokens(self) -> int:
+        return self._total("check_tokens")
+
     @property
     def kv_reuse_ratio(self) -> float:
-        return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+        return _ratio(self.reused_tokens, self.prompt_tokens)
 
     @property
     def approximate_ratio(self) -> float:
-        return self.approximate_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+        return _ratio(self.approximate_tokens, self.prompt_tokens)
+
+    @property
+    def row_reuse_ratios(self) -> list[float]:
+        return [row.kv_reuse_ratio for row in self.rows]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Totals, ratios and per-row figures (what `Engine.stats()` and `handle.stats()` show)."""
+        totals = ("prompt_tokens", "reused_tokens", "approximate_tokens", "recomputed_tokens", "check_tokens",
+                  "kv_reuse_ratio", "approximate_ratio")
+        rows = [{**asdict(row), "kv_reuse_ratio": row.kv_reuse_ratio, "approximate_ratio": row.approximate_ratio}
+                for row in self.rows]
+        return {**{name: getattr(self, name) for name in totals}, "lookup_ms": self.lookup_ms,
+                "load_ms": self.load_ms, "written_chunks": self.written_chunks, "rows": rows}
 
 
 @dataclass
 class _Request:
     """Per-prefill state between the pre-forward and post-forward hooks."""
 
-    token_ids: torch.Tensor  # [B, L] on CPU
-    plans: list[MatchPlan]
-    computed_from: int  # the forward computes positions [computed_from, L)
+    token_ids: torch.Tensor  # [B, L] on CPU, padding included
+    layout: BatchLayout
+    plans: list[MatchPlan]  # per row, over its real tokens (positions from 0)
+    computed_from: int  # the forward computes columns [computed_from, L)
     exact_until: list[int]  # per row: chunks ending at or before this are exact when computed
-    sources: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=list)
+    #: (first column, per-layer [B, H, T, D] K/V): the assembled prefix, then the forward's part
+    sources: list[tuple[int, KVLayers]] = field(default_factory=list)
     recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -105,7 +164,7 @@ class ReuseController:
         self.writer = ChunkWriter(self.store, prewarm_bytes=min(int(budget), PREWARM_CAP_BYTES))
         self.last: RequestStats = RequestStats()
         self._request: _Request | None = None
-        self._segment_starts: list[int] = []
+        self._segment_starts: list[list[int]] = []
         self._host_ids_hint: torch.Tensor | None = None
         self._paused = False
 
@@ -123,18 +182,20 @@ class ReuseController:
         """Load reusable K/V into `cache` and return the trimmed kwargs (None: unchanged)."""
         self._request = None
         hint, self._host_ids_hint = self._host_ids_hint, None  # meant for this forward only
-        if self._paused:
-            return None
-        self.writer.flush(wait=False)  # copies still running belong to the previous request
         input_ids = kwargs.get("input_ids")
         if input_ids is None or input_ids.dim() != 2 or cache.get_seq_length() != 0:
-            return None
+            return None  # not a prefill
         mask = kwargs.get("attention_mask")
-        if mask is not None and (mask.dim() != 2 or not bool(mask.all())):
-            return None  # padded rows sit at shifted positions: neither reuse nor store them
+        layout = None if self._paused else batch_layout(input_ids, mask, kwargs.get("position_ids"))
+        if layout is None:  # paused, or rows at positions no chunk describes: neither reuse nor store
+            real = mask.sum(-1).tolist() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            counts = real or [input_ids.shape[1]] * input_ids.shape[0]
+            self.last, self._segment_starts = RequestStats(rows=[RowStats(prompt_tokens=int(n)) for n in counts]), []
+            return None
+        self.writer.flush(wait=False)  # copies still running belong to the previous request
         start = time.perf_counter()
-        request = self._plan(input_ids, hint)
-        self.last = RequestStats(prompt_tokens=input_ids.numel())
+        request = self._plan(input_ids, layout, hint)
+        self.last = RequestStats(rows=[RowStats(prompt_tokens=n) for n in layout.real_tokens])
         self.last.lookup_ms = (time.perf_counter() - start) * 1e3
         self._request = request
         cache.recorder = self._record
@@ -158,9 +219,15 @@ class ReuseController:
         request.sources.append((request.computed_from, layers))
         self.last.written_chunks = self._write_back(request)
 
-    def set_segment_starts(self, starts: list[int]) -> None:
-        """Token offsets where the next prompt's segments begin (each starts a new chunk)."""
-        self._segment_starts = list(starts)
+    def set_segment_starts(self, starts: Sequence[int] | Sequence[Sequence[int]]) -> None:
+        """Token offsets where the next prompt's segments begin (each starts a new chunk),
+        counted from each row's first real token: one list for every row, or one per row."""
+        per_row = bool(starts) and not isinstance(starts[0], int)
+        self._segment_starts = [list(row) for row in starts] if per_row else [list(starts)]  # type: ignore[arg-type]
+
+    def _row_segment_starts(self, row: int) -> list[int]:
+        starts = self._segment_starts
+        return starts[row] if len(starts) > 1 else (starts[0] if starts else [])
 
     def set_host_ids(self, token_ids: torch.Tensor) -> None:
         """A CPU copy of the next forward's input_ids (the Engine has one): hashing then needs no
@@ -169,36 +236,56 @@ class ReuseController:
         self._host_ids_hint = token_ids.detach()
 
     # -- planning ---------------------------------------------------------------------------------
-    def _plan(self, input_ids: torch.Tensor, host_ids: torch.Tensor | None) -> _Request:
+    def _plan(self, input_ids: torch.Tensor, layout: BatchLayout, host_ids: torch.Tensor | None) -> _Request:
         usable = host_ids is not None and host_ids.device.type == "cpu" and host_ids.shape == input_ids.shape
         ids = host_ids if usable else input_ids.detach().cpu()
         plans = []
-        approximate = self.approximate and ids.shape[0] == 1
-        for row in ids:
-            tokens = row.numpy()  # indexable without a Python list of 16K ints
-            row_spans = self.chunker.spans(tokens, self._segment_starts)
-            row_prefix, row_content = self.hasher.hashes(token_bytes(row), row_spans, content=approximate)
-            plans.append(self.matcher.match(row_spans, row_prefix, row_content, self.store, approximate=approximate))
+        for index, (row, pad) in enumerate(zip(ids, layout.pads)):
+            real = row[pad:]  # padding never enters a chunk or a hash
+            if real.numel() == 0:
+                plans.append(MatchPlan([]))
+                continue
+            row_spans = self.chunker.spans(real.numpy(), self._row_segment_starts(index))
+            row_prefix, row_content = self.hasher.hashes(token_bytes(real), row_spans, content=self.approximate)
+            plans.append(self.matcher.match(row_spans, row_prefix, row_content, self.store,
+                                            approximate=self.approximate))
         self._segment_starts = []
-        return _Request(ids, plans, computed_from=0, exact_until=[ids.shape[1]] * ids.shape[0])
+        return _Request(ids, layout, plans, computed_from=0, exact_until=layout.real_tokens)
 
     # -- assembly ---------------------------------------------------------------------------------
     def _assemble(self, request: _Request, cache: KVPatchCache, input_ids: torch.Tensor) -> int:
-        """Fill `cache` with reused (and repaired) K/V; returns how many leading tokens it holds."""
-        length = input_ids.shape[1]
-        device, dtype = input_ids.device, self.model.dtype
-        if len(request.plans) == 1 and not request.plans[0].is_plain_prefix:
-            return self._assemble_blended(request, cache, input_ids)
-        reused = min(plan.leading_exact_tokens() for plan in request.plans)
-        reused = min(reused, length - 1)  # the forward must compute at least the last token
-        if reused == 0:
+        """Fill `cache` with each row's reused (and repaired) K/V, right-aligned behind its padding
+        (zeros there: masked), so that every column keeps its meaning for the caller's mask and
+        position ids; returns the column the forward starts at."""
+        layout = request.layout
+        reach = [_reach(plan, n) for plan, n in zip(request.plans, layout.real_tokens)]
+        start = layout.suffix_start(reach)
+        if start <= 0:
             return 0
-        rows = [self._gather(plan, reused, device, dtype) for plan in request.plans]
-        kv = rows[0].unsqueeze(2) if len(rows) == 1 else torch.stack(rows, dim=2)  # [L, 2, B, H, T, D]
-        for index, layer in enumerate(cache.layers):
-            layer.update(kv[index, 0], kv[index, 1])
-        self.last.reused_tokens = reused * len(rows)
-        return reused
+        rows = [self._row_kv(request, row, start - pad, input_ids) if start > pad else None
+                for row, pad in enumerate(layout.pads)]
+        layers = _right_aligned(rows, start)
+        for layer, (keys, values) in zip(cache.layers, layers):
+            layer.update(keys, values)
+        request.sources.append((0, layers))
+        return start
+
+    def _row_kv(self, request: _Request, row: int, take: int, input_ids: torch.Tensor) -> KVLayers:
+        """One row's K/V of its first `take` real tokens (per layer `[H, take, D]`): stored
+        chunks as they are, or laid out and repaired by `blend` when they are not a plain prefix
+        (reused out of order, or after a missing chunk)."""
+        plan, stats = request.plans[row], self.last.rows[row]
+        if take <= plan.leading_exact_tokens():
+            kv = self._gather(plan, take, input_ids.device, self.model.dtype)
+            stats.reused_tokens = take
+            return [(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])]
+        ids = input_ids[row:row + 1, request.layout.pads[row]:]
+        result = blend(self.model, plan, ids, self.rotator, self.policy, until=take)
+        stats.reused_tokens, stats.approximate_tokens = result.reused_tokens, result.approximate_tokens
+        stats.recomputed_tokens, stats.check_tokens = result.recomputed_tokens, result.check_tokens
+        if result.first_approximate is not None:  # later chunks were computed over stale K/V
+            request.exact_until[row] = result.first_approximate
+        return [(keys[0], values[0]) for keys, values in result.layers]
 
     def _gather(self, plan: MatchPlan, until: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The stored K/V of a row's leading `until` tokens, `[L, 2, H, until, D]` on `device`."""
@@ -210,20 +297,6 @@ class ReuseController:
             parts.append(kv[..., : until - match.span[0], :])
         return torch.cat(parts, dim=3) if len(parts) > 1 else parts[0]
 
-    def _assemble_blended(self, request: _Request, cache: KVPatchCache, input_ids: torch.Tensor) -> int:
-        """One row with chunks reused out of prefix order or after a missing chunk (blend.py)."""
-        result = blend(self.model, request.plans[0], input_ids, self.rotator, self.policy)
-        for layer, (keys, values) in zip(cache.layers, result.layers):
-            layer.update(keys, values)
-        self.last.reused_tokens = result.reused_tokens
-        self.last.approximate_tokens = result.approximate_tokens
-        self.last.recomputed_tokens = result.recomputed_tokens
-        self.last.check_tokens = result.check_tokens
-        if result.first_approximate is not None:  # later chunks were computed over stale K/V
-            request.exact_until = [result.first_approximate]
-        request.sources.append((0, result.layers))
-        return result.until
-
     # -- write-back -------------------------------------------------------------------------------
     def _record(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         if self._request is not None:
@@ -231,16 +304,16 @@ class ReuseController:
 
     def _write_back(self, request: _Request) -> int:
         """Store every chunk not matched exactly whose K/V were computed exactly (all its
-        history exact), from whichever computed range covers it."""
+        history exact), from the computed ranges covering its columns."""
         new = []
-        for row, plan in enumerate(request.plans):
+        for row, (plan, pad) in enumerate(zip(request.plans, request.layout.pads)):
             for i, match in enumerate(plan.matches):
                 start, end = match.span
                 if match.kind == "exact" or end > request.exact_until[row]:
                     continue
-                kv = _slice_sources(request.sources, row, start, end)
+                kv = _slice_sources(request.sources, row, pad + start, pad + end)
                 if kv is not None:
-                    tokens = request.token_ids[row, start:end].clone()
+                    tokens = request.token_ids[row, pad + start:pad + end].clone()
                     content = match.content_hash or self.hasher.content_hash(token_bytes(tokens))
                     parent = plan.matches[i - 1].prefix_hash if i else self.hasher.namespace
                     new.append(NewChunk(match.prefix_hash, content, tokens, start, kv, parent))
@@ -269,16 +342,54 @@ def reuse_namespace(model: torch.nn.Module) -> str:
     return model_fingerprint(model).model_dump_json()
 
 
-def _slice_sources(sources: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]], row: int,
-                   start: int, end: int) -> torch.Tensor | None:
-    """`[L, 2, H, end-start, D]` K/V of one row from the computed range covering it, gathered in
-    one copy (a chunk's own contiguous tensor; the prompt's K/V are never stacked whole)."""
+def _reach(plan: MatchPlan, real_tokens: int) -> int:
+    """How many leading tokens of a row the store could supply (the last one is always computed)."""
+    end = plan.leading_exact_tokens() if plan.is_plain_prefix else plan.last_reused_end()
+    return max(min(end, real_tokens - 1), 0)
+
+
+def _right_aligned(rows: list[KVLayers | None], width: int) -> KVLayers:
+    """Per layer `[B, H, width, D]` K/V with each row's tokens right-aligned behind zeros (its
+    padding; None: a row that is all padding there). One row of full width is not copied."""
+    like = next(row for row in rows if row is not None)
+
+    def column(index: int, part: int) -> torch.Tensor:
+        ref = like[index][part]
+        aligned = []
+        for row in rows:
+            tensor = row[index][part] if row is not None else ref[:, :0]
+            if tensor.shape[-2] < width:
+                zeros = ref.new_zeros(ref.shape[0], width - tensor.shape[-2], ref.shape[-1])
+                tensor = torch.cat([zeros, tensor], dim=-2)
+            aligned.append(tensor)
+        return aligned[0].unsqueeze(0) if len(aligned) == 1 else torch.stack(aligned)
+
+    return [(column(i, 0), column(i, 1)) for i in range(len(like))]
+
+
+def _slice_sources(sources: list[tuple[int, KVLayers]], row: int, start: int, end: int) -> torch.Tensor | None:
+    """`[L, 2, H, end-start, D]` K/V of one row's columns `[start, end)` from the computed ranges
+    covering them in order (None if a column is not covered), gathered in one copy per range (a
+    chunk's own contiguous tensor; the prompt's K/V are never stacked whole)."""
+    pieces, at = [], start
     for offset, layers in sources:
-        if offset <= start and end <= offset + layers[0][0].shape[-2]:
-            a, b = start - offset, end - offset
-            parts = [t[row, :, a:b] for pair in layers for t in pair]
-            return torch.stack(parts).unflatten(0, (len(layers), 2))
-    return None
+        stop = offset + layers[0][0].shape[-2]
+        if offset <= at < stop:
+            until = min(end, stop)
+            pieces.append((layers, at - offset, until - offset))
+            at = until
+        if at == end:
+            break
+    if at != end:
+        return None
+    count = len(pieces[0][0])
+    parts = [_joined([layers[i][part][row, :, a:b] for layers, a, b in pieces])
+             for i in range(count) for part in (0, 1)]
+    return torch.stack(parts).unflatten(0, (count, 2))
+
+
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=-2)
 
 
 def _trim(kwargs: dict[str, Any], start: int) -> dict[str, Any]:

@@ -53,10 +53,11 @@ class Blend:
 
 
 def blend(model: torch.nn.Module, plan: MatchPlan, input_ids: torch.Tensor, rotator: KeyRotator | None,
-          policy: RepairPolicy) -> Blend:
+          policy: RepairPolicy, until: int | None = None) -> Blend:
     """Lay out and repair one row (`input_ids` is `[1, L]`); covers up to the last reused chunk,
-    leaving at least the last token to the forward."""
-    until = min(plan.last_reused_end(), input_ids.shape[1] - 1)
+    leaving at least the last token to the forward, or only its first `until` tokens (a padded
+    batch computes the rest of a row with the other rows' suffixes)."""
+    until = min(plan.last_reused_end(), input_ids.shape[1] - 1, input_ids.shape[1] if until is None else until)
     device, dtype = input_ids.device, model.dtype
     reference = next(m.chunk for m in plan.matches if m.chunk is not None)
     layer_count, heads, _, dim = kv_shape(reference)
