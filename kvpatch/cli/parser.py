@@ -20,6 +20,8 @@ DEFAULT_RUN_CONFIGS = ("default", "compiled", "kivi4")
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 #: `kvpatch eval --format` names (kvpatch.eval.export.FORMATS; a test keeps them equal).
 EVAL_FORMATS = ("kvpatch", "kvpress", "lm-eval")
+#: `kvpatch tune --families` names (kvpatch.tune.space.FAMILIES; a test keeps them equal).
+TUNE_FAMILIES = ("dense", "quantized", "evict", "tiered")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(command_impl="listing:validate")
     _add_run(commands)
     _add_eval(commands)
+    _add_tune(commands)
     _add_bench(commands)
     _add_snapshot(commands)
     return parser
@@ -45,6 +48,16 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text}")
+        return value
+
+    return parse
 
 
 def _non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
@@ -183,3 +196,56 @@ def _add_snapshot(commands: argparse._SubParsersAction) -> None:
     load.add_argument("--max-new-tokens", type=_non_negative(int), default=16, metavar="N")
     load.add_argument("--device", default="cpu")
     load.set_defaults(command_impl="snapshot:import_command")
+
+
+def _memory_target(text: str) -> object:
+    """argparse type of `kvpatch tune --memory` (kvpatch.tune.objectives.parse_memory, torch-free)."""
+    from ..tune.objectives import parse_memory
+
+    try:
+        return parse_memory(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_tune(commands: argparse._SubParsersAction) -> None:
+    """`kvpatch tune`: search the registry's config space for a memory target and a quality floor."""
+    tune = commands.add_parser(
+        "tune", help="search configs for a memory target and a quality floor (successive halving)",
+        description="Samples configs from the registry's stages (quantizers and bits, group size, residual window, "
+                    "sinks, scorers, eviction budget, tier ratios), measures them with the fidelity harness on the "
+                    "given text, most promising third again with more perplexity tokens and needle rows (successive "
+                    "halving), and writes the memory/quality frontier (tune.json, frontier.md, frontier.png) and the "
+                    "best config that meets the target and the floor (chosen.yaml) into --out (docs/tune.md). "
+                    "Exit 1 if no searched config meets both (the closest ones are listed).")
+    tune.add_argument("--memory", required=True, type=_memory_target, metavar="TARGET",
+                      help="resident K/V limit: a fraction of the full cache (0.3, 30%%) or a size (3000000, 3MB, "
+                           "2.5MiB), measured by the harness after its decode check")
+    tune.add_argument("--max-ppl-ratio", type=float, default=None, metavar="R",
+                      help="floor: perplexity ratio patched/unpatched at most R (>= 1)")
+    tune.add_argument("--min-needle", type=float, default=None, metavar="A",
+                      help="floor: patched needle accuracy at least A (0-1)")
+    tune.add_argument("--min-logit-cosine", type=float, default=None, metavar="C",
+                      help="floor: worst decode step's logit cosine at least C (0-1)")
+    tune.add_argument("--model", default="kvpatch-ref",
+                      help="kvpatch-ref (default), tiny-llama, or any local model folder transformers loads")
+    data = tune.add_mutually_exclusive_group()
+    data.add_argument("--text", type=Path, default=None, metavar="FILE",
+                      help="UTF-8 text to evaluate on (default: the shipped model's held-out text)")
+    data.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                      help='JSON Lines, one {"prompt": ...} (or "text") per line, joined into one text')
+    tune.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the outputs are written")
+    tune.add_argument("--families", nargs="+", default=None, metavar="F",
+                      help=f"config families to search: {', '.join(TUNE_FAMILIES)} (default: all)")
+    tune.add_argument("--candidates", type=positive_int, default=24, help="configs sampled for the first rung")
+    tune.add_argument("--rungs", type=positive_int, default=3, help="successive-halving rungs (budgets)")
+    tune.add_argument("--eta", type=_at_least(2), default=3,
+                      help="keep 1/eta of each rung; each rung has eta x the previous budget (>= 2)")
+    tune.add_argument("--context", type=positive_int, default=None, metavar="TOKENS",
+                      help="decode-check prompt (where memory is measured) and needle row length (default 384 / 512)")
+    tune.add_argument("--seed", type=_non_negative(int), default=0, help="sampling seed")
+    tune.add_argument("--name", default="tuned", help="the chosen config's name")
+    tune.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+    tune.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                      help="model dtype (default: float32 on CPU, bfloat16 on accelerators)")
+    tune.set_defaults(command_impl="tune:tune_command")
