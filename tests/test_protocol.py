@@ -3,8 +3,11 @@ by construction, seeded), their scoring (a wrong answer scores 0) and the harnes
 
 from __future__ import annotations
 
+import argparse
+import math
 import random
 import re
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,6 +22,11 @@ from kvpatch.data.tasks import (
 )
 from transformers import AutoTokenizer
 
+from kvpatch.cli.evaluate import preset_settings
+from kvpatch.errors import KVPatchError
+from kvpatch.eval import battery
+from kvpatch.eval.protocol import format_protocol_table, plot_protocol, summary
+from kvpatch.eval.settings import EvalSettings
 from kvpatch.models import heldout_text, model_dir
 
 KEY = rf"(?:{'|'.join(ADJECTIVES)})_(?:{'|'.join(NOUNS)})"
@@ -123,3 +131,66 @@ def test_training_rows_are_exact_and_mask_the_answers(task: str, tokenizer, fill
     assert answer and re.fullmatch(r"[\d, \]]+", answer)
     with pytest.raises(ValueError, match="unknown task 'needles'"):
         make_task_training_row("needles", tokenizer, filler, 2048, random.Random(3))
+
+
+# -- the harness preset --------------------------------------------------------------------------
+
+
+def test_the_preset_follows_the_trained_context() -> None:
+    settings = EvalSettings.protocol(2048)
+    assert settings.needle_lengths == (256, 512, 1024, 2048)
+    assert len(settings.needle_depths) >= 5 and min(settings.needle_depths) == 0.05 and max(settings.needle_depths) == 0.95
+    assert settings.tasks == TASKS and settings.ppl_window == 2048
+    assert settings.decode_prompt_tokens + settings.decode_steps == 2048
+    assert EvalSettings.protocol(512).needle_lengths == (256, 512)  # shorter rows would not hold the tasks
+    assert EvalSettings.protocol(2048, lengths=[2048]).needle_lengths == (2048,)
+    with pytest.raises(ValueError, match="at least 256"):
+        EvalSettings.protocol(2048, lengths=[128])
+
+
+def _args(**kw: object) -> argparse.Namespace:
+    return argparse.Namespace(**{"preset": "protocol", "model": "m", "max_context": None, "per_cell": 3,
+                                 "lengths": None, **kw})
+
+
+def test_the_cli_preset_reads_max_position_embeddings() -> None:
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096))
+    assert preset_settings(_args(), model).needle_lengths == (512, 1024, 2048, 4096)
+    assert preset_settings(_args(max_context=1024), model).needle_lengths == (256, 512, 1024)
+    assert preset_settings(_args(), model).needle_per_cell == 3
+    with pytest.raises(KVPatchError, match="max_position_embeddings; pass --max-context"):
+        preset_settings(_args(), SimpleNamespace(config=SimpleNamespace()))
+
+
+@pytest.mark.parametrize("task", ["needle", *TASKS])
+def test_grid_scores_right_answers_1_and_wrong_ones_0(task: str, tokenizer, filler,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = EvalSettings(needle_lengths=(300,), needle_depths=(0.1, 0.9), needle_per_cell=2, tasks=TASKS)
+
+    def oracle(model, tokenizer, examples, batch_size):
+        return [ex.answer_text + "\n" for ex in examples]
+
+    def off_by_one(model, tokenizer, examples, batch_size):
+        return [str(int(ex.answer_text[:5]) + 1) + ex.answer_text[5:] for ex in examples]
+
+    monkeypatch.setattr(battery, "needle_predictions", oracle)
+    assert battery.task_grid_batched(None, tokenizer, filler, settings, task=task) == {"300": {"0.1": 1.0, "0.9": 1.0}}
+    monkeypatch.setattr(battery, "needle_predictions", off_by_one)
+    assert battery.task_grid_batched(None, tokenizer, filler, settings, task=task) == {"300": {"0.1": 0.0, "0.9": 0.0}}
+
+
+def _result(config: str, full: float, patched: float) -> dict:
+    grid = lambda acc: {"256": {"0.05": 1.0, "0.95": 1.0}, "2048": {"0.05": acc, "0.95": acc}}  # noqa: E731
+    return {"config": config, "needle_unpatched": grid(full), "needle_patched": grid(patched),
+            "tasks_unpatched": {"vartrack": grid(0.0)}, "tasks_patched": {"vartrack": grid(0.0)}}
+
+
+def test_the_report_puts_each_config_beside_the_full_cache(tmp_path) -> None:
+    results = [_result("kivi4", 0.8, 0.4), _result("snapkv", 0.8, 0.8)]
+    assert summary(results[0])["needle"] == {"full": 0.8, "config": 0.4, "relative": 0.5}
+    assert math.isnan(summary(results[0])["vartrack"]["relative"])  # the full cache got none: no signal
+    table = format_protocol_table(results)
+    assert re.search(r"kivi4 +1\.00 +0\.40 \| +0\.40 +0\.40 \| +0\.50", table), table
+    assert re.search(r"snapkv .*\| +1\.00\n", table) and "n/a" in table.split("vartrack")[1]
+    plot_protocol(results, tmp_path / "protocol.png")
+    assert (tmp_path / "protocol.png").stat().st_size > 10_000

@@ -14,10 +14,12 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config import PipelineConfig, bundled_configs, load_config
 from ..errors import KVPatchError
+from ..hashing.index import atomic_write_text
 from ..eval import export
 from ..eval.bounds import lossless_allowance
 from ..eval.harness import EvalResult, Reference, evaluate, format_table, reference_run
 from ..eval.plot import plot_fidelity_vs_memory
+from ..eval.protocol import format_protocol_table, plot_protocol
 from ..eval.settings import EvalSettings
 from ..models import load_named
 from .exit_codes import EXIT_FAILED, EXIT_OK
@@ -30,16 +32,18 @@ def eval_command(args: argparse.Namespace) -> int:
     if fmt != "kvpatch" and args.out is None:
         raise KVPatchError(f"--format {fmt} writes files and needs --out DIR (without --out, only the table is printed)")
     started, start = time.time(), time.perf_counter()
-    settings = EvalSettings.full() if args.preset == "full" else EvalSettings.quick()
     sources = args.config or list(bundled_configs())
     configs = [load_config(s) for s in sources]  # fail on a bad config before any model work
     model, tokenizer = load_named(args.model, args.device, args.dtype)
+    settings = preset_settings(args, model)
     reference = reference_run(model, tokenizer, settings)
     tqdm.write(f"reference (unpatched + floor): {reference.wall_s:.1f} s", file=sys.stderr)
     results, violations = [], {}
     for config in configs:
         result = evaluate(model, tokenizer, config, reference=reference)
         tqdm.write(f"{config.name}: {result.wall_s:.1f} s", file=sys.stderr)
+        if fmt == "kvpatch" and args.out is not None:  # a long run keeps what it finished
+            write_result(result, args.out)
         violations[config.name] = result.violations()
         for message in violations[config.name]:
             print(f"{config.name}: {message}", file=sys.stderr)
@@ -49,6 +53,9 @@ def eval_command(args: argparse.Namespace) -> int:
     print(f"model {args.model} ({dtype}, {device}), preset {args.preset}, reference {reference.wall_s:.1f} s")
     print(floor_line(reference))
     print(format_table(results))
+    if settings.tasks:
+        print()
+        print(format_protocol_table([r.to_dict() for r in results]))
     if args.out is not None:
         if fmt == "kvpatch":
             write_outputs(results, args.out, args.name or run_name(args.model, args.preset))
@@ -56,6 +63,22 @@ def eval_command(args: argparse.Namespace) -> int:
             run = run_info(args, dtype, device, configs, violations, reference, started, time.perf_counter() - start)
             write_export(fmt, results, run, args.out)
     return EXIT_FAILED if any(violations.values()) else EXIT_OK
+
+
+def preset_settings(args: argparse.Namespace, model: torch.nn.Module) -> EvalSettings:
+    """The --preset's settings; the protocol's lengths follow the model's trained context
+    (max_position_embeddings) unless --max-context or --lengths say otherwise."""
+    if args.preset == "full":
+        return EvalSettings.full()
+    if args.preset != "protocol":
+        return EvalSettings.quick()
+    max_context = args.max_context or getattr(model.config, "max_position_embeddings", None)
+    if not max_context:
+        raise KVPatchError(f"--preset protocol: {args.model} declares no max_position_embeddings; pass --max-context N")
+    try:
+        return EvalSettings.protocol(int(max_context), args.per_cell, args.lengths)
+    except ValueError as error:
+        raise KVPatchError(f"--preset protocol: {error}") from error
 
 
 def run_info(args: argparse.Namespace, dtype: str, device: str, configs: list[PipelineConfig],
@@ -97,11 +120,22 @@ def floor_line(reference: Reference) -> str:
             f"top1 {fmt(allowed.top1)}")
 
 
-def write_outputs(results: list[EvalResult], out: Path, name: str) -> Path:
-    """eval-<config>.json per config and fidelity-<name>.png (one plot per run name); the plot's path."""
+def write_result(result: EvalResult, out: Path) -> Path:
+    """out/eval-<config>.json, written atomically."""
     out.mkdir(parents=True, exist_ok=True)
+    path = out / f"eval-{result.config}.json"
+    atomic_write_text(path, result.to_json())
+    return path
+
+
+def write_outputs(results: list[EvalResult], out: Path, name: str) -> Path:
+    """eval-<config>.json per config (written atomically) and fidelity-<name>.png (one plot per run
+    name), and with the protocol's tasks protocol-<name>.png (the heatmap); the fidelity plot's path."""
     for result in results:
-        (out / f"eval-{result.config}.json").write_text(result.to_json())
+        write_result(result, out)
+    dicts = [r.to_dict() for r in results]
     plot = out / f"fidelity-{name}.png"
-    plot_fidelity_vs_memory([r.to_dict() for r in results], plot)
+    plot_fidelity_vs_memory(dicts, plot)
+    if any(r.tasks_patched for r in results):
+        plot_protocol(dicts, out / f"protocol-{name}.png")
     return plot

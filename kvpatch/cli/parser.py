@@ -101,7 +101,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kvpatch-ref (default), tiny-llama, or any local model folder transformers loads")
     parser.add_argument("--config", action="append",
                         help="config path or bundled name (repeatable; default: every bundled config)")
-    parser.add_argument("--preset", choices=("quick", "full"), default="quick")
+    parser.add_argument("--preset", choices=("quick", "full", "protocol"), default="quick",
+                        help="quick (default), full, or protocol: the long-context protocol, every task at "
+                             "1/8-1/1 of the model's trained context x 5 depths (docs/long-context.md)")
+    parser.add_argument("--max-context", type=int, default=None,
+                        help="protocol: the trained context to derive lengths from (default: the model's "
+                             "max_position_embeddings)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None,
+                        help="protocol: these context lengths instead of 1/8, 1/4, 1/2, 1 of --max-context")
+    parser.add_argument("--per-cell", type=int, default=10, help="protocol: rows per task, length and depth")
     parser.add_argument("--out", type=Path, default=None,
                         help="write the results here (what: --format)")
     parser.add_argument("--format", choices=EVAL_FORMATS, default="kvpatch",

@@ -1,5 +1,6 @@
 """The battery the harness runs on one side (unpatched, patched, or the noise-floor backend):
-batched sliding-window perplexity, batched needle retrieval, and a teacher-forced decode with
+batched sliding-window perplexity, batched needle retrieval (and the protocol's other tasks,
+`kvpatch.data.tasks`), and a teacher-forced decode with
 per-layer attention outputs. Everything here measures the model as it is now; comparing two
 sides is `harness.compare`'s job.
 """
@@ -14,6 +15,7 @@ import torch
 
 from ..compat import cache_kwarg, output_cache
 from ..data.needle import is_correct, make_needle_batch, needle_predictions
+from ..data.tasks import is_task_correct, make_task_batch
 from .settings import EvalSettings
 from .metrics import last_logits_only, perplexity_from_nll, sliding_window_nll, window_spans
 
@@ -27,6 +29,7 @@ class SideResult:
 
     perplexity: float
     needle: dict[str, dict[str, float]]  # {} when the side skipped the needle grid
+    tasks: dict[str, dict[str, dict[str, float]]]  # the same grid per further task ({} when none)
     logits: torch.Tensor  # [steps, vocab], float32 on CPU
     attention: list[torch.Tensor] | None  # per layer [steps, hidden]; None when not captured
     kv_bytes_resident: int
@@ -108,23 +111,39 @@ def teacher_forced_decode(
     return torch.stack(steps), cache
 
 
-def needle_grid_batched(
+#: (make a cell's rows, score one) per task: the needle's own, or a `kvpatch.data.tasks` task.
+RowTools = tuple[Callable[[Any, Sequence[int], int, float, int, int], list[Any]], Callable[[str, Any], bool]]
+
+
+def _row_tools(task: str) -> RowTools:
+    if task == "needle":
+        return make_needle_batch, is_correct
+
+    def make(tokenizer: Any, filler_ids: Sequence[int], length: int, depth: float, n: int, seed: int) -> list[Any]:
+        return make_task_batch(task, tokenizer, filler_ids, length, depth, n, seed)
+
+    return make, is_task_correct
+
+
+def task_grid_batched(
     model: torch.nn.Module, tokenizer: Any, filler_ids: Sequence[int], settings: EvalSettings,
-    on_rows: Callable[[int], None] | None = None,
+    on_rows: Callable[[int], None] | None = None, task: str = "needle",
 ) -> dict[str, dict[str, float]]:
-    """Accuracy per context length and depth, {"1024": {"0.05": 0.95, ...}}: every depth of one
-    length goes through the model together, `settings.rows_per_batch(length)` rows at a time (rows of
-    one length have equal token counts, so no padding)."""
+    """Accuracy of `task` ("needle" or one of `kvpatch.data.tasks.TASKS`) per context length and
+    depth, {"1024": {"0.05": 0.95, ...}}: every depth of one length goes through the model
+    together, `settings.rows_per_batch(length)` rows at a time (rows of one length have equal
+    token counts, so no padding)."""
+    make, correct = _row_tools(task)
     grid: dict[str, dict[str, float]] = {}
     for length in settings.needle_lengths:
-        cells = [make_needle_batch(tokenizer, filler_ids, length, d, settings.needle_per_cell, settings.seed)
+        cells = [make(tokenizer, filler_ids, length, d, settings.needle_per_cell, settings.seed)
                  for d in settings.needle_depths]
         examples = [ex for cell in cells for ex in cell]
         predictions = needle_predictions(model, tokenizer, examples, settings.rows_per_batch(length))
         row, start = grid.setdefault(str(length), {}), 0
         for depth, cell in zip(settings.needle_depths, cells, strict=True):
             answers = predictions[start : start + len(cell)]
-            row[f"{depth:g}"] = sum(is_correct(p, ex) for p, ex in zip(answers, cell, strict=True)) / len(cell)
+            row[f"{depth:g}"] = sum(correct(p, ex) for p, ex in zip(answers, cell, strict=True)) / len(cell)
             start += len(cell)
         if on_rows is not None:
             on_rows(len(examples))
@@ -142,7 +161,8 @@ def decode_ids(ids: torch.Tensor, settings: EvalSettings) -> tuple[torch.Tensor,
 def battery_units(settings: EvalSettings, ppl_tokens: int, needle: bool) -> int:
     """Progress units of one side: perplexity windows, needle rows and decode steps."""
     windows = sum(1 for _ in window_spans(ppl_tokens, settings.ppl_window, settings.ppl_stride))
-    rows = len(settings.needle_lengths) * len(settings.needle_depths) * settings.needle_per_cell if needle else 0
+    grids = 1 + len(settings.tasks) if needle else 0
+    rows = grids * len(settings.needle_lengths) * len(settings.needle_depths) * settings.needle_per_cell
     return windows + rows + settings.decode_steps - 1
 
 
@@ -151,11 +171,14 @@ def measure_side(
     kv_bytes: KVBytes, progress: Callable[[int], None], needle: bool = True,
 ) -> SideResult:
     """Run the battery on `model` as it is now (patched or not); `progress(n)` after each part.
-    `needle=False` skips the needle grid (the noise-floor side: its bounds do not use it)."""
+    `needle=False` skips the needle and task grids (the noise-floor side: its bounds do not use them)."""
     device = next(model.parameters()).device
     nll, count = sliding_window_nll(model, ppl_ids, settings.ppl_window, settings.ppl_stride, progress,
                                     chunk=settings.ppl_chunk, batch_rows=settings.rows_per_batch(settings.ppl_window))
-    grid = needle_grid_batched(model, tokenizer, ids.tolist(), settings, progress) if needle else {}
+    filler = ids.tolist()
+    grid = task_grid_batched(model, tokenizer, filler, settings, progress) if needle else {}
+    tasks = {task: task_grid_batched(model, tokenizer, filler, settings, progress, task)
+             for task in (settings.tasks if needle else ())}
     prompt, continuation = (t.to(device) for t in decode_ids(ids, settings))
     modules, _ = attention_modules(model)
     recorder = AttentionRecorder(modules) if modules is not None else None
@@ -166,4 +189,4 @@ def measure_side(
             recorder.remove()
     attention = recorder.stacked() if recorder is not None else None
     resident, offloaded = kv_bytes(cache)
-    return SideResult(perplexity_from_nll(nll, count), grid, logits, attention, resident, offloaded)
+    return SideResult(perplexity_from_nll(nll, count), grid, tasks, logits, attention, resident, offloaded)

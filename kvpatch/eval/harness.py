@@ -63,6 +63,9 @@ class EvalResult:
     reference_wall_s: float
     fidelity: dict[str, Any] = field(default_factory=dict)  # the config's declared bounds
     settings: dict[str, Any] = field(default_factory=dict)
+    #: The protocol's further tasks, {task: {length: {depth: accuracy}}} ({} when none were run).
+    tasks_unpatched: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    tasks_patched: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -222,6 +225,8 @@ def compare(config: PipelineConfig, reference: Reference, patched_side: SideResu
         reference_wall_s=reference.wall_s,
         fidelity=config.fidelity.model_dump(),
         settings=asdict(reference.settings),
+        tasks_unpatched=base.tasks,
+        tasks_patched=patched_side.tasks,
     )
 
 
