@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 from kvpatch.cli.evaluate import preset_settings
 from kvpatch.errors import KVPatchError
 from kvpatch.eval import battery
-from kvpatch.eval.protocol import format_protocol_table, plot_protocol, summary
+from kvpatch.eval.protocol import format_protocol_table, markdown_summary, plot_protocol, summary
 from kvpatch.eval.settings import EvalSettings
 from kvpatch.models import heldout_text, model_dir
 
@@ -181,7 +181,7 @@ def test_grid_scores_right_answers_1_and_wrong_ones_0(task: str, tokenizer, fill
 
 def _result(config: str, full: float, patched: float) -> dict:
     grid = lambda acc: {"256": {"0.05": 1.0, "0.95": 1.0}, "2048": {"0.05": acc, "0.95": acc}}  # noqa: E731
-    return {"config": config, "needle_unpatched": grid(full), "needle_patched": grid(patched),
+    return {"config": config, "kv_fraction": 0.25, "ppl_ratio": 1.5, "needle_unpatched": grid(full), "needle_patched": grid(patched),
             "tasks_unpatched": {"vartrack": grid(0.0)}, "tasks_patched": {"vartrack": grid(0.0)}}
 
 
@@ -192,5 +192,7 @@ def test_the_report_puts_each_config_beside_the_full_cache(tmp_path) -> None:
     table = format_protocol_table(results)
     assert re.search(r"kivi4 +1\.00 +0\.40 \| +0\.40 +0\.40 \| +0\.50", table), table
     assert re.search(r"snapkv .*\| +1\.00\n", table) and "n/a" in table.split("vartrack")[1]
+    markdown = markdown_summary(results).splitlines()
+    assert markdown[2] == "| kivi4 | 0.250 | 1.500 | 0.80 / 0.40 (0.50) | 0.00 / 0.00 (n/a) |", markdown
     plot_protocol(results, tmp_path / "protocol.png")
     assert (tmp_path / "protocol.png").stat().st_size > 10_000

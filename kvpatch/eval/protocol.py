@@ -105,3 +105,21 @@ def plot_protocol(results: Sequence[Mapping[str, Any]], path: str | os.PathLike[
     fig.colorbar(image, ax=axes[:, 0].tolist(), shrink=0.6, label="accuracy")
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown_summary(results: Sequence[Mapping[str, Any]], length: str | None = None) -> str:
+    """A Markdown table, one row per config: resident K/V fraction, perplexity ratio, and per task
+    the full cache's and the config's accuracy at `length` (default: the longest), with their ratio."""
+    if not results:
+        raise ValueError("no results to tabulate")
+    tasks = list(task_grids(results[0], patched=False))
+    head = "| config | K/V resident | ppl ratio | " + " | ".join(f"{t} full / config (rel)" for t in tasks) + " |"
+    rows = [head, "| --- | ---: | ---: | " + " | ".join("---:" for _ in tasks) + " |"]
+    for result in results:
+        cells = []
+        for task, s in summary(result, length).items():
+            rel = "n/a" if math.isnan(s["relative"]) else f"{s['relative']:.2f}"
+            cells.append(f"{s['full']:.2f} / {s['config']:.2f} ({rel})")
+        rows.append(f"| {result['config']} | {result['kv_fraction']:.3f} | {result['ppl_ratio']:.3f} | "
+                    + " | ".join(cells) + " |")
+    return "\n".join(rows)
