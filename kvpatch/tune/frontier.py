@@ -57,6 +57,15 @@ def markdown_table(points: Sequence[Mapping[str, Any]], chosen: str | None) -> s
     return "\n".join(lines) + "\n"
 
 
+def _y_range(values: Sequence[float], key: str) -> tuple[float, float]:
+    """An axis around the frontier and the floor, so that far-off points do not flatten it."""
+    finite = [v for v in values if v == v] or [1.0]
+    span = max(max(finite) - min(finite), 0.02)
+    if key == "ppl_ratio":
+        return min(finite) - 0.5 * span, max(finite) + 2.0 * span
+    return min(finite) - 2.0 * span, min(1.0 + 0.1 * span, max(finite) + 0.5 * span)
+
+
 def plot_png(points: Sequence[Mapping[str, Any]], chosen: str | None, target_fraction: float,
              floor: Mapping[str, float | None], title: str) -> bytes:
     """Two panels against resident K/V fraction: ppl ratio (with the frontier line) and worst-step
@@ -71,16 +80,22 @@ def plot_png(points: Sequence[Mapping[str, Any]], chosen: str | None, target_fra
     colours = plt.get_cmap("viridis")
     line = front(points)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    panels = (("ppl_ratio", "perplexity ratio (patched / unpatched)", floor.get("max_ppl_ratio")),
+    panels = (("ppl_ratio", "perplexity ratio patched / unpatched", floor.get("max_ppl_ratio")),
               ("logit_cosine", "worst-step logit cosine", floor.get("min_logit_cosine")))
     for ax, (key, label, bound) in zip(axes, panels, strict=True):
+        low, high = _y_range([p[key] for p in line] + ([bound] if bound is not None else []), key)
         for rung in rungs:
             shown = [p for p in points if p["rung"] == rung]
-            ax.scatter([p["kv_fraction"] for p in shown], [p[key] for p in shown], s=18, alpha=0.8,
-                       color=colours(rung / max(1, len(rungs) - 1)), label=f"reached rung {rung + 1}")
+            ys = [min(max(p[key], low), high) for p in shown]  # far-off points sit on the edge, as triangles
+            marks = ["^" if p[key] > high else "v" if p[key] < low else "o" for p in shown]
+            for marker in set(marks):
+                ax.scatter([p["kv_fraction"] for p, m in zip(shown, marks) if m == marker],
+                           [y for y, m in zip(ys, marks) if m == marker], s=18, alpha=0.8, marker=marker,
+                           color=colours(rung / max(1, len(rungs) - 1)),
+                           label=f"reached rung {rung + 1}" if marker == marks[0] else None)
         if line:
             ax.plot([p["kv_fraction"] for p in line], [p[key] for p in line], color="black", linewidth=0.9,
-                    label="frontier (floor met)")
+                    label="frontier (floor met; ppl vs memory)")
         for p in points:
             if p["label"] == chosen:
                 ax.scatter([p["kv_fraction"]], [p[key]], marker="*", s=220, color="red", zorder=5, label="chosen")
@@ -90,10 +105,11 @@ def plot_png(points: Sequence[Mapping[str, Any]], chosen: str | None, target_fra
         ax.set_xlabel("resident K/V (fraction of the full cache)")
         ax.set_ylabel(label)
         ax.set_xlim(0, 1.05)
+        ax.set_ylim(low, high)
         ax.grid(True, alpha=0.3)
         ax.ticklabel_format(axis="y", useOffset=False)
     axes[0].legend(fontsize=7, loc="upper right")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(f"{title}\n(triangles: points beyond the axis, drawn at its edge)", fontsize=9)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
