@@ -85,10 +85,14 @@ def test_the_placing_snippet_sits_at_the_requested_depth(task: str, tokenizer, f
         assert ex.answers[0] in snippet or task == "multivalue"
 
 
-def test_multikey_rows_hold_distractors_and_multivalue_rows_every_value(tokenizer, filler) -> None:
+def test_rows_hold_their_distractors_and_multivalue_rows_every_value(tokenizer, filler) -> None:
     multikey = make_task_example("multikey", tokenizer, filler, 1024, 0.5, random.Random(1))
     text = tokenizer.decode(multikey.input_ids, skip_special_tokens=True)
     assert len(re.findall(rf"\n{KEY} = \d+\n", text)) == len(multikey.positions) == 4
+    vartrack = make_task_example("vartrack", tokenizer, filler, 1024, 0.5, random.Random(1))
+    text = tokenizer.decode(vartrack.input_ids, skip_special_tokens=True)
+    numbers = re.findall(rf"\n{KEY} = (\d+)\n", text)  # the asked chain's value and the distractor's
+    assert len(set(numbers)) == 2 and vartrack.answers[0] in numbers and len(vartrack.positions) == 8
     multivalue = make_task_example("multivalue", tokenizer, filler, 1024, 0.5, random.Random(1))
     assert len(multivalue.answers) == 3 and multivalue.answer_text == ", ".join(multivalue.answers) + "]"
 

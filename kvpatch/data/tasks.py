@@ -5,9 +5,12 @@ generated offline over real-code filler, seeded, at exact token lengths.
   sharing a word with the queried one half the time; the query asks one (its depth is the row's).
 - `multivalue`: one key collects `MULTIVALUE_VALUES` values (`key.append(value)` lines, one at
   the row's depth, the others spread); the answer lists all of them and scores only if complete.
-- `vartrack`: a chain `k0 = 48213`, `k1 = k0`, ... `kN = kN-1` of `VARTRACK_HOPS` hops; the
-  value's definition sits at the row's depth, the hops at random depths in random text order
-  (forward references included, so no end of the context is easy); the query asks `kN`.
+- `vartrack`: a chain `k0 = 48213`, `k1 = k0`, ... `kN = kN-1` of `VARTRACK_HOPS` hops and a
+  distractor chain of as many hops with its own value (without it, "copy the only number
+  assigned in the row" would answer every row: measured, the single-needle reference model
+  scored 1.00 so); the asked value's definition sits at the row's depth, every other statement
+  at a random depth in random text order (forward references included, so no end of the
+  context is easy); the query asks `kN`.
 
 Every row ends with a query the model completes, as `needle.py`'s rows do, and is scored by
 `is_task_correct` on the greedy continuation's digits. `make_task_training_row` packs rows of a
@@ -113,11 +116,18 @@ def _multivalue(depth: float, rng: random.Random) -> Content:
     return snippets, depths, query, in_text_order, ", ".join(in_text_order) + "]"
 
 
+def _chain(keys: list[str], value: str) -> list[str]:
+    """`keys[0] = value`, then each key assigned the one before it."""
+    return [f"\n{keys[0]} = {value}"] + [f"\n{b} = {a}" for a, b in zip(keys, keys[1:])]
+
+
 def _vartrack(depth: float, rng: random.Random) -> Content:
-    keys = _distinct_keys(rng, VARTRACK_HOPS + 1)
-    value = _value(rng)
-    snippets = [f"\n{keys[0]} = {value}"] + [f"\n{b} = {a}" for a, b in zip(keys, keys[1:])]
-    return snippets, [depth, *_spread(rng, VARTRACK_HOPS)], needle_strings(keys[-1], value)[1], (value,), value
+    keys = _distinct_keys(rng, 2 * (VARTRACK_HOPS + 1))
+    value, other = _value(rng), _value(rng)
+    asked, distractor = keys[: VARTRACK_HOPS + 1], keys[VARTRACK_HOPS + 1 :]
+    snippets = _chain(asked, value) + _chain(distractor, other)
+    depths = [depth, *_spread(rng, len(snippets) - 1)]
+    return snippets, depths, needle_strings(asked[-1], value)[1], (value,), value
 
 
 _CONTENT: dict[str, Callable[[float, random.Random], Content]] = {
