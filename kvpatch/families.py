@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .config import read_yaml
+from .config import PipelineConfig, read_yaml
 from .errors import ConfigError, UnsupportedModelError
 from .resources import bundled_dir
 
@@ -28,6 +28,22 @@ class AttentionQuirks(_Strict):
     softcap: bool = False
     sliding_window: bool = False
     custom_scaling: bool = False
+    #: Learned attention sinks (`s_aux`): an extra softmax logit per query head, no value.
+    sinks: bool = False
+
+
+class ConfigRefusal(_Strict):
+    """A config feature this family cannot run exactly, refused at `apply` with `reason`: a
+    `kernels.attention` value, or any stage of a kind (e.g. `chunker`: chunk reuse)."""
+
+    kernel: str | None = None
+    stage_kind: str | None = None
+    reason: str
+
+    def matches(self, config: PipelineConfig) -> bool:
+        if self.kernel is not None and config.kernels.attention == self.kernel:
+            return True
+        return self.stage_kind is not None and any(stage.kind == self.stage_kind for stage in config.stages)
 
 
 class FamilySpec(_Strict):
@@ -37,7 +53,12 @@ class FamilySpec(_Strict):
     model_types: tuple[str, ...]
     architectures: tuple[str, ...] = ()
     attention: AttentionQuirks = AttentionQuirks()
+    refuses: tuple[ConfigRefusal, ...] = ()
     notes: str = ""
+
+    def config_problems(self, config: PipelineConfig) -> list[str]:
+        """Why `config` cannot run exactly on this family (empty if it can)."""
+        return [refusal.reason for refusal in self.refuses if refusal.matches(config)]
 
 
 class UnsupportedFamily(_Strict):

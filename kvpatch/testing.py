@@ -91,7 +91,34 @@ TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
             layer_types=["sliding_attention", "full_attention"],
         ),
     ),
+    # a sparse (top-2 of 4 experts) and a dense MLP layer; Qwen3-MoE windows every layer or none
+    "qwen3_moe": lambda: _config(
+        "qwen3_moe",
+        **_common(head_dim=16, use_sliding_window=True, sliding_window=WINDOW, num_experts=4,
+                  num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[1]),
+    ),
+    "gpt_oss": lambda: _config(
+        "gpt_oss",
+        **_common(
+            head_dim=16,
+            sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention"],
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128,
+                                 rope_theta=150000.0, beta_fast=32.0, beta_slow=1.0, truncate=False),
+        ),
+    ),
 }
+
+
+def _spread_sinks(model: torch.nn.Module) -> None:
+    """gpt-oss initialises its attention sinks near 0; spread them so that a kernel that drops
+    (or misplaces) a head's sink changes the logits well past float tolerance."""
+    for module in model.modules():
+        sinks = getattr(module, "sinks", None)
+        if isinstance(sinks, torch.nn.Parameter):
+            sinks.normal_(0.0, 2.0)
 
 
 def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -103,6 +130,7 @@ def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
     # Random init leaves logits nearly flat; scale them up so greedy decoding is not decided by ties.
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(8.0)
+        _spread_sinks(model)
     return model.eval()
 
 

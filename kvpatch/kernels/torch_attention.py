@@ -63,11 +63,15 @@ def math_attention(
     scaling: float,
     dropout: float = 0.0,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Explicit softmax attention; returns (output, probabilities `[B, Hq, Tq, Tk]`).
 
-    Needed where SDPA cannot go: logit soft-capping (Gemma2) and callers that want the attention
+    Needed where SDPA cannot go: logit soft-capping (Gemma2), learned attention sinks (gpt-oss:
+    one logit per query head `sinks [Hq]` that joins every softmax but has no value, so the
+    probabilities over the real keys sum to less than one) and callers that want the attention
     probabilities (importance scorers). Softmax runs in float32, as transformers' eager path does.
+    Value heads may be narrower or wider than query/key heads (MLA).
     """
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[-2]
@@ -85,8 +89,13 @@ def math_attention(
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if sinks is not None:
+        sink_logits = sinks.to(scores.dtype).view(1, kv_heads, groups, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink_logits], dim=-1), dim=-1, dtype=torch.float32)
+        probs = probs[..., :-1].to(query.dtype)
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if dropout > 0.0:
         probs = F.dropout(probs, p=dropout, training=True)
     out = torch.matmul(probs, value.unsqueeze(2))
-    return out.view(batch, q_heads, q_len, head_dim), probs.view(batch, q_heads, q_len, k_len)
+    return out.view(batch, q_heads, q_len, value.shape[-1]), probs.view(batch, q_heads, q_len, k_len)

@@ -18,7 +18,7 @@ import torch
 
 from ..compat import cache_kwarg
 from ..config import ConfigSource, PipelineConfig, load_config
-from ..errors import PatchStateError, UnsupportedModelError
+from ..errors import ConfigError, PatchStateError, UnsupportedModelError
 from ..families import FamilySpec, family_spec
 from ..pipeline import Pipeline
 from .attention import ATTENTION_NAME, KERNEL_ATTR, probe_attention_calls, register_attention
@@ -186,6 +186,10 @@ def apply(model: torch.nn.Module, config: ConfigSource = "default") -> PatchHand
     pipeline_config = load_config(config)
     model_type = getattr(model.config, "model_type", None)
     family = family_spec(str(model_type))
+    refusals = family.config_problems(pipeline_config)
+    if refusals:
+        raise ConfigError(f"kvpatch config {pipeline_config.name!r} does not fit the {family.family} family "
+                          f"(model_type {model_type!r}): " + "; ".join(refusals))
     handle = PatchHandle(model, pipeline_config, family)
     handle.pipeline.validate_model(model.config)  # before anything changes: a refused model stays unpatched
 
@@ -221,8 +225,9 @@ def apply(model: torch.nn.Module, config: ConfigSource = "default") -> PatchHand
         model.base_model.compile(mode=options.mode, dynamic=options.dynamic, fullgraph=options.fullgraph)
         handle._compiled = True
     setattr(model, HANDLE_ATTR, handle)
-    if family.attention.softcap and pipeline_config.kernels.attention == "sdpa":
-        logger.info("kvpatch: %s soft-caps attention logits; those layers use the torch kernel", family.family)
+    if (family.attention.softcap or family.attention.sinks) and pipeline_config.kernels.attention == "sdpa":
+        logger.info("kvpatch: %s soft-caps attention logits or adds attention sinks; those layers use the "
+                    "torch kernel", family.family)
     return handle
 
 

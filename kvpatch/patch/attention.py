@@ -30,8 +30,8 @@ from ..kernels.triton_support import log_fallback, triton_unavailable_reason
 ATTENTION_NAME = "kvpatch"
 #: Attribute set on each patched attention module: which kernel computes its attention.
 KERNEL_ATTR = "_kvpatch_kernel"
-#: Keywords that change attention math in ways kvpatch does not implement (e.g. gpt-oss sinks).
-_UNSUPPORTED_KWARGS = ("s_aux", "sinks")
+#: Keywords that change attention math in ways kvpatch does not implement.
+_UNSUPPORTED_KWARGS = ("sinks",)
 
 
 #: Called as fn(module, query, key, value, scaling) on every kvpatch attention call while
@@ -75,9 +75,14 @@ def kvpatch_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention over the (kvpatch-managed) cache; see the module docstring for the contract."""
+    """Attention over the (kvpatch-managed) cache; see the module docstring for the contract.
+
+    `s_aux` are gpt-oss's learned attention sinks (one logit per query head): SDPA cannot add
+    them, so those calls take the torch math path whatever the kernel (`apply` refuses the fused
+    kernel for such a family rather than letting it fall back silently)."""
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             raise UnsupportedModelError(
@@ -90,7 +95,7 @@ def kvpatch_attention(
     for observer in _observers:
         observer(module, query, key, value, scaling)
     dropout = dropout if module.training else 0.0
-    kernel = getattr(module, KERNEL_ATTR, "sdpa")
+    kernel = "torch" if s_aux is not None else getattr(module, KERNEL_ATTR, "sdpa")
     if kernel == "triton":
         # a static layer's mask spans its whole buffer (a fixed shape for CUDA graphs): kept whole
         static = isinstance(key, PackedKV) and key.counts is not None
@@ -111,7 +116,7 @@ def kvpatch_attention(
         out = sdpa_attention(query, key, value, attention_mask, scaling, dropout)
         weights = None
     else:
-        out, weights = math_attention(query, key, value, attention_mask, scaling, dropout, softcap)
+        out, weights = math_attention(query, key, value, attention_mask, scaling, dropout, softcap, s_aux)
     return out.transpose(1, 2).contiguous(), weights
 
 

@@ -6,7 +6,8 @@ scores it had before. The evictor (`evictor/budget`) keeps the best-scored token
 computed from queries and keys in chunks of queries, so the full attention matrix of a long
 prefill is never materialised (SnapKV, TOVA and hybrid only ever look at a window of queries).
 
-Scorers see raw `q·k` logits: Gemma-2 style soft-capping is not applied to scores.
+Scorers see raw `q·k` logits: Gemma-2 style soft-capping and gpt-oss attention sinks are not applied
+to scores.
 """
 
 from __future__ import annotations
