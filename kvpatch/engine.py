@@ -9,6 +9,8 @@ A prompt may be a list of segments (system prompt, documents, question): each se
 new chunk, so a document warmed on its own (`engine.warm(doc)`) is found again wherever it
 appears (approximate reuse, with a config whose matcher is `approximate`, e.g. `rag_reuse`).
 The tokenizer's leading special tokens (BOS) form a chunk of their own for the same reason.
+`generate_batch(prompts)` sends several prompts as one left-padded batch, as a server would;
+each row reuses its own prefix and gets its own result.
 
 One Engine may be shared by threads: it runs one request at a time (the others wait).
 """

@@ -66,6 +66,22 @@ def test_left_padded_prefix_reuse_is_exact_per_row(family: str) -> None:
     assert reused(handle) == [len(row) - 1 for row in ROWS]
 
 
+def test_beam_search_and_sampling_over_a_padded_batch_reuse_per_row_and_match_unpatched() -> None:
+    reference, model = tiny_model("llama"), tiny_model("llama")
+    handle = kvpatch.apply(model, reuse_config())
+    ids, mask = left_padded(ROWS)
+    generate(model, ids, mask)  # stores every row's chunks
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5)
+    with torch.no_grad():
+        beams = model.generate(ids, num_beams=2, do_sample=False, **kwargs)
+        assert reused(handle) == [len(row) - 1 for row in ROWS for _ in range(2)]  # each beam row its own
+        assert torch.equal(beams, reference.generate(ids, num_beams=2, do_sample=False, **kwargs))
+        torch.manual_seed(5)
+        sampled = model.generate(ids, do_sample=True, **kwargs)
+        torch.manual_seed(5)
+        assert torch.equal(sampled, reference.generate(ids, do_sample=True, **kwargs))
+
+
 def test_chunks_of_a_padded_batch_hold_no_padding_and_serve_each_row_alone() -> None:
     reference, model = tiny_model("llama"), tiny_model("llama")
     handle = kvpatch.apply(model, reuse_config())
@@ -179,3 +195,17 @@ def test_engine_generate_batch_reports_each_rows_reuse_and_matches_each_prompt_a
         alone = [engine.generate(prompt, max_new_tokens=6) for prompt in prompts]
     assert [r.tokens for r in results] == [a.tokens for a in alone]
     assert [r.prompt_tokens for r in results] == [a.prompt_tokens for a in alone] == [36, 23, 5]
+
+
+def test_tokenizer_padding_and_plain_generate_reuse_per_row_exactly() -> None:
+    reference, model = tiny_model("qwen3"), tiny_model("qwen3")
+    handle = kvpatch.apply(model, reuse_config())
+    tokenizer = tiny_tokenizer()
+    system = "Answer in one line, politely.\n"  # 30 tokens: chunks of 8 up to 24
+    with torch.no_grad():
+        model(**tokenizer(system, return_tensors="pt"), logits_to_keep=1)
+    batch = tokenizer([system + "Why?", system + "How?", "Hi"], padding=True, return_tensors="pt")
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**batch, **kwargs), reference.generate(**batch, **kwargs))
+    assert reused(handle) == [24, 24, 0]  # rows 0 and 1 leave 10 tokens each: both reuse all they can

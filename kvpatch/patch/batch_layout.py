@@ -6,7 +6,8 @@ through `position_ids` (the mask's cumsum). A stored chunk holds K/V of given to
 positions, so chunk reuse can serve a row, or learn from it, only where its real tokens carry
 exactly those positions. Anything else (right padding, holes in the mask, a 4-D mask, a padded
 batch without position ids, which the model then numbers by column) has no layout here: the
-caller neither reuses nor stores it, and the forward runs unchanged.
+caller neither reuses nor stores it, and the forward runs unchanged. `right_aligned` lays the
+rows' reused K/V into that layout (each behind its own padding).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ..reuse.blend import KVLayers
 
 
 @dataclass(frozen=True)
@@ -61,3 +64,22 @@ def batch_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
         if not torch.equal(given[expected >= 0], expected[expected >= 0]):
             return None
     return BatchLayout(length, tuple(int(p) for p in pads))
+
+
+def right_aligned(rows: list[KVLayers | None], width: int) -> KVLayers:
+    """Per layer `[B, H, width, D]` K/V with each row's tokens right-aligned behind zeros (its
+    padding; None: a row that is all padding there). One row of full width is not copied."""
+    like = next(row for row in rows if row is not None)
+
+    def column(index: int, part: int) -> torch.Tensor:
+        ref = like[index][part]
+        aligned = []
+        for row in rows:
+            tensor = row[index][part] if row is not None else ref[:, :0]
+            if tensor.shape[-2] < width:
+                zeros = ref.new_zeros(ref.shape[0], width - tensor.shape[-2], ref.shape[-1])
+                tensor = torch.cat([zeros, tensor], dim=-2)
+            aligned.append(tensor)
+        return aligned[0].unsqueeze(0) if len(aligned) == 1 else torch.stack(aligned)
+
+    return [(column(i, 0), column(i, 1)) for i in range(len(like))]

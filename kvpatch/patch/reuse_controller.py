@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,7 +34,8 @@ from ..reuse.codecs import dense_kv
 from ..reuse.matcher import MatchPlan
 from ..reuse.rope import KeyRotator
 from ..reuse.writeback import ChunkWriter, NewChunk
-from .batch_layout import BatchLayout, batch_layout
+from .batch_layout import BatchLayout, batch_layout, right_aligned
+from .reuse_stats import RequestStats, RowStats
 
 logger = logging.getLogger("kvpatch")
 
@@ -43,83 +44,6 @@ PREWARM_CAP_BYTES = 8 * 2**30
 
 #: Keyword arguments whose last dimension runs over the prompt's positions.
 _POSITIONAL_KWARGS = ("input_ids", "position_ids")
-
-
-def _ratio(part: int, whole: int) -> float:
-    return part / whole if whole else 0.0
-
-
-@dataclass
-class RowStats:
-    """What reuse did for one row of the last prefill (its real tokens; padding never counts)."""
-
-    prompt_tokens: int = 0
-    reused_tokens: int = 0
-    approximate_tokens: int = 0
-    recomputed_tokens: int = 0
-    check_tokens: int = 0
-
-    @property
-    def kv_reuse_ratio(self) -> float:
-        return _ratio(self.reused_tokens, self.prompt_tokens)
-
-    @property
-    def approximate_ratio(self) -> float:
-        return _ratio(self.approximate_tokens, self.prompt_tokens)
-
-
-@dataclass
-class RequestStats:
-    """What reuse did for the last prefill: per batch row (`rows`) and summed over them."""
-
-    rows: list[RowStats] = field(default_factory=list)
-    lookup_ms: float = 0.0
-    load_ms: float = 0.0
-    written_chunks: int = 0
-
-    def _total(self, name: str) -> int:
-        return sum(getattr(row, name) for row in self.rows)
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self._total("prompt_tokens")
-
-    @property
-    def reused_tokens(self) -> int:
-        return self._total("reused_tokens")
-
-    @property
-    def approximate_tokens(self) -> int:
-        return self._total("approximate_tokens")
-
-    @property
-    def recomputed_tokens(self) -> int:
-        return self._total("recomputed_tokens")
-
-    @property
-    def check_tokens(self) -> int:
-        return self._total("check_tokens")
-
-    @property
-    def kv_reuse_ratio(self) -> float:
-        return _ratio(self.reused_tokens, self.prompt_tokens)
-
-    @property
-    def approximate_ratio(self) -> float:
-        return _ratio(self.approximate_tokens, self.prompt_tokens)
-
-    @property
-    def row_reuse_ratios(self) -> list[float]:
-        return [row.kv_reuse_ratio for row in self.rows]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Totals, ratios and per-row figures (what `Engine.stats()` and `handle.stats()` show)."""
-        totals = ("prompt_tokens", "reused_tokens", "approximate_tokens", "recomputed_tokens", "check_tokens",
-                  "kv_reuse_ratio", "approximate_ratio")
-        rows = [{**asdict(row), "kv_reuse_ratio": row.kv_reuse_ratio, "approximate_ratio": row.approximate_ratio}
-                for row in self.rows]
-        return {**{name: getattr(self, name) for name in totals}, "lookup_ms": self.lookup_ms,
-                "load_ms": self.load_ms, "written_chunks": self.written_chunks, "rows": rows}
 
 
 @dataclass
@@ -264,7 +188,7 @@ class ReuseController:
             return 0
         rows = [self._row_kv(request, row, start - pad, input_ids) if start > pad else None
                 for row, pad in enumerate(layout.pads)]
-        layers = _right_aligned(rows, start)
+        layers = right_aligned(rows, start)
         for layer, (keys, values) in zip(cache.layers, layers):
             layer.update(keys, values)
         request.sources.append((0, layers))
@@ -346,25 +270,6 @@ def _reach(plan: MatchPlan, real_tokens: int) -> int:
     """How many leading tokens of a row the store could supply (the last one is always computed)."""
     end = plan.leading_exact_tokens() if plan.is_plain_prefix else plan.last_reused_end()
     return max(min(end, real_tokens - 1), 0)
-
-
-def _right_aligned(rows: list[KVLayers | None], width: int) -> KVLayers:
-    """Per layer `[B, H, width, D]` K/V with each row's tokens right-aligned behind zeros (its
-    padding; None: a row that is all padding there). One row of full width is not copied."""
-    like = next(row for row in rows if row is not None)
-
-    def column(index: int, part: int) -> torch.Tensor:
-        ref = like[index][part]
-        aligned = []
-        for row in rows:
-            tensor = row[index][part] if row is not None else ref[:, :0]
-            if tensor.shape[-2] < width:
-                zeros = ref.new_zeros(ref.shape[0], width - tensor.shape[-2], ref.shape[-1])
-                tensor = torch.cat([zeros, tensor], dim=-2)
-            aligned.append(tensor)
-        return aligned[0].unsqueeze(0) if len(aligned) == 1 else torch.stack(aligned)
-
-    return [(column(i, 0), column(i, 1)) for i in range(len(like))]
 
 
 def _slice_sources(sources: list[tuple[int, KVLayers]], row: int, start: int, end: int) -> torch.Tensor | None:
