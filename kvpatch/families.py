@@ -54,6 +54,8 @@ class FamilySpec(_Strict):
     architectures: tuple[str, ...] = ()
     attention: AttentionQuirks = AttentionQuirks()
     refuses: tuple[ConfigRefusal, ...] = ()
+    #: Why a cache of this family cannot be exported or imported as a snapshot (None: it can).
+    refuses_snapshots: str | None = None
     notes: str = ""
 
     def config_problems(self, config: PipelineConfig) -> list[str]:

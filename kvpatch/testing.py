@@ -97,6 +97,15 @@ TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
         **_common(head_dim=16, use_sliding_window=True, sliding_window=WINDOW, num_experts=4,
                   num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[1]),
     ),
+    # MLA: a compressed K/V latent (kv_lora_rank), query and key heads of 16 + 8 (no-RoPE + RoPE)
+    # channels and value heads of 12; one dense then one MoE layer (top-2 of 4 routed + 1 shared)
+    "deepseek_v3": lambda: _config(
+        "deepseek_v3",
+        **{**_common(), "num_key_value_heads": 4},
+        q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+        n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+        moe_intermediate_size=32, first_k_dense_replace=1,
+    ),
     "gpt_oss": lambda: _config(
         "gpt_oss",
         **_common(

@@ -143,6 +143,7 @@ class PatchHandle:
         Pass the cached `token_ids` to continue with `generate` after import (kvpatch.snapshot)."""
         from ..snapshot import export_snapshot
 
+        self._check_snapshots_allowed()
         cache = cache if cache is not None else self._last_cache
         if cache is None:
             raise PatchStateError("no cache to export: run the model first or pass cache=")
@@ -153,9 +154,15 @@ class PatchHandle:
         (SnapshotError otherwise); pass it as the cache argument to continue generation."""
         from ..snapshot import load_snapshot
 
+        self._check_snapshots_allowed()
         self._last_cache = None  # drop the previous request's K/V before loading new ones
         self._last_cache = load_snapshot(path, self.model, self.pipeline, tokenizer=tokenizer)
         return self._last_cache
+
+    def _check_snapshots_allowed(self) -> None:
+        if self.family.refuses_snapshots is not None:
+            raise UnsupportedModelError(
+                f"kvpatch cannot snapshot a {self.family.family} cache: {self.family.refuses_snapshots}")
 
 
 def _probe(model: torch.nn.Module) -> list[torch.nn.Module]:
