@@ -133,7 +133,7 @@ def main() -> None:
 
     import redis
 
-    from kvpatch.hashing.index import atomic_write_text
+    from kvpatch.files.atomic import write_text_atomic
     from kvpatch.reuse.sealed import SECRET_ENV
     from kvpatch.testing_redis import LocalCluster
 
@@ -158,7 +158,7 @@ def main() -> None:
     if args.out:
         report = {"args": vars(args) | {"out": str(args.out)}, "cpu_count": os.cpu_count(), "runs": rows}
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
+        write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

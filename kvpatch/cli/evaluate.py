@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config import PipelineConfig, bundled_configs, load_config
 from ..errors import KVPatchError
-from ..hashing.index import atomic_write_text
+from ..files.atomic import write_text_atomic
 from ..eval import export
 from ..eval.bounds import lossless_allowance
 from ..eval.harness import EvalResult, Reference, evaluate, format_table, reference_run
@@ -124,7 +124,7 @@ def write_result(result: EvalResult, out: Path) -> Path:
     """out/eval-<config>.json, written atomically."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"eval-{result.config}.json"
-    atomic_write_text(path, result.to_json())
+    write_text_atomic(path, result.to_json())
     return path
 
 

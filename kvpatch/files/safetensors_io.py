@@ -17,10 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import stat
 import struct
-import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,9 +28,9 @@ import torch
 from safetensors import safe_open
 
 from ..errors import SnapshotCorruptError, SnapshotError
+from .atomic import TEMP_SUFFIX, atomic_file
 
 SUFFIX = ".safetensors"
-TEMP_SUFFIX = ".tmp"
 #: Largest header we accept (safetensors itself caps it at 100 MB).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -76,12 +74,6 @@ def content_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def temp_path(path: Path) -> Path:
-    """A unique hidden temp file next to `path` that names its writer (host and pid), so
-    concurrent writers never collide and `gc` can tell an abandoned temp from a live one."""
-    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
-
-
 def temp_writer(path: Path) -> tuple[str, int] | None:
     """(host, pid) of the writer named in a `temp_path` file name; None for any other file."""
     name = path.name
@@ -96,44 +88,11 @@ def temp_writer(path: Path) -> tuple[str, int] | None:
 
 def write_atomic(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], header: dict[str, str]) -> Path:
     """Write a safetensors file so that `path` holds either its old content or all of the new."""
+    if Path(path).suffix != SUFFIX:
+        raise SnapshotError(f"snapshot path {path} must end in {SUFFIX}")
     with atomic_file(path) as handle:
         _serialize(handle, tensors, header)
     return Path(path)
-
-
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes | memoryview) -> Path:
-    """`write_atomic` for a file whose bytes are already encoded (a chunk file)."""
-    with atomic_file(path) as handle:
-        handle.write(data)
-    return Path(path)
-
-
-@contextmanager
-def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """A handle whose content replaces `path` only once the block completes without error.
-
-    Temp file in the same directory (`temp_path`: unique per writer), fsync, `os.replace`, fsync of
-    the directory (so the rename itself survives a power cut). An exception, or a process killed
-    inside the block, leaves the old file (or none) and at most the temp file."""
-    final = Path(path)
-    if final.suffix != SUFFIX:
-        raise SnapshotError(f"snapshot path {final} must end in {SUFFIX}")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temp = temp_path(final)
-    try:
-        with open(temp, "xb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, final)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    directory = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def _serialize(handle: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:

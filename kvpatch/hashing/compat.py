@@ -23,7 +23,8 @@ from typing import Any, Callable, Optional, Union
 from pydantic import BaseModel, ConfigDict
 
 from .fibonacci import table_bits
-from .index import HashIndex, IndexConfig, IndexKey, atomic_write_text
+from ..files.atomic import write_text_atomic
+from .index import HashIndex, IndexConfig, IndexKey
 
 logger = logging.getLogger(__name__)
 FORMAT = "kvpatch.fibkvc_cache_state"
@@ -157,7 +158,7 @@ class FibonacciCacheOptimizer:
 
     def save_to_file(self, cache_state: Mapping[str, Any], filepath: Union[str, os.PathLike[str]]) -> None:
         """Write the serialised state atomically (temp file, fsync, rename)."""
-        atomic_write_text(filepath, self.serialize_cache_state(cache_state))
+        write_text_atomic(filepath, self.serialize_cache_state(cache_state))
 
     def load_from_file(self, filepath: Union[str, os.PathLike[str]]) -> dict[str, Any]:
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Callable, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..files.atomic import write_text_atomic
 from ..params import PowerOfTwo, power_of_two
 from .fibonacci import HashMethod, key_to_u64, slot_function
 
@@ -295,7 +295,7 @@ class HashIndex:
 
     def save(self, path: Union[str, os.PathLike[str]]) -> None:
         """Write `to_json()` atomically: a crash leaves the old file or the new one, never half."""
-        atomic_write_text(path, self.to_json())
+        write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(
@@ -326,23 +326,3 @@ def _decode_entry(entry: Any) -> tuple[IndexKey, int]:
     if type(key) is not int:
         raise ValueError(f"entry key {key!r} is neither an int nor a hex string")
     return key, value
-
-
-def atomic_write_text(path: Union[str, os.PathLike[str]], text: str) -> None:
-    """Write `text` (UTF-8) so that `path` holds its old content or all of the new."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: Union[str, os.PathLike[str]], data: bytes) -> None:
-    """Write `data` to a temp file in the target's directory, fsync it, then os.replace."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

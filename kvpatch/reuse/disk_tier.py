@@ -8,7 +8,7 @@ counted and never deleted; entries are classified with `lstat` and files are rea
 `files.safetensors_io.read_regular` (no symlinks followed, non-blocking open, size capped at the budget).
 
 The directory is the source of truth, so several processes can share it: a file is written
-atomically (`files.safetensors_io.atomic_file`: unique temp file, fsync, rename; the last writer of a key
+atomically (`files.atomic.atomic_file`: unique temp file, fsync, rename; the last writer of a key
 wins and both wrote the same K/V), and its modification time is its recency: a hit touches it, and
 eviction (over `budget_bytes`) removes the least recently used files after re-reading the
 directory, so files other processes wrote count too. Writers of one folder take turns under an
@@ -42,7 +42,8 @@ from typing import Any
 
 from ..errors import ConfigError, SnapshotError
 from ..files.folders import is_stale_temp, list_temp_files, regular_files
-from ..files.safetensors_io import SUFFIX, NotRegularFileError, read_header, read_regular, temp_writer, write_bytes_atomic
+from ..files.atomic import write_bytes_atomic
+from ..files.safetensors_io import SUFFIX, NotRegularFileError, read_header, read_regular, temp_writer
 from .chunk import CHUNK_FORMAT_VERSION, MAX_CHUNK_BYTES, ChunkForeignError, ChunkFormatError, StoredChunk, StoreUnavailableWarning
 from .sealed import SECRET_ENV, resolve_secret, seal, unseal
 

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from ..config import load_config
-from ..hashing.index import atomic_write_bytes, atomic_write_text
+from ..files.atomic import write_bytes_atomic, write_text_atomic
 from .frontier import front, markdown_table, plot_png
 from .objectives import Floor, MemoryTarget
 from .search import SearchResult, Trial, describe_budget
@@ -100,11 +100,11 @@ def write_outputs(out: Path, search: SearchResult, chosen: Trial | None, target:
                                                "result": chosen.row},
         "trials": [t.to_dict() for rung in search.trials for t in rung],
     }
-    atomic_write_text(paths["json"], json.dumps(document, indent=1))
-    atomic_write_text(paths["table"], markdown_table(rows, label))
+    write_text_atomic(paths["json"], json.dumps(document, indent=1))
+    write_text_atomic(paths["table"], markdown_table(rows, label))
     title = f"kvpatch tune: {meta['model']}, {target.describe()}, floor {floor.describe()}"
-    atomic_write_bytes(paths["plot"], plot_png(rows, label, target_fraction(target, search), floor.to_dict(), title))
+    write_bytes_atomic(paths["plot"], plot_png(rows, label, target_fraction(target, search), floor.to_dict(), title))
     if chosen is not None:
         paths["yaml"] = out / "chosen.yaml"
-        atomic_write_text(paths["yaml"], chosen_yaml(chosen, search, target, floor, meta, name))
+        write_text_atomic(paths["yaml"], chosen_yaml(chosen, search, target, floor, meta, name))
     return paths
