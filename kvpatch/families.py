@@ -58,6 +58,10 @@ class FamilySpec(_Strict):
     refuses_snapshots: str | None = None
     notes: str = ""
 
+    def accepts_stage_kind(self, kind: str) -> bool:
+        """Whether configs with a stage of `kind` may run on this family at all."""
+        return not any(refusal.stage_kind == kind for refusal in self.refuses)
+
     def config_problems(self, config: PipelineConfig) -> list[str]:
         """Why `config` cannot run exactly on this family (empty if it can)."""
         return [refusal.reason for refusal in self.refuses if refusal.matches(config)]

@@ -40,6 +40,10 @@ from test_config_matrix import _teacher_forced_logits, check_fidelity
 #: mistral and phi3 every layer slides a window (bounded already), so storage, quantizer, scorer
 #: and evictor plug-ins, like the built-ins, leave every layer to DynamicSlidingWindowLayer there.
 FAMILIES = sorted(kvpatch.supported_families())
+#: The families whose patch spec accepts an evictor stage (patches/*.yaml `refuses`).
+EVICTOR_FAMILIES = [f for f in FAMILIES if kvpatch.supported_families()[f].accepts_stage_kind("evictor")]
+#: The families whose patch spec accepts a quantizer stage (patches/*.yaml `refuses`).
+QUANTIZER_FAMILIES = [f for f in FAMILIES if kvpatch.supported_families()[f].accepts_stage_kind("quantizer")]
 GEN = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)
 CHUNK = 8
 
@@ -694,7 +698,7 @@ QUANTIZER = '''
 '''
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", QUANTIZER_FAMILIES)
 def test_quantizer_plugin(load_plugin: PluginLoader, family: str) -> None:
     plugin = load_plugin(QUANTIZER)
     config = {"name": "plugin_quantizer",
@@ -740,7 +744,7 @@ SCORER = '''
 '''
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", EVICTOR_FAMILIES)
 def test_scorer_plugin(load_plugin: PluginLoader, family: str) -> None:
     plugin = load_plugin(SCORER)
     sinks, recent, budget = 2, 4, 12
@@ -842,7 +846,7 @@ EVICTOR = '''
 '''
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", EVICTOR_FAMILIES)
 def test_evictor_plugin(load_plugin: PluginLoader, family: str) -> None:
     plugin = load_plugin(EVICTOR)
     config = {"name": "plugin_evictor", "fidelity": {"lossless": False, "min_logit_cosine": 0.5},
