@@ -32,6 +32,13 @@ def test_known_unsupported_family_is_refused_with_reason(model_type: str) -> Non
     assert kvpatch.get_handle(model) is None
 
 
+def test_hybrid_family_is_refused_with_reason() -> None:
+    model = _model("lfm2", intermediate_size=64, num_key_value_heads=2, layer_types=["conv", "full_attention"])
+    with pytest.raises(kvpatch.UnsupportedModelError, match="does not support model_type 'lfm2'.*hybrid model"):
+        kvpatch.apply(model, "default")
+    assert kvpatch.get_handle(model) is None
+
+
 def test_unverified_family_is_refused() -> None:
     model = _model("opt", ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32)
     with pytest.raises(kvpatch.UnsupportedModelError, match="has not verified model_type 'opt'"):
