@@ -12,8 +12,31 @@ def _ratio(part: int, whole: int) -> float:
     return part / whole if whole else 0.0
 
 
+#: The token counts of a row, and of a request (summed over its rows).
+COUNTS = ("prompt_tokens", "reused_tokens", "approximate_tokens", "recomputed_tokens", "check_tokens")
+
+
+class _ReuseRatios:
+    """The ratios a row and a request both report, from their token counts."""
+
+    prompt_tokens: int
+    reused_tokens: int
+    approximate_tokens: int
+
+    @property
+    def kv_reuse_ratio(self) -> float:
+        return _ratio(self.reused_tokens, self.prompt_tokens)
+
+    @property
+    def approximate_ratio(self) -> float:
+        return _ratio(self.approximate_tokens, self.prompt_tokens)
+
+    def ratios(self) -> dict[str, float]:
+        return {"kv_reuse_ratio": self.kv_reuse_ratio, "approximate_ratio": self.approximate_ratio}
+
+
 @dataclass
-class RowStats:
+class RowStats(_ReuseRatios):
     """What reuse did for one row of the last prefill (its real tokens; padding never counts)."""
 
     prompt_tokens: int = 0
@@ -22,17 +45,13 @@ class RowStats:
     recomputed_tokens: int = 0
     check_tokens: int = 0
 
-    @property
-    def kv_reuse_ratio(self) -> float:
-        return _ratio(self.reused_tokens, self.prompt_tokens)
 
-    @property
-    def approximate_ratio(self) -> float:
-        return _ratio(self.approximate_tokens, self.prompt_tokens)
+def _summed(name: str) -> property:
+    return property(lambda self: sum(getattr(row, name) for row in self.rows), doc=f"{name}, summed over the rows")
 
 
 @dataclass
-class RequestStats:
+class RequestStats(_ReuseRatios):
     """What reuse did for the last prefill: per batch row (`rows`) and summed over them."""
 
     rows: list[RowStats] = field(default_factory=list)
@@ -40,36 +59,11 @@ class RequestStats:
     load_ms: float = 0.0
     written_chunks: int = 0
 
-    def _total(self, name: str) -> int:
-        return sum(getattr(row, name) for row in self.rows)
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self._total("prompt_tokens")
-
-    @property
-    def reused_tokens(self) -> int:
-        return self._total("reused_tokens")
-
-    @property
-    def approximate_tokens(self) -> int:
-        return self._total("approximate_tokens")
-
-    @property
-    def recomputed_tokens(self) -> int:
-        return self._total("recomputed_tokens")
-
-    @property
-    def check_tokens(self) -> int:
-        return self._total("check_tokens")
-
-    @property
-    def kv_reuse_ratio(self) -> float:
-        return _ratio(self.reused_tokens, self.prompt_tokens)
-
-    @property
-    def approximate_ratio(self) -> float:
-        return _ratio(self.approximate_tokens, self.prompt_tokens)
+    prompt_tokens = _summed("prompt_tokens")  # type: ignore[assignment]
+    reused_tokens = _summed("reused_tokens")  # type: ignore[assignment]
+    approximate_tokens = _summed("approximate_tokens")  # type: ignore[assignment]
+    recomputed_tokens = _summed("recomputed_tokens")
+    check_tokens = _summed("check_tokens")
 
     @property
     def row_reuse_ratios(self) -> list[float]:
@@ -77,9 +71,6 @@ class RequestStats:
 
     def to_dict(self) -> dict[str, Any]:
         """Totals, ratios and per-row figures (what `Engine.stats()` and `handle.stats()` show)."""
-        totals = ("prompt_tokens", "reused_tokens", "approximate_tokens", "recomputed_tokens", "check_tokens",
-                  "kv_reuse_ratio", "approximate_ratio")
-        rows = [{**asdict(row), "kv_reuse_ratio": row.kv_reuse_ratio, "approximate_ratio": row.approximate_ratio}
-                for row in self.rows]
-        return {**{name: getattr(self, name) for name in totals}, "lookup_ms": self.lookup_ms,
+        rows = [{**asdict(row), **row.ratios()} for row in self.rows]
+        return {**{name: getattr(self, name) for name in COUNTS}, **self.ratios(), "lookup_ms": self.lookup_ms,
                 "load_ms": self.load_ms, "written_chunks": self.written_chunks, "rows": rows}
