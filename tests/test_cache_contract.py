@@ -172,7 +172,7 @@ def generate_with_user_dynamic_cache(run: Run) -> torch.Tensor:
 def generate_continued_from_returned_cache(run: Run) -> torch.Tensor:
     first = run.model.generate(run.prompt, attention_mask=torch.ones_like(run.prompt), return_dict_in_generate=True, **GEN)
     more = torch.cat([first.sequences, run.prompt[:, :3]], dim=1)
-    return run.model.generate(more, attention_mask=torch.ones_like(more), **{run.keyword: first.past_key_values}, **GEN)
+    return run.model.generate(more, attention_mask=torch.ones_like(more), **{run.keyword: output_cache(first)}, **GEN)
 
 
 @way

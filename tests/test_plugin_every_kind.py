@@ -761,10 +761,10 @@ def test_scorer_plugin(load_plugin: PluginLoader, family: str) -> None:
     # after a prefill, the kept tokens are the sinks, the recent window and the best-scored rest
     model, ids = tiny_model(family), prompt_ids(batch=2, length=20)
     with torch.no_grad():
-        keys = model(input_ids=ids, use_cache=True).past_key_values.layers[full[0]].keys  # exact before eviction
+        keys = output_cache(model(input_ids=ids, use_cache=True)).layers[full[0]].keys  # exact before eviction
     kvpatch.apply(model, config)
     with torch.no_grad():
-        layer = model(input_ids=ids, use_cache=True).past_key_values.layers[full[0]]
+        layer = output_cache(model(input_ids=ids, use_cache=True)).layers[full[0]]
     assert isinstance(layer, EvictingLayer) and layer.kept == budget and layer.seen == 20
     protected = torch.zeros(20, dtype=torch.bool)
     protected[:sinks] = protected[20 - recent :] = True
@@ -924,11 +924,11 @@ def test_offloader_plugin(load_plugin: PluginLoader) -> None:
     # a prefill evicts to the budget through the plug-in; restore() brings every token back, exactly
     model, ids = tiny_model("llama"), prompt_ids(batch=2, length=20)
     with torch.no_grad():
-        reference: DynamicCache = model(input_ids=ids, use_cache=True).past_key_values
+        reference: DynamicCache = output_cache(model(input_ids=ids, use_cache=True))
     handle = kvpatch.apply(model, config)
     offloader = next(s for s in handle.pipeline.stages if s.kind == "offloader")
     with torch.no_grad():
-        cache = model(input_ids=ids, use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=ids, use_cache=True))
     assert all(layer.kept == 12 and layer.offloaded for layer in cache.layers)
     cache.restore()
     assert offloader.counts["verified"] == offloader.counts["restored"] == offloader.counts["offloaded"] > 0

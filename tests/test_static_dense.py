@@ -13,6 +13,7 @@ import torch
 
 import kvpatch
 from kvpatch.cache import graph_step_layers
+from kvpatch.compat import cache_kwarg, output_cache
 from kvpatch.errors import ConfigError
 from kvpatch.kernels.packed import PackedKV
 from kvpatch.stages.storage_dense_static import CAPACITY_ALIGN, StaticDenseLayer, grown_capacity
@@ -160,17 +161,17 @@ def test_snapshot_of_a_static_dense_cache_continues_exactly(tmp_path) -> None:
     ids = prompt_ids(batch=1, length=30)
     model = tiny_model("llama")
     handle = kvpatch.apply(model, _static(capacity=64))
+    name = cache_kwarg(model)
     with torch.no_grad():
-        out = model(ids[:, :20], use_cache=True)
+        cache = output_cache(model(ids[:, :20], use_cache=True))
         for i in range(20, 24):
-            out = model(ids[:, i : i + 1], use_cache=True, past_key_values=out.past_key_values)
-        cache = out.past_key_values
+            cache = output_cache(model(ids[:, i : i + 1], use_cache=True, **{name: cache}))
         path = handle.export_snapshot(tmp_path / "static-dense.safetensors", cache=cache, token_ids=ids[:, :24])
         restored = handle.import_snapshot(path)
         assert all(isinstance(layer, StaticDenseLayer) for layer in restored.layers)
         for i in range(24, 30):
-            a = model(ids[:, i : i + 1], use_cache=True, past_key_values=cache).logits
-            b = model(ids[:, i : i + 1], use_cache=True, past_key_values=restored).logits
+            a = model(ids[:, i : i + 1], use_cache=True, **{name: cache}).logits
+            b = model(ids[:, i : i + 1], use_cache=True, **{name: restored}).logits
             assert torch.equal(a, b)
     assert restored.layers[0].get_seq_length() == cache.layers[0].get_seq_length() == 30
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 import kvpatch
+from kvpatch.compat import cache_kwarg, output_cache
 from kvpatch.testing import bench_model
 
 CHUNK = 128
@@ -69,11 +70,11 @@ def measure_floor(model, base: torch.Tensor, cached: int, full: dict, repeats: i
         return {"suffix_hf_ms": full["ms"], "suffix_ms": full["ms"], "copy_ms": 0.0, "floor_ms": full["ms"]}
     with torch.no_grad():
         out = model(input_ids=base[:, :cached], use_cache=True)
-    kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    kv = [(layer.keys, layer.values) for layer in output_cache(out).layers]
     suffix = base[:, cached:]
 
     def suffix_prefill(cache: DynamicCache) -> None:
-        model(input_ids=suffix, past_key_values=cache, logits_to_keep=1)
+        model(input_ids=suffix, **{cache_kwarg(model): cache}, logits_to_keep=1)
 
     hf = timed(suffix_prefill, device, repeats, setup=lambda: prefix_cache(model, kv))
     kvpatch.apply(model, "default")
