@@ -108,6 +108,8 @@ def test_bench_summaries_are_whole_sentences(tmp_path: Path) -> None:
     script = tmp_path / "bench_x.py"
     script.write_text('"""Decode speed per config against the bandwidth\nfloor of the device. Details follow.\n\nMore."""\n')
     assert kvpatch.cli.listing.summary(script) == "Decode speed per config against the bandwidth floor of the device."
+    script.write_text('"""Hit ratio of 1, 2, 4, ... processes. Details."""\n')
+    assert kvpatch.cli.listing.summary(script) == "Hit ratio of 1, 2, 4, ... processes."
     for name, path in kvpatch.cli.parser.benchmarks().items():
         text = kvpatch.cli.listing.summary(path)
         assert text.endswith((".", "?", "!")) and "issue" not in text.lower(), (name, text)

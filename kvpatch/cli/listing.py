@@ -56,7 +56,8 @@ def bench(args: argparse.Namespace) -> int:
 
 def summary(script: Path) -> str:
     """The first sentence of a script's docstring (its first paragraph, lines joined, up to the
-    first full stop), so a summary wrapped over lines is never cut mid-sentence."""
+    first full stop that is not part of an ellipsis), so a summary wrapped over lines is never cut
+    mid-sentence."""
     doc = ast.get_docstring(ast.parse(script.read_text())) or ""
     paragraph = " ".join(doc.strip().split("\n\n")[0].split())
-    return re.split(r"(?<=[.?!]) ", paragraph, maxsplit=1)[0]
+    return re.split(r"(?<=[^.][.?!]) ", paragraph, maxsplit=1)[0]
