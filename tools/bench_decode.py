@@ -156,6 +156,21 @@ def replay_ms(graph: torch.cuda.CUDAGraph, steps: int) -> float:
     return start.elapsed_time(end) / steps
 
 
+def kernel_table(graphs: Any, path: Path, replays: int = 10) -> None:
+    """The kernels one replayed step runs, by GPU time (torch.profiler over `replays` replays):
+    where a step's time goes beyond the bytes it must read."""
+    entries = list(graphs._graphs.values())
+    if not entries:
+        return
+    graph = entries[-1].graph
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
+
+
 def profile_steps(model: torch.nn.Module, cache: Any, token: torch.Tensor, context: int) -> None:
     """Where a replayed step's host time goes (cProfile of 20 steps, printed)."""
     import cProfile
@@ -235,6 +250,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         profiled = True
                         profile_steps(model, cache, token, context + args.steps + 4)
                     row["replay_ms"] = replay_only(handle.decode_graphs, args.steps)
+                    if args.kernels_dir is not None:
+                        kernel_table(handle.decode_graphs, args.kernels_dir / f"kernels-{name}-b{batch}-t{context}.txt")
             except Exception as err:  # one failing point must not lose the others
                 row["error"] = f"{type(err).__name__}: {err}"
                 traceback.print_exc()
@@ -338,6 +355,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", help="only these (default: all): " + ", ".join(configs(1, 1)))
     parser.add_argument("--generate", action="store_true", help="also time plain model.generate per token")
     parser.add_argument("--profile", action="store_true", help="cProfile the host side of one graph config")
+    parser.add_argument("--kernels-dir", type=Path, help="write each graph config's kernel table (torch.profiler) here")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--plot-from", type=Path)

@@ -10,6 +10,11 @@ For each prompt length and reuse ratio (the share of the prompt whose chunks are
 Every reuse request has a fresh random suffix, so the suffix is never cached. Times are medians
 of `--repeats` after warm-up, with the device synchronised; a first-call time is kept too.
 
+`--miss-breakdown` adds, per length, where a request that finds nothing stored spends its time
+(each variant side by side in the run): the lossless `default` config; `prefix_reuse` with the
+write-back turned off; `prefix_reuse` whole; the host milliseconds of each reuse hook; and a
+torch.profiler table of one miss (`--profile-dir`).
+
     python tools/bench_ttft.py --device cuda --out results/ttft-h100.json --plot docs/ttft.png --kvboost
 """
 
@@ -115,8 +120,66 @@ def measure_kvpatch(model, base: torch.Tensor, cached: int, repeats: int, device
         kvpatch.unpatch(model)
 
 
+def measure_miss_breakdown(model, length: int, repeats: int, device: torch.device,
+                           rand: Callable[[int], torch.Tensor], profile_dir: Path | None) -> dict:
+    """A request with no stored chunk, taken apart: what each part of `prefix_reuse` adds."""
+    def fresh() -> tuple[torch.Tensor, torch.Tensor]:
+        ids = rand(length)
+        return ids, ids.to(device)
+
+    kvpatch.apply(model, "default")
+    try:
+        default = timed(lambda ids: model(input_ids=ids[1], logits_to_keep=1), device, repeats, setup=fresh)
+    finally:
+        kvpatch.unpatch(model)
+    handle = kvpatch.apply(model, "prefix_reuse")
+    try:
+        reuse = handle.reuse
+        host_ms: dict[str, list[float]] = {"before_forward": [], "after_forward": [], "flush": []}
+
+        def clocked(name: str, fn: Callable) -> Callable:
+            def run(*args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    host_ms[name].append((time.perf_counter() - start) * 1e3)
+            return run
+
+        reuse.before_forward = clocked("before_forward", reuse.before_forward)
+        reuse.after_forward = clocked("after_forward", reuse.after_forward)
+        reuse.writer.flush = clocked("flush", reuse.writer.flush)
+
+        def request(ids: tuple[torch.Tensor, torch.Tensor]) -> None:
+            reuse.set_host_ids(ids[0])
+            model(input_ids=ids[1], logits_to_keep=1)
+
+        whole = timed(request, device, repeats, setup=fresh)
+        hooks = {f"{name}_host_ms": statistics.median(v[1:]) for name, v in host_ms.items() if len(v) > 1}
+        write = reuse.writer.write
+        reuse.writer.write = lambda chunks, codec: None
+        no_write = timed(request, device, repeats, setup=fresh)
+        reuse.writer.write = write
+        if profile_dir is not None and device.type == "cuda":
+            profile_dir.mkdir(parents=True, exist_ok=True)
+            ids = fresh()
+            request(ids)
+            sync(device)
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=activities) as prof:
+                request(fresh())
+                sync(device)
+            averages = prof.key_averages()
+            text = (averages.table(sort_by="self_cpu_time_total", row_limit=25) + "\n"
+                    + averages.table(sort_by="self_cuda_time_total", row_limit=25))
+            (profile_dir / f"miss-profile-{length}.txt").write_text(text)
+    finally:
+        kvpatch.unpatch(model)
+    return {"default_ms": default["ms"], "miss_no_writeback_ms": no_write["ms"], "miss_ms": whole["ms"], **hooks}
+
+
 def measure_length(model, length: int, ratios: list[float], repeats: int, device: torch.device, vocab: int,
-                   gen: torch.Generator) -> list[dict]:
+                   gen: torch.Generator, breakdown: bool = False, profile_dir: Path | None = None) -> list[dict]:
     def rand(n: int) -> torch.Tensor:
         return torch.randint(0, vocab, (1, n), generator=gen)
 
@@ -128,6 +191,8 @@ def measure_length(model, length: int, ratios: list[float], repeats: int, device
         row = {"length": length, "reuse": ratio, "cached_tokens": cached, "full_ms": full["ms"]}
         row.update(measure_floor(model, base, cached, full, repeats, device))
         row.update(measure_kvpatch(model, base, cached, repeats, device, rand))
+        if breakdown and cached == 0:
+            row.update(measure_miss_breakdown(model, length, repeats, device, rand, profile_dir))
         rows.append(row)
     return rows
 
@@ -200,6 +265,9 @@ def main() -> None:
     parser.add_argument("--kvboost", action="store_true", help="also time the kvboost package (must be installed)")
     parser.add_argument("--kvboost-lengths", type=int, nargs="+", help="lengths for kvboost (default: --lengths)")
     parser.add_argument("--kvboost-reuse", type=float, nargs="+", help="reuse ratios for kvboost (default: --reuse)")
+    parser.add_argument("--miss-breakdown", action="store_true",
+                        help="at 0%% reuse, also time default, prefix_reuse without write-back and the hooks' host time")
+    parser.add_argument("--profile-dir", type=Path, help="with --miss-breakdown: torch.profiler tables of one miss here")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
@@ -211,7 +279,8 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         for length in tqdm(args.lengths, desc="kvpatch lengths"):
-            rows.extend(measure_length(model, length, args.reuse, args.repeats, device, vocab, gen))
+            rows.extend(measure_length(model, length, args.reuse, args.repeats, device, vocab, gen,
+                                       args.miss_breakdown, args.profile_dir))
             print(json.dumps(rows[-len(args.reuse):]), flush=True)
     if args.kvboost:
         _, tokenizer = kvpatch.models.load("kvpatch-ref")
@@ -239,6 +308,10 @@ def main() -> None:
         print(f"{r['length']:>6} {r['reuse']:>5.2f} {r['full_ms']:>8.2f} {r['floor_ms']:>8.2f} {r['kvpatch_ms']:>8.2f} "
               f"{r['kvpatch_over_floor']:>6.2f} {r['kvpatch_over_full']:>6.2f} {100 * r['lookup_share']:>7.2f} "
               f"{r.get('kvboost_ms', float('nan')):>8.2f}")
+    for r in (r for r in rows if "miss_ms" in r):
+        print(f"miss {r['length']}: full {r['full_ms']:.2f}  default {r['default_ms']:.2f}  no write-back "
+              f"{r['miss_no_writeback_ms']:.2f}  whole {r['miss_ms']:.2f} ms; host: before {r.get('before_forward_host_ms', 0):.2f}"
+              f"  after {r.get('after_forward_host_ms', 0):.2f}  flush {r.get('flush_host_ms', 0):.2f} ms")
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "shape": args.shape,
             "dtype": args.dtype, "torch": torch.__version__}
     if args.out:
