@@ -13,6 +13,7 @@ import shutil
 import signal
 import stat
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -182,6 +183,58 @@ def test_incomplete_chunk_is_never_visible(tmp_path: Path, reference) -> None:
                            whole.parent_hash)], "dense")
     got = store.get(whole.prefix_hash)
     assert got is not None and got.tensors["kv"].shape[0] == 2 and got.namespace == hasher.namespace
+
+
+class _Copy:
+    """A copy-completion marker the test finishes by hand (a CUDA event on the GPU)."""
+
+    def __init__(self) -> None:
+        self.finished = threading.Event()
+
+    def query(self) -> bool:
+        return self.finished.is_set()
+
+    def synchronize(self) -> None:
+        assert self.finished.wait(10), "the copy never finished"
+
+
+def test_writer_admits_each_chunk_once_its_copy_finishes(reference) -> None:
+    """Chunks whose host copies are in flight are admitted by the writer's worker once the copy
+    finishes (never before); a request's flush(wait=False) admits finished ones the worker has
+    not reached without waiting; flush() waits for all. Each chunk is put exactly once."""
+    store, hasher = bound_store(reference)
+    puts: list[str] = []
+    put = store.put
+    store.put = lambda chunk: puts.append(chunk.prefix_hash) or put(chunk)  # type: ignore[method-assign]
+    writer = ChunkWriter(store)
+    chunks = [bound_chunk(hasher, tokens(CHUNK, 200 + i), seed=i) for i in range(3)]
+    copies = [_Copy() for _ in chunks]
+    for copy, chunk in zip(copies, chunks):
+        writer.submit(copy, [chunk])
+    writer.flush(wait=False)
+    assert not any(store.contains(c.prefix_hash) for c in chunks)  # no copy has finished
+    copies[0].finished.set()
+    deadline = time.monotonic() + 10
+    while not store.contains(chunks[0].prefix_hash) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.contains(chunks[0].prefix_hash) and not store.contains(chunks[2].prefix_hash)
+    copies[2].finished.set()
+    copies[1].finished.set()
+    writer.flush()
+    assert all(store.contains(c.prefix_hash) for c in chunks)
+    assert sorted(puts) == sorted(c.prefix_hash for c in chunks)
+
+
+def test_writer_reraises_a_failed_write_back_at_flush(reference) -> None:
+    store, hasher = bound_store(reference)
+    store.put = lambda chunk: (_ for _ in ()).throw(OSError("disk full"))  # type: ignore[method-assign]
+    writer = ChunkWriter(store)
+    copy = _Copy()
+    copy.finished.set()
+    writer.submit(copy, [bound_chunk(hasher, tokens(CHUNK, 300))])
+    with pytest.raises(OSError, match="disk full"):
+        writer.flush()
+    writer.flush()  # reported once
 
 
 def test_store_is_safe_under_concurrent_puts_and_gets(reference) -> None:

@@ -265,3 +265,26 @@ def test_engine_needs_a_reuse_config() -> None:
 
     with pytest.raises(kvpatch.ConfigError, match="no chunk reuse stages"):
         kvpatch.Engine.from_pretrained(model, config="default", tokenizer=tiny_tokenizer())
+
+
+def test_write_back_cuts_chunks_in_one_split_as_slicing_would() -> None:
+    """The write-back's one-split-per-range gather equals a slice per chunk, for spans inside one
+    computed range, across two ranges (assembled prefix + the forward's part) and uncovered."""
+    from kvpatch.patch.reuse_controller import _chunk_kvs, _slice_sources
+
+    gen = torch.Generator().manual_seed(0)
+
+    def layers(tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(torch.randn(2, 3, tokens, 4, generator=gen), torch.randn(2, 3, tokens, 4, generator=gen))
+                for _ in range(5)]
+
+    sources = [(0, layers(10)), (10, layers(14))]  # columns [0, 10) then [10, 24)
+    spans = [(0, 4), (4, 10), (10, 16), (8, 12), (16, 24), (20, 30)]
+    for row in (0, 1):
+        got = _chunk_kvs(sources, row, spans)
+        for span, kv in zip(spans, got):
+            expected = _slice_sources(sources, row, *span)
+            if expected is None:
+                assert kv is None, span
+            else:
+                assert kv.shape == (5, 2, 3, span[1] - span[0], 4) and torch.equal(kv, expected), span

@@ -127,6 +127,23 @@ def measure_miss_breakdown(model, length: int, repeats: int, device: torch.devic
         ids = rand(length)
         return ids, ids.to(device)
 
+    def profiled(run: Callable[[], object], name: str) -> None:
+        """torch.profiler tables (by host and by GPU time) of one `run`, in `profile_dir`."""
+        if profile_dir is None or device.type != "cuda":
+            return
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        run()
+        sync(device)
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            run()
+            sync(device)
+        averages = prof.key_averages()
+        (profile_dir / f"{name}-profile-{length}.txt").write_text(
+            averages.table(sort_by="self_cpu_time_total", row_limit=25) + "\n"
+            + averages.table(sort_by="self_cuda_time_total", row_limit=25))
+
+    profiled(lambda: model(input_ids=fresh()[1], logits_to_keep=1), "unpatched")
     kvpatch.apply(model, "default")
     try:
         default = timed(lambda ids: model(input_ids=ids[1], logits_to_keep=1), device, repeats, setup=fresh)
@@ -156,23 +173,10 @@ def measure_miss_breakdown(model, length: int, repeats: int, device: torch.devic
 
         whole = timed(request, device, repeats, setup=fresh)
         hooks = {f"{name}_host_ms": statistics.median(v[1:]) for name, v in host_ms.items() if len(v) > 1}
-        write = reuse.writer.write
-        reuse.writer.write = lambda chunks, codec: None
+        reuse._write_back = lambda request: 0  # no chunk cut, encoded or copied
         no_write = timed(request, device, repeats, setup=fresh)
-        reuse.writer.write = write
-        if profile_dir is not None and device.type == "cuda":
-            profile_dir.mkdir(parents=True, exist_ok=True)
-            ids = fresh()
-            request(ids)
-            sync(device)
-            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-            with torch.profiler.profile(activities=activities) as prof:
-                request(fresh())
-                sync(device)
-            averages = prof.key_averages()
-            text = (averages.table(sort_by="self_cpu_time_total", row_limit=25) + "\n"
-                    + averages.table(sort_by="self_cuda_time_total", row_limit=25))
-            (profile_dir / f"miss-profile-{length}.txt").write_text(text)
+        del reuse._write_back
+        profiled(lambda: request(fresh()), "miss")
     finally:
         kvpatch.unpatch(model)
     return {"default_ms": default["ms"], "miss_no_writeback_ms": no_write["ms"], "miss_ms": whole["ms"], **hooks}

@@ -9,6 +9,8 @@ transformers means when it skips building a mask.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -17,7 +19,10 @@ from torch.nn.attention.bias import causal_lower_right
 #: The SDPA backends kvpatch lets torch choose from. cuDNN attention is left out: it builds a new
 #: execution plan for every new key length, i.e. at every decode step; on the H100 (torch 2.11)
 #: that was 5.6 ms of CPU per call and made an eager 1B-model decode step ~60 ms at any batch
-#: (results/kernels-h100-fib-graph.json, `profile`). Flash handles the same calls.
+#: (results/kernels-h100-fib-graph.json, `profile`). Flash handles the same calls. A prefill into
+#: an empty cache (plain causal, no mask) is left to torch's own choice, as transformers leaves it:
+#: on the H200 that choice was 1.6x faster than flash at 16K tokens (docs/reuse.md, "A miss"), and
+#: it builds a plan once per prompt length, not per step.
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -42,7 +47,8 @@ def sdpa_attention(
             is_causal = True
         else:  # a prefill over a cache: flash attention handles bottom-right causality natively
             mask = causal_lower_right(q_len, k_len)
-    with sdpa_kernel(SDPA_BACKENDS):
+    backends = sdpa_kernel(SDPA_BACKENDS) if not is_causal else contextlib.nullcontext()
+    with backends:
         return F.scaled_dot_product_attention(
             query,
             key,

@@ -230,18 +230,21 @@ class ReuseController:
         """Store every chunk not matched exactly whose K/V were computed exactly (all its
         history exact), from the computed ranges covering its columns."""
         new = []
-        for row, (plan, pad) in enumerate(zip(request.plans, request.layout.pads)):
-            for i, match in enumerate(plan.matches):
-                start, end = match.span
-                if match.kind == "exact" or end > request.exact_until[row]:
-                    continue
-                kv = _slice_sources(request.sources, row, pad + start, pad + end)
-                if kv is not None:
-                    tokens = request.token_ids[row, pad + start:pad + end].clone()
-                    content = match.content_hash or self.hasher.content_hash(token_bytes(tokens))
-                    parent = plan.matches[i - 1].prefix_hash if i else self.hasher.namespace
-                    new.append(NewChunk(match.prefix_hash, content, tokens, start, kv, parent))
-        self.writer.write(new, self._codec())
+        sources = [t for _, layers in request.sources for pair in layers for t in pair]
+        with self.writer.off_the_compute_stream(sources):  # the first token never waits for this
+            for row, (plan, pad) in enumerate(zip(request.plans, request.layout.pads)):
+                chosen = [i for i, match in enumerate(plan.matches)
+                          if match.kind != "exact" and match.span[1] <= request.exact_until[row]]
+                spans = [(pad + plan.matches[i].span[0], pad + plan.matches[i].span[1]) for i in chosen]
+                for i, kv in zip(chosen, _chunk_kvs(request.sources, row, spans)):
+                    if kv is not None:
+                        match = plan.matches[i]
+                        start, end = match.span
+                        tokens = request.token_ids[row, pad + start:pad + end].clone()
+                        content = match.content_hash or self.hasher.content_hash(token_bytes(tokens))
+                        parent = plan.matches[i - 1].prefix_hash if i else self.hasher.namespace
+                        new.append(NewChunk(match.prefix_hash, content, tokens, start, kv, parent))
+            self.writer.write(new, self._codec())
         return len(new)
 
     def _codec(self) -> str:
@@ -270,6 +273,29 @@ def _reach(plan: MatchPlan, real_tokens: int) -> int:
     """How many leading tokens of a row the store could supply (the last one is always computed)."""
     end = plan.leading_exact_tokens() if plan.is_plain_prefix else plan.last_reused_end()
     return max(min(end, real_tokens - 1), 0)
+
+
+def _chunk_kvs(sources: list[tuple[int, KVLayers]], row: int, spans: list[tuple[int, int]]) -> list[torch.Tensor | None]:
+    """`[L, 2, H, end-start, D]` K/V of each of one row's disjoint column spans (None where a
+    column is not covered). A span inside one computed range is cut from it by one `split` per
+    layer and part for all spans together, then stacked (one copy per chunk): a 16K-token prompt
+    is 128 chunks, and a slice per chunk, layer and part was 8K tensor ops of host time. A span
+    across two ranges (a prefix assembled from the store, then the forward's part) is gathered
+    by `_slice_sources`."""
+    out: list[torch.Tensor | None] = [None] * len(spans)
+    for offset, layers in sources:
+        stop = offset + layers[0][0].shape[-2]
+        inside = [i for i, (a, b) in enumerate(spans) if out[i] is None and offset <= a and b <= stop]
+        if not inside:
+            continue
+        bounds = sorted({offset, stop} | {spans[i][0] for i in inside} | {spans[i][1] for i in inside})
+        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+        piece = {a: k for k, a in enumerate(bounds[:-1])}  # disjoint spans: each is one piece
+        split = [[part[row].split(sizes, dim=-2) for part in layer] for layer in layers]
+        for i in inside:
+            k = piece[spans[i][0]]
+            out[i] = torch.stack([pieces[k] for layer in split for pieces in layer]).unflatten(0, (len(layers), 2))
+    return [kv if kv is not None else _slice_sources(sources, row, *span) for kv, span in zip(out, spans)]
 
 
 def _slice_sources(sources: list[tuple[int, KVLayers]], row: int, start: int, end: int) -> torch.Tensor | None:
