@@ -23,17 +23,20 @@ def test_side_stream_write_back_then_hits_match_unpatched() -> None:
     model = tiny_model("llama").cuda()
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
-    prompts = [torch.randint(0, vocab, (1, 4 * CHUNK + 17), generator=gen) for _ in range(6)]
+    # no special token ids (generate would read a pad id as padding), within the 512 positions
+    prompts = [torch.randint(3, vocab, (1, 3 * CHUNK + 17), generator=gen).cuda() for _ in range(6)]
+
+    def generate(ids: torch.Tensor, **kwargs: object) -> object:
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, **kwargs)
+
     with torch.no_grad():
-        expected = [model.generate(p.cuda(), max_new_tokens=24, do_sample=False, output_logits=True,
-                                   return_dict_in_generate=True) for p in prompts]
+        expected = [generate(p, output_logits=True, return_dict_in_generate=True) for p in prompts]
         handle = kvpatch.apply(model, "prefix_reuse")
         try:
             for prompt, want in zip(prompts, expected):
-                model.generate(prompt[:, : 3 * CHUNK + 5].cuda(), max_new_tokens=24, do_sample=False)  # writes back
-                got = model.generate(prompt.cuda(), max_new_tokens=24, do_sample=False, output_logits=True,
-                                     return_dict_in_generate=True)
-                assert handle.reuse.last.reused_tokens == 3 * CHUNK
+                generate(prompt[:, : 2 * CHUNK + 5])  # writes its chunks back
+                got = generate(prompt, output_logits=True, return_dict_in_generate=True)
+                assert handle.reuse.last.reused_tokens == 2 * CHUNK
                 assert torch.equal(got.sequences, want.sequences)
                 torch.testing.assert_close(got.logits[0], want.logits[0], rtol=1e-4, atol=1e-4)
             handle.reuse.writer.flush()  # re-raises any error the worker met admitting chunks
