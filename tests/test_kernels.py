@@ -111,6 +111,18 @@ def test_decode_matches_float64(case: tuple) -> None:
     assert relative_error(out, reference(query, kv, dim**-0.5)) < _tolerance(dtype)
 
 
+@pytest.mark.parametrize("splits", [1, 31, 32, 33, 70])
+def test_split_join_over_many_splits(splits: int) -> None:
+    """The reduce joins its splits in loads of several at once: split counts around and over one
+    load, with most splits seeing no token of some rows (a mask), match float64."""
+    kv = random_packed(2, 2, 64, 4, 8, 2, 20, 9, torch.float32)
+    query = torch.randn(2, 2, 4, 64, device=DEVICE).transpose(1, 2)  # 2 queries x 2 heads per kv head
+    mask = torch.rand(2, 1, 2, kv.num_tokens, device=DEVICE) < 0.3
+    mask[..., 0] = True
+    out = decode_attention(query, kv, 0.125, mask=mask, tuning=DecodeTuning(num_splits=splits))
+    assert relative_error(out, reference(query, kv, 0.125, mask=mask)) < _tolerance(torch.float32)
+
+
 @pytest.mark.parametrize(("batch", "kv_heads", "groups", "q_len", "dim", "block_dim", "dtype"), [
     (1, 1, 4, 1, 64, 4, torch.float32), (2, 2, 3, 2, 128, 8, torch.bfloat16), (3, 1, 1, 1, 64, 4, torch.float16)])
 def test_fibquant_codes_match_float64(batch: int, kv_heads: int, groups: int, q_len: int, dim: int, block_dim: int,

@@ -43,6 +43,8 @@ from .triton_support import interpreting
 LOG2E = 1.4426950408889634
 #: Decode only: more query rows per kv head than this go to SDPA (prefill).
 MAX_QUERY_ROWS = 64
+#: Splits whose partial sums `_decode_reduce` loads at once (a [SB, head_dim] fp32 tile).
+REDUCE_SPLITS_PER_LOAD = 32
 
 
 @triton.jit
@@ -161,33 +163,38 @@ def _decode_partial(
 @triton.jit
 def _decode_reduce(
     O_PART, M_PART, L_PART, OUT, so_b, so_h, so_t, NS,
-    HKV: tl.constexpr, GQA: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+    HKV: tl.constexpr, GQA: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, SB: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    """Joins the splits of one query row (one program per batch x kv head x row): SB splits'
+    partial sums at a time, loaded together. A loop over single splits with dependent loads took
+    12 us per layer at 33 splits on the H200 (a third of the partial kernel's time)."""
+    pid = tl.program_id(0)
+    bh = pid // (GQA * TQ)
+    row = pid % (GQA * TQ)
     b = bh // HKV
     h = bh % HKV
-    rows = tl.arange(0, BM)
     d = tl.arange(0, D)
-    has_row = rows < GQA * TQ
-    m_t = tl.full([BM], NEG, tl.float32)
-    l_t = tl.zeros([BM], tl.float32)
-    acc = tl.zeros([BM, D], tl.float32)
-    for s in range(NS):
-        r = (bh * NS + s) * (GQA * TQ) + rows
-        m_s = tl.load(M_PART + r, mask=has_row, other=NEG)
-        l_s = tl.load(L_PART + r, mask=has_row, other=0.0)
-        o_s = tl.load(O_PART + r.to(tl.int64)[:, None] * D + d[None, :], mask=has_row[:, None], other=0.0)
-        m_new = tl.maximum(m_t, m_s)
+    m_t = tl.max(tl.full([SB], NEG, tl.float32), axis=0)
+    l_t = tl.sum(tl.zeros([SB], tl.float32), axis=0)
+    acc = tl.zeros([D], tl.float32)
+    for s0 in range(0, NS, SB):
+        s = s0 + tl.arange(0, SB)
+        ok = s < NS
+        r = (bh * NS + s) * (GQA * TQ) + row
+        m_s = tl.load(M_PART + r, mask=ok, other=NEG)
+        l_s = tl.load(L_PART + r, mask=ok, other=0.0)
+        o_s = tl.load(O_PART + r.to(tl.int64)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        m_new = tl.maximum(m_t, tl.max(m_s, axis=0))
         a = tl.exp2(m_t - m_new)
         w = tl.exp2(m_s - m_new)
-        acc = acc * a[:, None] + o_s * w[:, None]
-        l_t = l_t * a + l_s * w
+        acc = acc * a + tl.sum(o_s * w[:, None], axis=0)
+        l_t = l_t * a + tl.sum(l_s * w, axis=0)
         m_t = m_new
-    out = acc / tl.where(l_t > 0, l_t, 1.0)[:, None]
-    head = h * GQA + rows // TQ
-    qi = rows % TQ
-    ptr = OUT + b.to(tl.int64) * so_b + head[:, None] * so_h + qi[:, None] * so_t + d[None, :]
-    tl.store(ptr, out.to(OUT.dtype.element_ty), mask=has_row[:, None])
+    out = acc / tl.where(l_t > 0, l_t, 1.0)
+    head = h * GQA + row // TQ
+    qi = row % TQ
+    ptr = OUT + b.to(tl.int64) * so_b + head * so_h + qi * so_t + d
+    tl.store(ptr, out.to(OUT.dtype.element_ty))
 
 
 def unsupported_reason(query: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None) -> str | None:
@@ -318,7 +325,10 @@ def decode_attention(
         num_warps=launch.num_warps, num_stages=launch.num_stages,
         **({"maxnreg": launch.maxnreg} if launch.maxnreg and not interpreting() else {}), **flags,
     )
-    _decode_reduce[(batch * kv_heads,)](o_part, m_part, l_part, out, *out.stride()[:3], splits + 1, **flags)
+    _decode_reduce[(batch * kv_heads * rows,)](
+        o_part, m_part, l_part, out, *out.stride()[:3], splits + 1, HKV=kv_heads, GQA=gqa, TQ=q_len, D=dim,
+        SB=min(REDUCE_SPLITS_PER_LOAD, triton.next_power_of_2(splits + 1)), num_warps=2,
+    )
     if fibquant is not None:
         return (out @ matrix.T).to(query.dtype)
     return out
