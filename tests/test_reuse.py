@@ -268,8 +268,9 @@ def test_engine_needs_a_reuse_config() -> None:
 
 
 def test_write_back_cuts_chunks_in_one_split_as_slicing_would() -> None:
-    """The write-back's one-split-per-range gather equals a slice per chunk, for spans inside one
-    computed range, across two ranges (assembled prefix + the forward's part) and uncovered."""
+    """The write-back's gather of back-to-back equal chunks in one stack equals a slice per chunk,
+    for runs inside one computed range, a span across two ranges (assembled prefix + the
+    forward's part) and one past the computed columns."""
     from kvpatch.patch.reuse_controller import _chunk_kvs, _slice_sources
 
     gen = torch.Generator().manual_seed(0)
@@ -279,7 +280,7 @@ def test_write_back_cuts_chunks_in_one_split_as_slicing_would() -> None:
                 for _ in range(5)]
 
     sources = [(0, layers(10)), (10, layers(14))]  # columns [0, 10) then [10, 24)
-    spans = [(0, 4), (4, 10), (10, 16), (8, 12), (16, 24), (20, 30)]
+    spans = [(0, 4), (4, 8), (8, 12), (12, 15), (15, 18), (18, 21), (21, 24), (24, 30)]  # runs, a crossing, beyond
     for row in (0, 1):
         got = _chunk_kvs(sources, row, spans)
         for span, kv in zip(spans, got):

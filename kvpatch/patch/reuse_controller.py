@@ -277,25 +277,38 @@ def _reach(plan: MatchPlan, real_tokens: int) -> int:
 
 def _chunk_kvs(sources: list[tuple[int, KVLayers]], row: int, spans: list[tuple[int, int]]) -> list[torch.Tensor | None]:
     """`[L, 2, H, end-start, D]` K/V of each of one row's disjoint column spans (None where a
-    column is not covered). A span inside one computed range is cut from it by one `split` per
-    layer and part for all spans together, then stacked (one copy per chunk): a 16K-token prompt
-    is 128 chunks, and a slice per chunk, layer and part was 8K tensor ops of host time. A span
-    across two ranges (a prefix assembled from the store, then the forward's part) is gathered
-    by `_slice_sources`."""
+    column is not covered). Consecutive spans of one length inside one computed range (a fixed
+    chunker's chunks) are gathered together: one stack of every layer's keys and values viewed
+    as `[n, H, size, D]` gives `[n, L, 2, H, size, D]`, each chunk a contiguous slab of it. A
+    16K-token prompt is 128 chunks: a slice per chunk, layer and part was 8K tensor ops of host
+    time and a kernel per chunk. A span across two ranges (a prefix assembled from the store, then
+    the forward's part) is gathered by `_slice_sources`."""
     out: list[torch.Tensor | None] = [None] * len(spans)
     for offset, layers in sources:
         stop = offset + layers[0][0].shape[-2]
-        inside = [i for i, (a, b) in enumerate(spans) if out[i] is None and offset <= a and b <= stop]
-        if not inside:
-            continue
-        bounds = sorted({offset, stop} | {spans[i][0] for i in inside} | {spans[i][1] for i in inside})
-        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
-        piece = {a: k for k, a in enumerate(bounds[:-1])}  # disjoint spans: each is one piece
-        split = [[part[row].split(sizes, dim=-2) for part in layer] for layer in layers]
-        for i in inside:
-            k = piece[spans[i][0]]
-            out[i] = torch.stack([pieces[k] for layer in split for pieces in layer]).unflatten(0, (len(layers), 2))
+        inside = sorted((i for i, (a, b) in enumerate(spans) if out[i] is None and offset <= a and b <= stop),
+                        key=lambda i: spans[i][0])
+        for run in _runs(inside, spans):
+            first, size = spans[run[0]][0] - offset, spans[run[0]][1] - spans[run[0]][0]
+            views = [part[row, :, first:first + len(run) * size].unflatten(1, (len(run), size)).transpose(0, 1)
+                     for layer in layers for part in layer]
+            block = torch.stack(views, dim=1).unflatten(1, (len(layers), 2))
+            for j, i in enumerate(run):
+                out[i] = block[j]
     return [kv if kv is not None else _slice_sources(sources, row, *span) for kv, span in zip(out, spans)]
+
+
+def _runs(order: list[int], spans: list[tuple[int, int]]) -> list[list[int]]:
+    """`order` (span indices by start) cut into runs of back-to-back spans of one length."""
+    runs: list[list[int]] = []
+    for i in order:
+        last = runs[-1][-1] if runs else None
+        if (last is not None and spans[last][1] == spans[i][0]
+                and spans[last][1] - spans[last][0] == spans[i][1] - spans[i][0]):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
 
 def _slice_sources(sources: list[tuple[int, KVLayers]], row: int, start: int, end: int) -> torch.Tensor | None:
