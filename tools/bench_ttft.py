@@ -115,7 +115,7 @@ def measure_kvpatch(model, base: torch.Tensor, cached: int, repeats: int, device
         ours = timed(request, device, repeats, setup=prompt)
         stats = handle.reuse.last
         return {"kvpatch_ms": ours["ms"], "kvpatch_first_ms": ours["first_ms"], "reused_tokens": stats.reused_tokens,
-                "lookup_ms": stats.lookup_ms}
+                "lookup_ms": stats.lookup_ms, "load_ms": stats.load_ms}
     finally:
         kvpatch.unpatch(model)
 

@@ -10,8 +10,23 @@ The whole run (corpus, tokenizer, training, evaluation, saving) fits one 10-minu
 training stops at --time-budget-s. The output directory is a regular transformers model
 directory plus `training_report.json` and `heldout.txt` (the text perplexity is measured on).
 
+`--shape` picks the model: `ref` (the shipped kvpatch-ref, 11.0 M parameters, 2048-token rows)
+or `ref-large` (53.5 M parameters, 8192-token rows, not shipped: its bf16 weights are over the
+package limit; tools/gpu/train_large_ref.sh trains it). ref-large trains at 8192 tokens from the
+first step, with no length curriculum: every packed needle or task row already holds examples
+from a few dozen tokens up to the whole row (log-uniform), which is what teaches retrieval
+early, and with flash attention an 8K row costs this model about twice a 2K row per token,
+not four times. What ref-large adds: a share of rows of the RULER-style tasks
+(`--task-share`, kvpatch/data/tasks.py: several keys, several values, variable chains), whose
+answers get the same extra loss as the needle's, and a share of needle rows holding one long
+example of half to all of the row (`--long-needle-share`), because log-uniform lengths alone
+put few needles 4-8K tokens before their question and the target is accuracy at full context.
+Both are 0 for `ref`, whose recipe is unchanged.
+
     python tools/train_reference_lm.py --out kvpatch/models/kvpatch-ref --device cuda \\
         --include-site-packages --time-budget-s 420
+    python tools/train_reference_lm.py --shape ref-large --out .large-ref/kvpatch-ref-large \\
+        --device cuda --include-site-packages --time-budget-s 380 --wall-budget-s 500
     python tools/train_reference_lm.py --tiny --out /tmp/ref_tiny --device cpu   # seconds
 """
 
@@ -43,11 +58,11 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .` 
 
 from kvpatch.data import corpus as corpus_lib  # noqa: E402
 from kvpatch.data import needle  # noqa: E402
+from kvpatch.data import tasks as tasks_lib  # noqa: E402
 from kvpatch.models import reference  # noqa: E402
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 NEEDLE_DEPTHS = (0.05, 0.25, 0.5, 0.75, 0.95)
-NEEDLE_LENGTHS = (256, 512, 1024, 2048)
 HELDOUT_PPL_SEQ_LEN = 1024
 
 
@@ -60,10 +75,18 @@ class ModelShape:
     head_dim: int
     intermediate: int
     vocab: int
+    rope_theta: float = 10000.0
 
 
 FULL_SHAPE = ModelShape(384, 6, 6, 2, 64, 1024, 4096)
+# 4.86x ref's parameters (53,490,432 against 11,015,040) and GQA 3:1 as ref: 8 layers of width
+# 768 rather than 10-12 narrower ones (same FLOPs per token, fewer and larger kernels). RoPE
+# theta 500000 as Llama 3 at 8K: slow-turning dimensions for matching a key ~8K tokens back.
+LARGE_SHAPE = ModelShape(768, 8, 12, 4, 64, 2048, 4096, rope_theta=500000.0)
 TINY_SHAPE = ModelShape(64, 2, 4, 2, 16, 128, 512)
+SHAPES = {"ref": FULL_SHAPE, "ref-large": LARGE_SHAPE}
+# Needle evaluation lengths of each shape (those up to --seq-len are used).
+NEEDLE_LENGTHS = {"ref": (256, 512, 1024, 2048), "ref-large": (1024, 2048, 4096, 8192)}
 
 # Settings --tiny fills in when the flag is not given: seconds on a CPU, for tests.
 TINY_DEFAULTS: dict[str, Any] = dict(
@@ -77,6 +100,9 @@ TINY_DEFAULTS: dict[str, Any] = dict(
     eval_tokens=8192,
     warmup_steps=2,
     log_every=4,
+    lr=2e-3,
+    task_share=0.0,
+    long_needle_share=0.0,
 )
 FULL_DEFAULTS: dict[str, Any] = dict(
     steps=None,
@@ -89,7 +115,23 @@ FULL_DEFAULTS: dict[str, Any] = dict(
     eval_tokens=1_048_576,
     warmup_steps=200,
     log_every=50,
+    lr=2e-3,
+    task_share=0.0,
+    long_needle_share=0.0,
 )
+# ref-large: 8 x 8192 tokens per step (65,536, as ref's 32 x 2048), a lower peak learning rate
+# for the larger model, 10 % task rows and a quarter of the needle rows long.
+SHAPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ref": FULL_DEFAULTS,
+    "ref-large": {
+        **FULL_DEFAULTS,
+        "seq_len": 8192,
+        "batch_size": 8,
+        "lr": 1.5e-3,
+        "task_share": 0.1,
+        "long_needle_share": 0.25,
+    },
+}
 DEFAULT_TIME_BUDGET_S = 420.0
 EVAL_RESERVE_S = 60.0  # saving + evaluation after training, with room to spare (~15 s on a GPU)
 
@@ -98,6 +140,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="output model directory")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default=None,
+        help="model shape and its default recipe: ref (default, the shipped kvpatch-ref) or "
+        "ref-large (8192-token context, not shipped); --tiny has its own toy shape",
+    )
     p.add_argument(
         "--time-budget-s",
         type=float,
@@ -116,7 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3; "
+                   "ref-large 1.5e-3)")
     p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument(
         "--needle-share",
@@ -135,6 +185,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.2,
         help="fraction of training (of steps or of the time budget) with the boosted share",
+    )
+    p.add_argument(
+        "--task-share",
+        type=float,
+        default=None,
+        help="fraction of each batch made of packed RULER-style task rows (multikey, "
+        "multivalue, vartrack; default 0, ref-large 0.1)",
+    )
+    p.add_argument(
+        "--long-needle-share",
+        type=float,
+        default=None,
+        help="fraction of needle rows holding one example of at least half the row "
+        "(default 0, ref-large 0.25)",
     )
     p.add_argument(
         "--answer-loss-weight",
@@ -168,15 +232,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="toy model and settings (CPU tests)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for key, value in (TINY_DEFAULTS if args.tiny else FULL_DEFAULTS).items():
+    if args.tiny and args.shape not in (None, "ref"):
+        p.error("--tiny trains its own toy shape; leave --shape out")
+    args.shape = args.shape or "ref"
+    for key, value in (TINY_DEFAULTS if args.tiny else SHAPE_DEFAULTS[args.shape]).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    for name in ("needle_share", "task_share", "long_needle_share"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            p.error(f"--{name.replace('_', '-')} must be in [0, 1]")
     if args.time_budget_s is None and args.steps is None:
         args.time_budget_s = DEFAULT_TIME_BUDGET_S
     if args.wall_budget_s is None and not args.tiny:
         args.wall_budget_s = 540.0
     if args.needle_lengths is None:
-        args.needle_lengths = [n for n in NEEDLE_LENGTHS if n <= args.seq_len] or [args.seq_len]
+        grid = NEEDLE_LENGTHS[args.shape]
+        args.needle_lengths = [n for n in grid if n <= args.seq_len] or [args.seq_len]
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
@@ -255,10 +326,12 @@ def encode_stream(tokenizer: Any, texts: list[str], chunk: int = 256) -> np.ndar
 # ----------------------------------------------------------------------------- model
 
 
-def build_model(shape: ModelShape, tokenizer: Any, seq_len: int) -> Any:
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+def model_config(shape: ModelShape, tokenizer: Any, seq_len: int) -> Any:
+    """The LlamaConfig of `shape` trained at `seq_len` (its max_position_embeddings); only the
+    tokenizer's special token ids are read."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=shape.vocab,
         hidden_size=shape.hidden,
         intermediate_size=shape.intermediate,
@@ -267,7 +340,7 @@ def build_model(shape: ModelShape, tokenizer: Any, seq_len: int) -> Any:
         num_key_value_heads=shape.kv_heads,
         head_dim=shape.head_dim,
         max_position_embeddings=seq_len,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta},
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
@@ -275,7 +348,12 @@ def build_model(shape: ModelShape, tokenizer: Any, seq_len: int) -> Any:
         pad_token_id=tokenizer.pad_token_id,
         attn_implementation="sdpa",
     )
-    model = LlamaForCausalLM(config)
+
+
+def build_model(shape: ModelShape, tokenizer: Any, seq_len: int) -> Any:
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(model_config(shape, tokenizer, seq_len))
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -289,6 +367,20 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def shape_parameters(shape: ModelShape, seq_len: int) -> tuple[int, Any]:
+    """(parameter count, config) of `shape` without allocating or initialising weights (the
+    model is built on the meta device), so shapes can be compared without training them."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaForCausalLM
+
+    ids = SimpleNamespace(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # SPECIAL_TOKENS order
+    config = model_config(shape, ids, seq_len)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return n_params(model), config
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -300,12 +392,14 @@ def needle_rows(batch_size: int, share: float) -> int:
 
 
 class BatchMaker:
-    """Training batches: random windows of the corpus stream plus packed needle rows.
+    """Training batches: random windows of the corpus stream plus packed needle rows and packed
+    task rows (`--task-share`, a fixed number of rows per batch, each of a random task).
 
     For the first `needle_boost_frac` of training a larger share of rows are needle rows:
     retrieval is learned in an abrupt transition that needs many examples, and after it a
     smaller share keeps it (CPU trials: at a 20 % share alone a small model had not started
-    to retrieve after 1500 steps; with every row a needle row it did within 800).
+    to retrieve after 1500 steps; with every row a needle row it did within 800). Task rows
+    keep their share throughout; needle rows give way if both would not fit.
     """
 
     def __init__(
@@ -316,21 +410,35 @@ class BatchMaker:
         self.tokenizer = tokenizer
         self.row_len = args.seq_len + 1
         self.batch_size = args.batch_size
-        self.n_needle = needle_rows(args.batch_size, args.needle_share)
-        self.n_needle_boost = needle_rows(args.batch_size, args.needle_boost_share)
+        self.n_task = needle_rows(args.batch_size, args.task_share)
+        room = args.batch_size - self.n_task
+        self.n_needle = min(needle_rows(args.batch_size, args.needle_share), room)
+        self.n_needle_boost = min(needle_rows(args.batch_size, args.needle_boost_share), room)
         self.boost_until = args.needle_boost_frac
+        self.long_needle_share = args.long_needle_share
         self.device = device
         self.gen = torch.Generator().manual_seed(args.seed)
         self.rng = random.Random(f"train-needles:{args.seed}")
+        # Own generators, so that rows of a run without tasks or long needles are unchanged.
+        self.task_rng = random.Random(f"train-tasks:{args.seed}")
+        self.long_rng = random.Random(f"train-long-needles:{args.seed}")
         self.offsets = torch.arange(self.row_len, device=device)
+        self.rows_seen = {"corpus": 0, "needle": 0, "long_needle": 0, "task": 0}
+        self.task_rows_seen = dict.fromkeys(tasks_lib.TASKS, 0)
         if len(stream) <= self.row_len:
             raise ValueError(f"corpus has {len(stream)} tokens, fewer than one row")
+        if self.n_task:
+            for task in tasks_lib.TASKS:  # a row too short for one example would be all filler
+                least = sum(tasks_lib.task_overhead(task, tokenizer)) + 8
+                if least > self.row_len:
+                    raise ValueError(f"--seq-len {args.seq_len} is too short for a {task} row "
+                                     f"(needs {least} tokens)")
 
     def __call__(self, progress: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(inputs, targets, answer_mask) at `progress` (0..1) of training; the mask marks
         targets that are needle answers."""
         n_needle = self.n_needle_boost if progress < self.boost_until else self.n_needle
-        n_corpus = self.batch_size - n_needle
+        n_corpus = self.batch_size - n_needle - self.n_task
         rows, masks = [], []
         if n_corpus:
             starts = torch.randint(
@@ -338,17 +446,36 @@ class BatchMaker:
             ).to(self.device)
             rows.append(self.stream[starts[:, None] + self.offsets])
             masks.append(torch.zeros(n_corpus, self.row_len, dtype=torch.bool, device=self.device))
-        if n_needle:
-            made = [
-                needle.make_training_row(self.tokenizer, self.stream_cpu, self.row_len, self.rng)
-                for _ in range(n_needle)
-            ]
+        made = [self._needle_row() for _ in range(n_needle)]
+        made += [self._task_row() for _ in range(self.n_task)]
+        if made:
             rows.append(
                 self._to_device(torch.tensor([r.input_ids for r in made], dtype=torch.int32))
             )
             masks.append(self._to_device(torch.tensor([r.answer_mask for r in made])))
+        self.rows_seen["corpus"] += n_corpus
         batch, mask = torch.cat(rows).long(), torch.cat(masks)
         return batch[:, :-1], batch[:, 1:], mask[:, 1:]
+
+    def _needle_row(self) -> needle.TrainingRow:
+        """A packed needle row; with `long_needle_share`, sometimes one example of at least half
+        the row (its question that far from the needle), the rest plain filler."""
+        self.rows_seen["needle"] += 1
+        long = self.long_needle_share > 0 and self.long_rng.random() < self.long_needle_share
+        self.rows_seen["long_needle"] += long
+        least = self.row_len // 2 if long else None
+        return needle.make_training_row(
+            self.tokenizer, self.stream_cpu, self.row_len, self.rng, min_context=least
+        )
+
+    def _task_row(self) -> needle.TrainingRow:
+        """A packed row of one task of kvpatch.data.tasks, drawn at random."""
+        task = self.task_rng.choice(tasks_lib.TASKS)
+        self.rows_seen["task"] += 1
+        self.task_rows_seen[task] += 1
+        return tasks_lib.make_task_training_row(
+            task, self.tokenizer, self.stream_cpu, self.row_len, self.task_rng
+        )
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -618,7 +745,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     t = time.perf_counter()
-    shape = TINY_SHAPE if args.tiny else FULL_SHAPE
+    shape = TINY_SHAPE if args.tiny else SHAPES[args.shape]
     tok_texts = spread_sample(corpus.train, args.tokenizer_max_bytes)
     tokenizer = train_tokenizer(tok_texts, shape.vocab, args.seq_len)
     phases["tokenizer_s"] = time.perf_counter() - t
@@ -633,11 +760,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model = build_model(shape, tokenizer, args.seq_len).to(device)
     params = n_params(model)
-    log(f"model: {params:,} parameters on {device}")
+    log(f"model: {args.shape if not args.tiny else 'tiny'} shape, {params:,} parameters, "
+        f"{args.seq_len}-token rows on {device}")
     batches = BatchMaker(train_stream, tokenizer, args, device)
     args.time_budget_s = training_budget(args, t_start)
     stats = train(model, batches, args, device)
     phases["train_s"] = stats["train_wall_s"]
+    rows_seen, task_rows_seen = dict(batches.rows_seen), dict(batches.task_rows_seen)
 
     t = time.perf_counter()
     model_bytes = save(model.cpu(), tokenizer, args.out, heldout)
@@ -651,12 +780,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "parameters": params,
         "model_file_bytes": model_bytes,
         "model_file_mb": round(model_bytes / 2**20, 2),
+        "shape": "tiny" if args.tiny else args.shape,
         "model_shape": asdict(shape),
+        "max_position_embeddings": args.seq_len,
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
         "needle_share": args.needle_share,
         "needle_boost_share": args.needle_boost_share,
         "needle_boost_frac": args.needle_boost_frac,
+        "long_needle_share": args.long_needle_share,
+        "task_share": args.task_share,
+        "rows_seen": rows_seen,
+        "task_rows_seen": task_rows_seen,
         "answer_loss_weight": args.answer_loss_weight,
         "peak_lr": args.lr,
         "time_budget_s": args.time_budget_s,
