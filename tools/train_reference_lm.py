@@ -15,13 +15,13 @@ or `ref-large` (53.5 M parameters, 8192-token rows, not shipped: its bf16 weight
 package limit; tools/gpu/train_large_ref.sh trains it). ref-large trains at 8192 tokens from the
 first step, with no length curriculum: every packed needle or task row already holds examples
 from a few dozen tokens up to the whole row (log-uniform), which is what teaches retrieval
-early, and with flash attention an 8K row costs this model about twice a 2K row per token,
-not four times. What ref-large adds: a share of rows of the RULER-style tasks
-(`--task-share`, kvpatch/data/tasks.py: several keys, several values, variable chains), whose
-answers get the same extra loss as the needle's, and a share of needle rows holding one long
-example of half to all of the row (`--long-needle-share`), because log-uniform lengths alone
-put few needles 4-8K tokens before their question and the target is accuracy at full context.
-Both are 0 for `ref`, whose recipe is unchanged.
+early, and with flash attention an 8K row costs this model ~1.6x the FLOPs per token of a 2K
+row (attention is about half of them at 8K), not 4x. What ref-large adds: a share of rows of
+the RULER-style tasks (`--task-share`, kvpatch/data/tasks.py: several keys, several values,
+variable chains), whose answers get the same extra loss as the needle's, and a share of needle
+rows holding one long example of half to all of the row (`--long-needle-share`), because
+log-uniform lengths alone put few needles 4-8K tokens before their question and the target is
+accuracy at full context. Both are 0 for `ref`, whose recipe is unchanged.
 
     python tools/train_reference_lm.py --out kvpatch/models/kvpatch-ref --device cuda \\
         --include-site-packages --time-budget-s 420
@@ -436,7 +436,7 @@ class BatchMaker:
 
     def __call__(self, progress: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(inputs, targets, answer_mask) at `progress` (0..1) of training; the mask marks
-        targets that are needle answers."""
+        targets that are needle or task answers. Rows: corpus, then needle, then task rows."""
         n_needle = self.n_needle_boost if progress < self.boost_until else self.n_needle
         n_corpus = self.batch_size - n_needle - self.n_task
         rows, masks = [], []
@@ -632,6 +632,18 @@ def _sync_time(device: torch.device) -> float:
 
 # ----------------------------------------------------------------------------- eval & save
 
+EVAL_ATTENTION_BYTES = 16 * 2**30
+
+
+def eval_rows(config: Any, length: int, most: int) -> int:
+    """Rows of `length` tokens per forward in the float32 evaluation, at most `most`. Float32
+    attention with grouped KV heads may find no fused CUDA kernel (flash and cuDNN take 16-bit
+    inputs only) and fall back to SDPA's math path, which holds about three rows x heads x
+    length^2 float32 tensors: ~10 GB a row at 8192 tokens and 12 heads, so 20 rows would not fit
+    an H200; ref's 2048-token rows keep their batches (under the cap)."""
+    per_row = 3 * config.num_attention_heads * length * length * 4
+    return max(1, min(most, EVAL_ATTENTION_BYTES // per_row))
+
 
 def evaluate(
     out: Path, val_stream: np.ndarray, args: argparse.Namespace, device: torch.device
@@ -647,7 +659,11 @@ def evaluate(
         "eval_dtype": "float32",
         "val_perplexity": round(
             reference.perplexity(
-                model, val_stream, seq_len=args.seq_len, max_tokens=args.eval_tokens
+                model,
+                val_stream,
+                seq_len=args.seq_len,
+                batch_size=eval_rows(model.config, args.seq_len, 8),
+                max_tokens=args.eval_tokens,
             ),
             3,
         ),
@@ -659,16 +675,18 @@ def evaluate(
         "heldout_perplexity_seq_len": ppl_len,
         "heldout_tokens": len(heldout_ids),
     }
-    grid = needle.needle_grid(
-        model,
-        tokenizer,
-        heldout_ids,
-        args.needle_lengths,
-        args.needle_depths,
-        args.needle_per_cell,
-        seed=args.seed,
-        batch_size=max(1, min(args.needle_per_cell, 32)),
-    )
+    grid: dict[str, dict[str, float]] = {}
+    for length in args.needle_lengths:  # one length at a time: its own batch size
+        grid |= needle.needle_grid(
+            model,
+            tokenizer,
+            heldout_ids,
+            [length],
+            args.needle_depths,
+            args.needle_per_cell,
+            seed=args.seed,
+            batch_size=eval_rows(model.config, length, max(1, min(args.needle_per_cell, 32))),
+        )
     cells = [acc for row in grid.values() for acc in row.values()]
     results["needle_accuracy"] = grid
     results["needle_accuracy_mean"] = round(sum(cells) / len(cells), 4)
