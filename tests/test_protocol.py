@@ -200,3 +200,26 @@ def test_the_report_puts_each_config_beside_the_full_cache(tmp_path) -> None:
     assert markdown[2] == "| kivi4 | 0.250 | 1.500 | 0.80 / 0.40 (0.50) | 0.00 / 0.00 (n/a) |", markdown
     plot_protocol(results, tmp_path / "protocol.png")
     assert (tmp_path / "protocol.png").stat().st_size > 10_000
+
+
+def test_long_context_ablation_variants_are_valid_and_change_one_thing() -> None:
+    """tools/ablate_long_context.py: every variant is a config kvpatch accepts, and differs from
+    configs/long_context.yaml in its name, description and the one stage it edits."""
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    import kvpatch
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("ablate_long_context", root / "tools/ablate_long_context.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base = yaml.safe_load((root / "configs/long_context.yaml").read_text())
+    variants = module.variant_configs(base, list(module.VARIANTS))
+    assert variants["lc_base"]["stages"] == base["stages"]
+    for name, config in variants.items():
+        assert kvpatch.load_config(config).name == name
+        changed = [a["kind"] for a, b in zip(config["stages"], base["stages"]) if a != b]
+        assert len(changed) == (0 if name == "lc_base" else 1), (name, changed)
