@@ -1,5 +1,6 @@
-"""tools/train_reference_lm.py's shapes and row mixing on CPU: the `ref-large` shape (built on
-the meta device, never trained here) and task / long-needle rows in a tiny run's batches."""
+"""tools/train_reference_lm.py's shapes, row mixing and resuming on CPU: the `ref-large` shape
+(built on the meta device, never trained here), task / long-needle rows in a tiny run's batches,
+and a tiny run split into a call and a resumed call, against the same run in one call."""
 
 from __future__ import annotations
 
@@ -130,3 +131,105 @@ def test_long_needle_rows_hold_one_example_of_half_the_row(tiny_task_run):
 def test_rows_too_short_for_a_task_are_refused(tiny_task_run):
     with pytest.raises(ValueError, match="too short"):
         _batches(tiny_task_run[0], ["--seq-len", "128"])
+
+
+# ----------------------------------------------------------------------------- resume
+
+RESUME_ARGS = ["--tiny", "--device", "cpu", "--needle-lengths", "64", "--needle-per-cell", "1",
+               "--eval-tokens", "2048"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(tmp_path_factory) -> dict:
+    """A 4-step call of an 8-step run, the call resuming it for 4 more, and one 8-step run,
+    with the (step, learning rate) of every step of each recorded."""
+    trainer = _trainer()
+    root = tmp_path_factory.mktemp("resume")
+    lrs: dict[str, list[tuple[int, float]]] = {"first": [], "resumed": [], "whole": []}
+    real_lr_at = trainer.lr_at
+
+    def recording(into: list) -> object:
+        def lr_at(step, progress, peak, warmup, *rest):
+            lr = real_lr_at(step, progress, peak, warmup, *rest)
+            into.append((step, lr))
+            return lr
+
+        return lr_at
+
+    runs: dict = {"dir": root / "split", "lrs": lrs}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "lr_at", recording(lrs["first"]))
+        runs["first"] = trainer.main([*RESUME_ARGS, "--out", str(runs["dir"]), "--steps", "4",
+                                      "--total-steps", "8", "--skip-eval"])
+        runs["tokenizer"] = {n: (runs["dir"] / n).read_bytes() for n in TOKENIZER_FILES}
+        mp.setattr(trainer, "lr_at", recording(lrs["resumed"]))
+        runs["resumed"] = trainer.main([*RESUME_ARGS, "--resume", str(runs["dir"]), "--steps", "4"])
+        mp.setattr(trainer, "lr_at", recording(lrs["whole"]))
+        runs["whole"] = trainer.main([*RESUME_ARGS, "--out", str(root / "whole"), "--steps", "8",
+                                      "--skip-eval"])
+    return runs
+
+
+def test_resumed_call_continues_the_run(resumed_runs):
+    first, resumed = resumed_runs["first"], resumed_runs["resumed"]
+    assert first["steps"] == 4 and not first["evaluated"] and "val_perplexity" not in first
+    assert resumed["steps"] == 8 and resumed["call_steps"] == 4
+    assert resumed["tokens_seen"] == 2 * first["tokens_seen"]
+    assert [c["start_step"] for c in resumed["calls"]] == [0, 4]
+    assert [c["steps"] for c in resumed["calls"]] == [4, 4]
+    assert resumed["evaluated"] and resumed["val_perplexity"] > 0  # the last call evaluates
+    assert resumed["total_steps"] == 8  # the run's plan, kept from the first call
+    for name, content in resumed_runs["tokenizer"].items():  # loaded, not retrained
+        assert (resumed_runs["dir"] / name).read_bytes() == content, name
+
+
+def test_resumed_schedule_is_the_single_runs(resumed_runs):
+    lrs = resumed_runs["lrs"]
+    assert [s for s, _ in lrs["resumed"]] == [4, 5, 6, 7]  # the run's steps: no new warmup
+    assert lrs["resumed"][0][1] < lrs["first"][-1][1]  # the cosine goes on decaying
+    split = lrs["first"] + lrs["resumed"]
+    assert [s for s, _ in split] == [s for s, _ in lrs["whole"]] == list(range(8))
+    assert [lr for _, lr in split] == pytest.approx([lr for _, lr in lrs["whole"]], rel=1e-12)
+
+
+def test_resumed_training_equals_the_single_run(resumed_runs):
+    """Weights, optimizer moments and data stream all carry over: 4 + 4 steps train exactly
+    what 8 steps do (float32 master weights, not the bf16 ones of model.safetensors)."""
+    from safetensors.torch import load_file
+
+    resumed, whole = resumed_runs["resumed"], resumed_runs["whole"]
+    assert resumed["rows_seen"] == whole["rows_seen"]
+    assert resumed["final_train_loss"] == whole["final_train_loss"]
+    a = load_file(resumed_runs["dir"] / "model.safetensors")
+    b = load_file(resumed_runs["dir"].parent / "whole" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (resumed_runs["dir"].parent / "whole" / "trainer_state.json").exists()  # no plan
+
+
+def test_resume_without_trainer_state_names_the_file(resumed_runs, tmp_path, capsys):
+    for name in ("config.json", "model.safetensors", *TOKENIZER_FILES):  # a model, no state
+        (tmp_path / name).write_bytes((resumed_runs["dir"] / name).read_bytes())
+    with pytest.raises(SystemExit):
+        _trainer().parse_args([*RESUME_ARGS, "--resume", str(tmp_path)])
+    assert str(tmp_path / "trainer_state.json") in capsys.readouterr().err
+
+
+def test_resume_refuses_another_recipe(resumed_runs, capsys):
+    with pytest.raises(SystemExit):
+        _trainer().parse_args([*RESUME_ARGS, "--resume", str(resumed_runs["dir"]),
+                               "--seq-len", "256"])
+    assert "seq_len 256 (run: 128)" in capsys.readouterr().err
+
+
+def test_time_schedule_spans_the_calls():
+    schedule = _trainer().Schedule
+    single = schedule(None, 100.0)
+    assert single.progress(0, 0.0, 0.0) == 0.0
+    assert single.progress(10, 50.0, 10.0) == pytest.approx(40 / 90)  # first step not counted
+    # the next call starts where the first (10 s first step, 50 s in all) stopped...
+    resumed = schedule(None, 100.0, done_steps=10, done_train_s=50.0, done_first_steps_s=10.0)
+    assert resumed.progress(0, 0.0, 0.0) == pytest.approx(40 / 90)
+    # ...and discounts its own first step too: 40 + 20 s of 100 - 10 - 10
+    assert resumed.progress(5, 30.0, 10.0) == pytest.approx(60 / 80)
+    assert schedule(8, None, done_steps=4).progress(2, 0.0, 0.0) == 6 / 8

@@ -10,6 +10,23 @@ The whole run (corpus, tokenizer, training, evaluation, saving) fits one 10-minu
 training stops at --time-budget-s. The output directory is a regular transformers model
 directory plus `training_report.json` and `heldout.txt` (the text perplexity is measured on).
 
+A longer run is split into calls that each fit one command: `--resume DIR` continues the run
+whose last call wrote DIR. Each call of such a run (given `--total-time-budget-s`,
+`--total-steps`, `--resume` or `--save-state`; a plain run writes only the model, so that
+kvpatch/models/ gets no 0.1 GB of optimizer state) also writes `trainer_state.safetensors`
+(float32 master weights, since model.safetensors holds bf16 ones; AdamW moments and step
+counts; the corpus-window generator) and `trainer_state.json` (step, tokens, training seconds,
+the schedule's totals, the recipe, the data generators' states, one entry per call). Both are
+ours and hold no pickle: safetensors and JSON, so resuming never unpickles anything. A resumed
+call loads the tokenizer from DIR (the vocabulary stays identical; it is not retrained), checks
+that its recipe flags match the run's, and goes on with the same random data stream, so N
+steps then N resumed steps train as one 2N-step run would. `--total-time-budget-s` (or
+`--total-steps`) is the plan over all calls: the cosine schedule and the needle boost are laid
+over it, while each call trains for its own `--time-budget-s` (or `--steps`); training past the
+total stays at the floor learning rate. `--skip-eval` skips the evaluation of intermediate
+calls. The report's steps, tokens_seen and train_wall_s are totals over the calls; `calls`
+lists each call (its steps, wall times, first and last learning rate, schedule progress).
+
 `--shape` picks the model: `ref` (the shipped kvpatch-ref, 11.0 M parameters, 2048-token rows)
 or `ref-large` (53.5 M parameters, 8192-token rows, not shipped: its bf16 weights are over the
 package limit; tools/gpu/train_large_ref.sh trains it). ref-large trains at 8192 tokens from the
@@ -28,6 +45,8 @@ accuracy at full context. Both are 0 for `ref`, whose recipe is unchanged.
     python tools/train_reference_lm.py --shape ref-large --out .large-ref/kvpatch-ref-large \\
         --device cuda --include-site-packages --time-budget-s 380 --wall-budget-s 500
     python tools/train_reference_lm.py --tiny --out /tmp/ref_tiny --device cpu   # seconds
+    python tools/train_reference_lm.py --tiny --out /tmp/ref_tiny2 --device cpu --total-steps 24
+    python tools/train_reference_lm.py --tiny --device cpu --resume /tmp/ref_tiny2  # steps 13-24
 """
 
 from __future__ import annotations
@@ -39,6 +58,7 @@ import os
 import platform
 import random
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -133,12 +153,53 @@ SHAPE_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 DEFAULT_TIME_BUDGET_S = 420.0
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+STATE_FORMAT = 1
+# Flags a resumed call must share with the run: they shape the model, the data or the schedule.
+RECIPE_KEYS = (
+    "tiny", "shape", "seq_len", "batch_size", "lr", "warmup_steps", "seed", "needle_share",
+    "needle_boost_share", "needle_boost_frac", "task_share", "long_needle_share",
+    "answer_loss_weight", "include_site_packages", "corpus_max_bytes",
+)
 EVAL_RESERVE_S = 60.0  # saving + evaluation after training, with room to spare (~15 s on a GPU)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, type=Path, help="output model directory")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output model directory (default with --resume: the resumed one)")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"continue the run whose last call wrote DIR (its {STATE_JSON} and "
+        f"{STATE_TENSORS}); pass the same recipe flags",
+    )
+    p.add_argument(
+        "--total-time-budget-s",
+        type=float,
+        default=None,
+        help="planned training seconds of all calls together: the schedules span them "
+        "(default: this call's budget; on --resume, the run's)",
+    )
+    p.add_argument(
+        "--total-steps",
+        type=int,
+        default=None,
+        help="planned steps of all calls together, as --total-time-budget-s",
+    )
+    p.add_argument(
+        "--save-state",
+        action="store_true",
+        help="write the trainer state for a later --resume (implied by --resume and --total-*)",
+    )
+    p.add_argument(
+        "--skip-eval",
+        action="store_true",
+        help="save but do not evaluate (intermediate calls of a resumed run)",
+    )
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument(
         "--shape",
@@ -232,6 +293,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="toy model and settings (CPU tests)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.out is None:
+        if args.resume is None:
+            p.error("--out is required (or --resume DIR)")
+        args.out = args.resume
+    for name in ("total_time_budget_s", "total_steps"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+        args.save_state |= getattr(args, name) is not None
+    args.save_state |= args.resume is not None
     if args.tiny and args.shape not in (None, "ref"):
         p.error("--tiny trains its own toy shape; leave --shape out")
     args.shape = args.shape or "ref"
@@ -250,7 +320,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.needle_lengths = [n for n in grid if n <= args.seq_len] or [args.seq_len]
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.resume is not None and (problem := resume_problem(args)):
+        p.error(f"--resume {args.resume}: {problem}")
     return args
+
+
+def recipe(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: getattr(args, key) for key in RECIPE_KEYS}
+
+
+def resume_problem(args: argparse.Namespace) -> str | None:
+    """Why `args.resume` cannot be continued with these flags, or None."""
+    for name in (STATE_JSON, STATE_TENSORS, "tokenizer.json"):
+        if not (args.resume / name).is_file():
+            return (f"{args.resume / name} not found: --resume takes a directory written by "
+                    "this script with --total-time-budget-s, --total-steps or --save-state")
+    state = json.loads((args.resume / STATE_JSON).read_text(encoding="utf-8"))
+    if state.get("format") != STATE_FORMAT:
+        return f"{args.resume / STATE_JSON} has format {state.get('format')}, not {STATE_FORMAT}"
+    ours = recipe(args)
+    diff = [f"{k} {ours[k]!r} (run: {state['recipe'].get(k)!r})"
+            for k in RECIPE_KEYS if state["recipe"].get(k) != ours[k]]
+    return "flags differ from the run's: " + ", ".join(diff) if diff else None
 
 
 def log(msg: str) -> None:
@@ -482,6 +573,20 @@ class BatchMaker:
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
 
+    def state(self) -> tuple[dict[str, Any], torch.Tensor]:
+        """(JSON part, corpus generator state): where the data stream stands, for a resume."""
+        rngs = {name: getattr(self, name).getstate() for name in ("rng", "task_rng", "long_rng")}
+        meta = {"rngs": rngs, "rows_seen": self.rows_seen, "task_rows_seen": self.task_rows_seen}
+        return json.loads(json.dumps(meta)), self.gen.get_state()
+
+    def restore(self, meta: dict[str, Any], gen_state: torch.Tensor) -> None:
+        """Continue the data stream where `state()` left it."""
+        self.gen.set_state(gen_state)
+        for name, (version, internal, gauss) in meta["rngs"].items():
+            getattr(self, name).setstate((version, tuple(internal), gauss))
+        self.rows_seen = dict(meta["rows_seen"])
+        self.task_rows_seen = dict(meta["task_rows_seen"])
+
 
 def lr_at(step: int, progress: float, peak: float, warmup: int, floor: float = 0.1) -> float:
     """Linear warmup, then cosine to `floor * peak` over `progress` (0..1 of steps or time)."""
@@ -523,29 +628,42 @@ def make_optimizer(
 
 
 def train(
-    model: Any, batches: BatchMaker, args: argparse.Namespace, device: torch.device
-) -> dict[str, Any]:
-    """The training loop; returns its statistics for the report."""
+    model: Any,
+    batches: BatchMaker,
+    args: argparse.Namespace,
+    device: torch.device,
+    schedule: Schedule,
+    opt_state: dict[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, Any], torch.optim.Optimizer]:
+    """The training loop of this call (`args.steps` steps or `args.time_budget_s` seconds) at
+    `schedule`'s place in the run, from the optimizer state `opt_state` if given (a resume);
+    returns its statistics for the report and the optimizer."""
     from tqdm import tqdm
 
     compile_model = device.type == "cuda" and not args.no_compile
     loss_fn = make_loss_fn(model, device, compile_model, args.answer_loss_weight)
     opt = make_optimizer(model, args.lr, device)
+    if opt_state is not None:
+        restore_optimizer(opt, model, opt_state)
     tokens_per_step = args.batch_size * args.seq_len
     budget, max_steps = args.time_budget_s, args.steps
     model.train()
     step, running, n_running = 0, torch.zeros(2, device=device), 0
     last_loss, last_answer = float("nan"), float("nan")
-    first_step_s = 0.0
+    first_step_s, progress = 0.0, schedule.progress(0, 0.0, 0.0)
+    lr_first = lr_last = float("nan")
     t0 = time.perf_counter()
     bar = tqdm(total=max_steps, unit="step", mininterval=10.0, file=sys.stdout, disable=None)
     while True:
         elapsed = time.perf_counter() - t0
         if (max_steps is not None and step >= max_steps) or (budget and elapsed >= budget):
             break
-        progress = training_progress(step, elapsed, first_step_s, max_steps, budget)
+        progress = schedule.progress(step, elapsed, first_step_s)
+        lr = lr_at(schedule.done_steps + step, progress, args.lr, args.warmup_steps)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, progress, args.lr, args.warmup_steps)
+            group["lr"] = lr
+        lr_first = lr if step == 0 else lr_first
+        lr_last = lr
         x, y, answer_mask = batches(progress)
         try:
             objective, loss = forward_backward(loss_fn, x, y, answer_mask)
@@ -567,7 +685,7 @@ def train(
         if step == 1:
             first_step_s = _sync_time(device) - t0
             t_steady = time.perf_counter()
-        if step % args.log_every == 0:
+        if (schedule.done_steps + step) % args.log_every == 0:  # the run's steps, not the call's
             last_loss, last_answer = (running / n_running).tolist()
             running.zero_()
             n_running = 0
@@ -575,7 +693,7 @@ def train(
             rate = (step - 1) * tokens_per_step / max(time.perf_counter() - t_steady, 1e-9)
             bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
             log(
-                f"step {step} loss {last_loss:.4f} answer {last_answer:.3f} "
+                f"step {schedule.done_steps + step} loss {last_loss:.4f} answer {last_answer:.3f} "
                 f"lr {opt.param_groups[0]['lr']:.2e} {rate:,.0f} tok/s {done:.0f}s"
             )
     if n_running:
@@ -583,7 +701,7 @@ def train(
     wall = _sync_time(device) - t0
     bar.close()
     steady_s = wall - first_step_s
-    return {
+    stats = {
         "steps": step,
         "tokens_seen": step * tokens_per_step,
         "tokens_per_step": tokens_per_step,
@@ -594,7 +712,11 @@ def train(
         "final_train_loss": _rounded(last_loss),
         "final_answer_loss_weighted": _rounded(last_answer),
         "compiled": compile_model,
+        "lr_first": lr_first if step else None,
+        "lr_last": lr_last if step else None,
+        "progress_end": round(schedule.progress(step, wall, first_step_s), 4),
     }
+    return stats, opt
 
 
 def forward_backward(
@@ -607,17 +729,33 @@ def forward_backward(
     return objective.detach(), lm_loss.detach()
 
 
-def training_progress(
-    step: int, elapsed: float, first_step_s: float, max_steps: int | None, budget: float | None
-) -> float:
-    """How far training is (0..1), by steps or by time, whichever is further. Time does not
-    count the first step: on CUDA it compiles the model, and the schedules (learning rate,
-    needle boost) should follow the steps actually trained."""
-    by_steps = step / max_steps if max_steps else 0.0
-    by_time = (
-        (elapsed - first_step_s) / max(budget - first_step_s, 1e-9) if budget and step else 0.0
-    )
-    return max(by_steps, by_time)
+@dataclass(frozen=True)
+class Schedule:
+    """The planned whole run, over which the learning rate and the needle boost are laid
+    (`total_steps` and/or `total_time_s`), and what earlier calls of it trained: `done_steps`
+    steps in `done_train_s` seconds, `done_first_steps_s` of them in first steps."""
+
+    total_steps: int | None
+    total_time_s: float | None
+    done_steps: int = 0
+    done_train_s: float = 0.0
+    done_first_steps_s: float = 0.0
+
+    def progress(self, step: int, elapsed: float, first_step_s: float) -> float:
+        """How far the whole run is (0..1, more past the plan) after `step` steps of this call
+        in `elapsed` seconds, by steps or by time, whichever is further. Time does not count
+        first steps: on CUDA they compile the model, and the schedules should follow the steps
+        actually trained (later calls' first steps are not known yet and are not discounted,
+        so a resumed call's progress jumps by about first_step_s / total_time_s)."""
+        by_steps = (self.done_steps + step) / self.total_steps if self.total_steps else 0.0
+        by_time = 0.0
+        if self.total_time_s:
+            steady = self.done_train_s - self.done_first_steps_s
+            if step:
+                steady += elapsed - first_step_s
+            room = self.total_time_s - self.done_first_steps_s - first_step_s
+            by_time = steady / max(room, 1e-9)
+        return max(by_steps, by_time)
 
 
 def _rounded(value: float, digits: int = 4) -> float | None:
@@ -628,6 +766,126 @@ def _sync_time(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def optimizer_param_names(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the order of the optimizer's state indices (tied weights once)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in opt.param_groups for p in group["params"]]
+
+
+def restore_optimizer(
+    opt: torch.optim.Optimizer, model: torch.nn.Module, tensors: dict[str, torch.Tensor]
+) -> None:
+    """Load the AdamW moments and step counts saved by `save_trainer_state` into a freshly
+    made optimizer (its hyperparameters stay this call's; the run's recipe check keeps them
+    equal); load_state_dict moves them to the parameters' device."""
+    state_dict = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for index, name in enumerate(optimizer_param_names(model, opt)):
+        prefix = f"optim/{name}/"
+        state[index] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not {"step", "exp_avg", "exp_avg_sq"} <= set(state[index]):
+            raise ValueError(f"{STATE_TENSORS} lacks the optimizer state of {name}")
+    state_dict["state"] = state
+    opt.load_state_dict(state_dict)
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    """`write(tmp)` then rename, so that a call killed mid-write leaves the old file whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_trainer_state(
+    out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, batches: BatchMaker,
+    run: dict[str, Any],
+) -> dict[str, Any]:
+    """Write what a resume needs (module docstring) before the model is cast to bf16, and
+    return the JSON part. The tensors file records the run's step count, which
+    `load_trainer_state` checks against the JSON (a call killed between the two writes)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model/{n}": p.detach().float().cpu().contiguous()
+               for n, p in model.named_parameters()}
+    names = optimizer_param_names(model, opt)
+    for index, entry in opt.state_dict()["state"].items():
+        for key, value in entry.items():
+            tensors[f"optim/{names[index]}/{key}"] = value.detach().cpu().contiguous()
+    batches_meta, tensors["rng/corpus_windows"] = batches.state()
+    steps = str(run["steps"])
+    _write_atomic(out / STATE_TENSORS,
+                  lambda tmp: save_file(tensors, str(tmp), metadata={"steps": steps}))
+    state = {**run, "batches": batches_meta}
+    write_state_json(out, state)
+    return state
+
+
+def write_state_json(out: Path, state: dict[str, Any]) -> None:
+    text = json.dumps({"format": STATE_FORMAT, **state}, indent=1) + "\n"
+    _write_atomic(out / STATE_JSON, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def load_trainer_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON state, tensors) of a run's last call. Our own files, read without unpickling:
+    JSON and safetensors."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state = json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
+    with safe_open(str(directory / STATE_TENSORS), "pt") as f:
+        steps = (f.metadata() or {}).get("steps")
+    if steps != str(state["steps"]):
+        raise ValueError(f"{directory / STATE_TENSORS} is of step {steps} but {STATE_JSON} of "
+                         f"step {state['steps']}: the call that wrote them was interrupted")
+    return state, load_file(str(directory / STATE_TENSORS))
+
+
+def restore_model(
+    model: torch.nn.Module, tensors: dict[str, torch.Tensor], directory: Path
+) -> None:
+    """Copy the float32 master weights into `model`, after checking that they are the ones
+    model.safetensors holds in bf16 (a state left by another call would not be)."""
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        saved = tensors.get(f"model/{name}")
+        if saved is None or saved.shape != param.shape:
+            raise ValueError(f"{directory / STATE_TENSORS}: no weights of shape "
+                             f"{tuple(param.shape)} for {name}")
+        with torch.no_grad():
+            param.copy_(saved)
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        log(f"no {weights} to check the trainer state against (sharded?): not checked")
+        return
+    with safe_open(str(weights), "pt") as f:
+        shared = set(f.keys()) & set(params)  # the tied lm_head is saved once, or not
+        if not shared:
+            raise ValueError(f"{weights} holds none of the model's parameter names")
+        for name in shared:
+            if not torch.equal(f.get_tensor(name), params[name].detach().to(torch.bfloat16)):
+                raise ValueError(f"{directory / STATE_TENSORS} does not match {weights} "
+                                 f"({name}): the call that wrote them was interrupted")
+
+
+def tokenizer_files(directory: Path) -> list[Path]:
+    """The files `save_pretrained` wrote for a tokenizer in `directory`."""
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    return [directory / name for name in names if (directory / name).is_file()]
+
+
+def load_tokenizer(directory: Path) -> Any:
+    """The run's tokenizer as the first call saved it (retraining could change the vocabulary)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(directory, local_files_only=True)
 
 
 # ----------------------------------------------------------------------------- eval & save
@@ -701,11 +959,19 @@ def evaluate(
     return results
 
 
-def save(model: Any, tokenizer: Any, out: Path, heldout: str) -> int:
-    """Write the model in bf16 (the ship size limit) and return the weights file size."""
+def save(
+    model: Any, tokenizer: Any, out: Path, heldout: str, tokenizer_dir: Path | None = None
+) -> int:
+    """Write the model in bf16 (the ship size limit) and return the weights file size. A
+    resumed run keeps the tokenizer files of `tokenizer_dir` byte for byte (saving a loaded
+    tokenizer would add loading options to tokenizer_config.json)."""
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if tokenizer_dir is None:
+        tokenizer.save_pretrained(out)
+    elif tokenizer_dir.resolve() != out.resolve():
+        for path in tokenizer_files(tokenizer_dir):
+            shutil.copyfile(path, out / path.name)
     (out / reference.HELDOUT_FILE).write_text(heldout, encoding="utf-8")
     return (out / "model.safetensors").stat().st_size
 
@@ -764,36 +1030,96 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t = time.perf_counter()
     shape = TINY_SHAPE if args.tiny else SHAPES[args.shape]
-    tok_texts = spread_sample(corpus.train, args.tokenizer_max_bytes)
-    tokenizer = train_tokenizer(tok_texts, shape.vocab, args.seq_len)
-    phases["tokenizer_s"] = time.perf_counter() - t
+    state, state_tensors = load_trainer_state(args.resume) if args.resume else ({}, {})
+    if args.resume:
+        tokenizer = load_tokenizer(args.resume)
+        phases["load_s"] = time.perf_counter() - t
+    else:
+        tok_texts = spread_sample(corpus.train, args.tokenizer_max_bytes)
+        tokenizer = train_tokenizer(tok_texts, shape.vocab, args.seq_len)
+        phases["tokenizer_s"] = time.perf_counter() - t
     t = time.perf_counter()
     train_stream = encode_stream(tokenizer, corpus.train)
     val_stream = encode_stream(tokenizer, corpus.validation)
     phases["encode_s"] = time.perf_counter() - t
+    setup = (f"{phases['load_s']:.1f}s loading the run's state" if args.resume
+             else f"{phases['tokenizer_s']:.1f}s tokenizer")
     log(
         f"tokens: {len(train_stream):,} train, {len(val_stream):,} validation "
-        f"({phases['tokenizer_s']:.1f}s tokenizer, {phases['encode_s']:.1f}s encode)"
+        f"({setup}, {phases['encode_s']:.1f}s encode)"
     )
+    corpus_id = {"fingerprint": corpus.fingerprint(), "train_tokens": len(train_stream)}
+    corpus_matches = not state or state["corpus"] == corpus_id
+    if not corpus_matches:
+        log("warning: the corpus differs from the resumed run's; the data stream goes on "
+            "from its generators' states but over other windows")
 
-    model = build_model(shape, tokenizer, args.seq_len).to(device)
+    model = build_model(shape, tokenizer, args.seq_len)
+    if args.resume:
+        restore_model(model, state_tensors, args.resume)
+    model = model.to(device)
     params = n_params(model)
     log(f"model: {args.shape if not args.tiny else 'tiny'} shape, {params:,} parameters, "
         f"{args.seq_len}-token rows on {device}")
     batches = BatchMaker(train_stream, tokenizer, args, device)
+    if args.resume:
+        batches.restore(state["batches"], state_tensors["rng/corpus_windows"])
+        log(f"resumed {args.resume} at step {state['steps']:,} ({state['tokens_seen']:,} "
+            f"tokens, {state['train_s']:.0f}s of training in {len(state['calls'])} call(s))")
     args.time_budget_s = training_budget(args, t_start)
-    stats = train(model, batches, args, device)
+    schedule = plan(args, state)
+    if schedule.progress(0, 0.0, 0.0) >= 1.0:
+        log("warning: the run's schedule is complete: training at the floor learning rate "
+            "(pass --total-time-budget-s or --total-steps to plan a longer run)")
+    opt_state = {k: v for k, v in state_tensors.items() if k.startswith("optim/")} or None
+    del state_tensors
+    stats, opt = train(model, batches, args, device, schedule, opt_state)
     phases["train_s"] = stats["train_wall_s"]
     rows_seen, task_rows_seen = dict(batches.rows_seen), dict(batches.task_rows_seen)
+    calls = state.get("calls", [])
+    call = {
+        "call": len(calls) + 1,
+        "resumed_from": str(args.resume) if args.resume else None,
+        "start_step": schedule.done_steps,
+        "time_budget_s": args.time_budget_s,
+        "max_steps": args.steps,
+        **{k: stats[k] for k in ("steps", "tokens_seen", "train_wall_s", "first_step_s",
+                                 "tokens_per_s", "compiled", "lr_first", "lr_last",
+                                 "progress_end", "final_train_loss")},
+        "corpus_matches": corpus_matches,
+        "evaluated": not args.skip_eval,
+    }
+    run = {
+        "steps": schedule.done_steps + stats["steps"],
+        "tokens_seen": state.get("tokens_seen", 0) + stats["tokens_seen"],
+        "train_s": round(schedule.done_train_s + stats["train_wall_s"], 2),
+        "first_steps_s": round(schedule.done_first_steps_s + stats["first_step_s"], 2),
+        "total_steps": schedule.total_steps,
+        "total_time_budget_s": schedule.total_time_s,
+        "recipe": recipe(args),
+        "corpus": corpus_id,
+        "calls": [*calls, call],
+    }
 
     t = time.perf_counter()
-    model_bytes = save(model.cpu(), tokenizer, args.out, heldout)
+    if args.save_state:  # before save()'s bf16 cast
+        written = save_trainer_state(args.out, model, opt, batches, run)
+    del opt
+    model_bytes = save(model.cpu(), tokenizer, args.out, heldout, tokenizer_dir=args.resume)
     del model, batches
-    metrics = evaluate(args.out, val_stream, args, device)
-    phases["eval_and_save_s"] = time.perf_counter() - t
+    metrics = {} if args.skip_eval else evaluate(args.out, val_stream, args, device)
+    phases["eval_and_save_s" if metrics else "save_s"] = time.perf_counter() - t
+    call["wall_time_s"] = round(time.perf_counter() - t_start, 2)
+    if args.save_state:
+        write_state_json(args.out, written)  # again, with this call's wall time
 
-    report = {
-        **stats,
+    report = {  # this call's statistics, but steps, tokens and training time of the whole run
+        **{k: v for k, v in stats.items() if k not in ("lr_first", "lr_last", "progress_end")},
+        "steps": run["steps"],
+        "tokens_seen": run["tokens_seen"],
+        "train_wall_s": run["train_s"],
+        "call_steps": stats["steps"],
+        "evaluated": bool(metrics),
         **metrics,
         "parameters": params,
         "model_file_bytes": model_bytes,
@@ -815,6 +1141,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "time_budget_s": args.time_budget_s,
         "wall_budget_s": args.wall_budget_s,
         "max_steps": args.steps,
+        "total_time_budget_s": schedule.total_time_s,
+        "total_steps": schedule.total_steps,
+        "calls": run["calls"],
         "seed": args.seed,
         "tiny": args.tiny,
         "corpus": {
@@ -825,21 +1154,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "train_tokens": int(len(train_stream)),
             "validation_tokens": int(len(val_stream)),
             "fingerprint": corpus.fingerprint(),
-            "epochs_seen": round(stats["tokens_seen"] / max(len(train_stream), 1), 3),
+            "epochs_seen": round(run["tokens_seen"] / max(len(train_stream), 1), 3),
         },
         "phases_s": {k: round(v, 2) for k, v in phases.items()},
-        "wall_time_s": round(time.perf_counter() - t_start, 2),
+        "wall_time_s": call["wall_time_s"],
         **environment(device),
         "command_line": shlex.join(
             [sys.executable, *(sys.argv if argv is None else [sys.argv[0], *argv])]
         ),
     }
     (args.out / reference.REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", "utf-8")
-    log(
-        f"wrote {args.out} ({report['model_file_mb']} MB weights) in {report['wall_time_s']}s: "
-        f"val ppl {metrics['val_perplexity']}, needle mean {metrics['needle_accuracy_mean']}"
-    )
+    scores = (f"val ppl {metrics['val_perplexity']}, needle mean "
+              f"{metrics['needle_accuracy_mean']}" if metrics else "not evaluated (--skip-eval)")
+    log(f"wrote {args.out} ({report['model_file_mb']} MB weights) in {report['wall_time_s']}s, "
+        f"step {run['steps']:,} of the run (call {call['call']}): {scores}")
     return report
+
+
+def plan(args: argparse.Namespace, state: dict[str, Any]) -> Schedule:
+    """The run's schedule: totals given on the command line, else the resumed run's, else this
+    call's own budget (a single call, as before resuming existed)."""
+    if args.total_steps is not None or args.total_time_budget_s is not None:
+        totals = (args.total_steps, args.total_time_budget_s)
+        if state and totals != (state["total_steps"], state["total_time_budget_s"]):
+            log(f"schedule totals changed to steps {totals[0]}, seconds {totals[1]} (run: "
+                f"{state['total_steps']}, {state['total_time_budget_s']})")
+    elif state:
+        totals = (state["total_steps"], state["total_time_budget_s"])
+    else:
+        totals = (args.steps, args.time_budget_s)
+    if not state:
+        return Schedule(*totals)
+    return Schedule(*totals, state["steps"], state["train_s"], state["first_steps_s"])
 
 
 if __name__ == "__main__":
