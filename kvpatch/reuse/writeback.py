@@ -70,7 +70,7 @@ class ChunkWriter:
         self._changed = threading.Condition()
         self._admitting = 0  # batches taken from _pending, not yet in the store
         self._worker: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._error: Exception | None = None
 
     def write(self, chunks: list[NewChunk], codec: str) -> None:
         """Store `chunks`, each encoded with `codec`."""
@@ -174,7 +174,7 @@ class ChunkWriter:
             done.synchronize()
             for chunk in chunks:
                 self.store.put(chunk)
-        except BaseException as err:  # noqa: BLE001  (kept for flush(wait=True); the chunks are misses)
+        except Exception as err:  # noqa: BLE001  (kept for flush(wait=True); the chunks are misses)
             logger.warning("kvpatch: writing %d chunks back failed: %s: %s", len(chunks), type(err).__name__, err)
             with self._changed:
                 self._error = self._error or err
