@@ -56,15 +56,23 @@ def reference() -> tuple[torch.nn.Module, object]:
 
 
 @pytest.fixture(scope="module")
-def default_result(reference) -> EvalResult:
+def quick_reference(reference) -> object:
+    """The unpatched side of the quick preset, measured once for this module's configs (as
+    `kvpatch eval` shares it across configs)."""
     model, tokenizer = reference
-    return evaluate(model, tokenizer, "default", settings=QUICK)
+    return reference_run(model, tokenizer, QUICK)
 
 
 @pytest.fixture(scope="module")
-def broken_result(reference) -> EvalResult:
+def default_result(reference, quick_reference) -> EvalResult:
     model, tokenizer = reference
-    return evaluate(model, tokenizer, BROKEN, settings=QUICK)
+    return evaluate(model, tokenizer, "default", reference=quick_reference)
+
+
+@pytest.fixture(scope="module")
+def broken_result(reference, quick_reference) -> EvalResult:
+    model, tokenizer = reference
+    return evaluate(model, tokenizer, BROKEN, reference=quick_reference)
 
 
 def _plain_perplexity(model: torch.nn.Module, ids: list[int], window: int, stride: int) -> float:
