@@ -229,23 +229,29 @@ class ReuseController:
     def _write_back(self, request: _Request) -> int:
         """Store every chunk not matched exactly whose K/V were computed exactly (all its
         history exact), from the computed ranges covering its columns."""
-        new = []
         sources = [t for _, layers in request.sources for pair in layers for t in pair]
         with self.writer.off_the_compute_stream(sources):  # the first token never waits for this
-            for row, (plan, pad) in enumerate(zip(request.plans, request.layout.pads)):
-                chosen = [i for i, match in enumerate(plan.matches)
-                          if match.kind != "exact" and match.span[1] <= request.exact_until[row]]
-                spans = [(pad + plan.matches[i].span[0], pad + plan.matches[i].span[1]) for i in chosen]
-                for i, kv in zip(chosen, _chunk_kvs(request.sources, row, spans)):
-                    if kv is not None:
-                        match = plan.matches[i]
-                        start, end = match.span
-                        tokens = request.token_ids[row, pad + start:pad + end].clone()
-                        content = match.content_hash or self.hasher.content_hash(token_bytes(tokens))
-                        parent = plan.matches[i - 1].prefix_hash if i else self.hasher.namespace
-                        new.append(NewChunk(match.prefix_hash, content, tokens, start, kv, parent))
+            new = self._new_chunks(request)
             self.writer.write(new, self._codec())
         return len(new)
+
+    def _new_chunks(self, request: _Request) -> list[NewChunk]:
+        """The chunks `_write_back` stores: per row, those not matched exactly and computed with
+        an exact history, cut out of the computed ranges."""
+        new = []
+        for row, (plan, pad) in enumerate(zip(request.plans, request.layout.pads)):
+            chosen = [i for i, match in enumerate(plan.matches)
+                      if match.kind != "exact" and match.span[1] <= request.exact_until[row]]
+            spans = [(pad + plan.matches[i].span[0], pad + plan.matches[i].span[1]) for i in chosen]
+            for i, kv in zip(chosen, _chunk_kvs(request.sources, row, spans)):
+                if kv is None:
+                    continue
+                match = plan.matches[i]
+                tokens = request.token_ids[row, pad + match.span[0]:pad + match.span[1]].clone()
+                content = match.content_hash or self.hasher.content_hash(token_bytes(tokens))
+                parent = plan.matches[i - 1].prefix_hash if i else self.hasher.namespace
+                new.append(NewChunk(match.prefix_hash, content, tokens, match.span[0], kv, parent))
+        return new
 
     def _codec(self) -> str:
         return getattr(getattr(self.store, "params", None), "codec", "dense")

@@ -88,16 +88,16 @@ class ChunkWriter:
             self._prewarm(max(encoded, key=lambda t: sum(x.numel() for x in t.values())))
         stream.wait_stream(torch.cuda.current_stream(device))
         stored = []
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.stream(stream):
             for c, tensors in zip(chunks, encoded):
                 host = {}
                 for name, t in tensors.items():
                     host[name] = host_empty(t.shape, t.dtype, pin=True)
                     host[name].copy_(t, non_blocking=True)
-                    t.record_stream(self._stream)
+                    t.record_stream(stream)
                 stored.append(self._stored(c, host, codec))
             event = torch.cuda.Event()
-            event.record(self._stream)
+            event.record(stream)
         self.submit(event, stored)
 
     @contextmanager
